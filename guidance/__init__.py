@@ -1,0 +1,1 @@
+"""Frozen flow models, the sampler and the guidance methods."""

@@ -1,0 +1,98 @@
+"""The flow-model interface every backbone adapter implements.
+
+A flow model is a frozen velocity field v_theta(x, s, c) over a latent space, plus an autoencoder
+between images (float tensors in [-1, 1], NCHW) and latents. All solver state is float32; the backbone
+may run in bf16 inside the adapter. Backbone quirks (timestep scaling, latent packing, position ids,
+guidance embeddings, classifier-free guidance) live in the adapter and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class FlowModel:
+    """Abstract frozen rectified-flow model (see ``guidance.flow`` for the time convention).
+
+    Subclasses implement :meth:`velocity`, :meth:`sigmas` and :meth:`latent_shape`; latent models also
+    :meth:`encode`, :meth:`decode` and, when they take text, :meth:`condition`.
+
+    Attributes:
+        device: where the backbone runs.
+        dtype: the backbone's dtype (solver state stays float32).
+        spatial_factor: image pixels per latent pixel along each side (1 for pixel-space models).
+        size_multiple: image height and width must be multiples of this.
+        image_channels: channels of the images the autoencoder takes.
+        default_size: (height, width) in pixels used when a caller gives none (the backbone's native size),
+            or None when the model has no natural size.
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    spatial_factor: int = 1
+    size_multiple: int = 1
+    image_channels: int = 3
+    default_size: tuple[int, int] | None = None
+
+    def velocity(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None, grad: bool = False
+    ) -> torch.Tensor:
+        """v_theta(x, s, c) for latents ``x`` of shape (B, C, h, w); returns float32, same shape.
+
+        ``sigma`` is a scalar or a (B,) tensor. Runs without autograd unless ``grad=True`` (methods that
+        backpropagate through the network, DPS-style).
+        """
+        raise NotImplementedError
+
+    def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The backbone's native sigma schedule: ``num_steps + 1`` float32 values from ~1 down to 0."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent for an image of ``height`` x ``width`` pixels."""
+        raise NotImplementedError
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image in [-1, 1] (B, image_channels, H, W) -> latent (B, C, h, w), float32. Identity for pixel models."""
+        return image
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, h, w) -> image in about [-1, 1] (B, image_channels, H, W), float32."""
+        return latent
+
+    def condition(self, prompt: Any = None, negative_prompt: Any = None, guidance_scale: float | None = None, **kwargs):
+        """Conditioning for :meth:`velocity` (text embeddings computed once and cached). None for unconditional models."""
+        return None
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError naming the multiple when an image size does not fit the model."""
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value % self.size_multiple:
+                raise ValueError(
+                    f"{name}={value} is not a multiple of {self.size_multiple}, which {type(self).__name__} "
+                    f"requires; use e.g. {name}={max(self.size_multiple, round(value / self.size_multiple) * self.size_multiple)}"
+                )
+
+
+def sigma_batch(sigma: float | torch.Tensor, batch: int, device: torch.device | str) -> torch.Tensor:
+    """A scalar or (B,) sigma as a float32 (B,) tensor on ``device``."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).to(device)
+    if s.ndim == 0:
+        return s.expand(batch)
+    if s.ndim != 1 or s.shape[0] not in (1, batch):
+        raise ValueError(f"sigma must be a scalar or have shape ({batch},), got {tuple(s.shape)}")
+    return s.expand(batch)
+
+
+def repeat_for_batch(t: torch.Tensor, batch: int, what: str = "condition") -> torch.Tensor:
+    """Repeat each of the n rows of ``t`` batch / n times in a row (the pipelines' num_images_per_prompt order)."""
+    n = t.shape[0]
+    if n == batch:
+        return t
+    if batch % n:
+        raise ValueError(f"a batch of {batch} latents does not fit a {what} of batch {n}; use a multiple of {n}")
+    return t.repeat_interleave(batch // n, dim=0)

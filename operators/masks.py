@@ -1,0 +1,128 @@
+"""Inpainting masks: (1, 1, H, W) float tensors with 1 where a pixel is observed and 0 where it is missing."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def _check_fraction(fraction, name: str = "fraction") -> float:
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {fraction!r}")
+    return float(fraction)
+
+
+def check_box_args(size, fraction) -> tuple[tuple[int, int] | None, float | None]:
+    """Validate a box given by ``size`` (side or (h, w)) or ``fraction`` (default 0.25); return them normalised."""
+    if size is not None and fraction is not None:
+        raise ValueError("give either size or fraction for a box mask, not both")
+    if size is None:
+        return None, _check_fraction(0.25 if fraction is None else fraction)
+    sides = (size, size) if isinstance(size, int) else tuple(size)
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ValueError(f"size must be a positive integer or a pair of them, got {size!r}")
+    return sides, None
+
+
+def box_mask(height: int, width: int, size: int | tuple[int, int] | None = None, fraction: float | None = None,
+             top: int | None = None, left: int | None = None) -> torch.Tensor:
+    """A missing rectangle: ``size`` (side or (h, w)) or ``fraction`` of the image area (the box then has the
+    image's aspect ratio: sides sqrt(fraction)·H by sqrt(fraction)·W). Centred unless ``top``/``left`` are given.
+    """
+    size, fraction = check_box_args(size, fraction)
+    if size is None:
+        f = math.sqrt(fraction)
+        box_h, box_w = max(1, round(f * height)), max(1, round(f * width))
+    else:
+        box_h, box_w = size
+    if box_h > height or box_w > width:
+        raise ValueError(f"box of {box_h}x{box_w} does not fit in an image of {height}x{width}; use a smaller size")
+    top = (height - box_h) // 2 if top is None else top
+    left = (width - box_w) // 2 if left is None else left
+    if not (0 <= top <= height - box_h and 0 <= left <= width - box_w):
+        raise ValueError(
+            f"box of {box_h}x{box_w} at top={top}, left={left} leaves the {height}x{width} image; "
+            f"top must be in [0, {height - box_h}] and left in [0, {width - box_w}]"
+        )
+    mask = torch.ones(1, 1, height, width)
+    mask[..., top:top + box_h, left:left + box_w] = 0
+    return mask
+
+
+def random_mask(height: int, width: int, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """Exactly round(fraction·H·W) missing pixels, chosen uniformly at random from ``seed``."""
+    _check_fraction(fraction)
+    generator = torch.Generator().manual_seed(int(seed))
+    missing = torch.randperm(height * width, generator=generator)[: round(fraction * height * width)]
+    mask = torch.ones(height * width)
+    mask[missing] = 0
+    return mask.reshape(1, 1, height, width)
+
+
+def freeform_mask(height: int, width: int, strokes: int = 4, max_vertices: int = 8, max_width: float = 0.08,
+                  seed: int = 0) -> torch.Tensor:
+    """Free-form brush strokes (as in DeepFill v2 / LaMa training masks): ``strokes`` polylines of up to
+    ``max_vertices`` random segments, each drawn with round joints and a brush up to ``max_width`` times the
+    shorter image side, all drawn from ``seed``. PIL draws the strokes (kornia has no stroke rasteriser).
+    """
+    if not isinstance(strokes, int) or strokes < 1:
+        raise ValueError(f"strokes must be a positive integer, got {strokes!r}")
+    if not isinstance(max_vertices, int) or max_vertices < 1:
+        raise ValueError(f"max_vertices must be a positive integer, got {max_vertices!r}")
+    _check_fraction(max_width, "max_width")
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+
+    side = min(height, width)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(strokes):
+        brush = max(1, round(uniform(0.3, 1.0) * max_width * side))
+        x, y = uniform(0, width - 1), uniform(0, height - 1)
+        points = [(x, y)]
+        for _ in range(1 + int(uniform(0, max_vertices))):
+            angle = uniform(0, 2 * math.pi)
+            length = uniform(0.05, 0.25) * side
+            x = min(max(x + length * math.cos(angle), 0), width - 1)
+            y = min(max(y + length * math.sin(angle), 0), height - 1)
+            points.append((x, y))
+        draw.line(points, fill=255, width=brush)
+        for px, py in points:
+            r = brush / 2
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+    missing = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(height, width) > 0
+    return (~missing).float()[None, None]
+
+
+def mask_from_file(path: str | os.PathLike, invert: bool = False, threshold: float = 0.5) -> torch.Tensor:
+    """Load a mask image. Rule: WHITE marks pixels to fill (missing), BLACK pixels are kept — the convention
+    of diffusers' inpainting pipelines; ``invert=True`` swaps it. The image is converted to grayscale and
+    thresholded at ``threshold`` (in [0, 1]).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"mask file {path!r} does not exist")
+    with Image.open(path) as image:
+        gray = image.convert("L")
+        values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).reshape(gray.height, gray.width)
+    missing = values.float() / 255 >= threshold
+    if invert:
+        missing = ~missing
+    return (~missing).float()[None, None]
+
+
+def as_mask(mask) -> torch.Tensor:
+    """Bring a user mask of shape (H, W), (1, H, W), (B, 1, H, W) or (B, C, H, W) to 4-D float (1 = observed)."""
+    mask = torch.as_tensor(mask)
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[None]
+    if mask.ndim != 4:
+        raise ValueError(f"mask must have shape (H, W), (1, H, W) or (B, C, H, W), got {tuple(mask.shape)}")
+    return mask.to(torch.get_default_dtype())

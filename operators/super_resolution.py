@@ -1,0 +1,108 @@
+"""Super-resolution forward models: downsampling by an integer factor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import LinearOperator
+
+
+def check_factor(factor) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive integer, got {factor!r}")
+    return factor
+
+
+def keys_cubic(u: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel W(u) (a = -0.5: the bicubic of PIL and MATLAB)."""
+    u = u.abs()
+    near = ((a + 2) * u - (a + 3)) * u * u + 1
+    far = ((a * u - 5 * a) * u + 8 * a) * u - 4 * a
+    return torch.where(u <= 1, near, torch.where(u < 2, far, torch.zeros_like(u)))
+
+
+def antialiased_bicubic_taps(factor: int, a: float = -0.5) -> tuple[torch.Tensor, int]:
+    """1-D taps of anti-aliased bicubic downsampling by ``factor`` and the left padding they need.
+
+    Output pixel i has its centre at input coordinate c_i = (i + 1/2)·f − 1/2; it averages the inputs j
+    with |j − c_i| < 2f weighted by W((j − c_i)/f) (the kernel stretched by f, MATLAB's ``imresize``
+    anti-aliasing), normalised to sum 1. The taps are the same for every i, so this is a strided
+    convolution.
+    """
+    half = (factor - 1) / 2
+    first = math.floor(half - 2 * factor) + 1
+    last = math.ceil(half + 2 * factor) - 1
+    offsets = torch.arange(first, last + 1, dtype=torch.float64) - half
+    taps = keys_cubic(offsets / factor, a)
+    return taps / taps.sum(), -first
+
+
+class Downsampling(LinearOperator):
+    """Shared shape rules of downsampling by an integer ``factor``: sides divisible by it, output f times smaller."""
+
+    min_side = 1
+
+    def __init__(self, factor: int = 4, noise_std: float = 0.0, poisson_rate: float | None = None):
+        super().__init__(noise_std=noise_std, poisson_rate=poisson_rate)
+        self.factor = check_factor(factor)
+
+    def _check_size(self, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if value % self.factor:
+                lower = value - value % self.factor
+                raise ValueError(
+                    f"image {name} {value} is not divisible by the super-resolution factor {self.factor}; "
+                    f"crop or pad it to a multiple of {self.factor} (e.g. {lower or self.factor} or {lower + self.factor})"
+                )
+            if value < self.min_side:
+                raise ValueError(f"image {name} {value} is too small for {type(self).__name__}: it must be at least {self.min_side}")
+
+    def input_shape(self, output_shape):
+        b, c, h, w = output_shape
+        return (b, c, h * self.factor, w * self.factor)
+
+
+class BicubicDownsampling(Downsampling):
+    """y = D_f(x): anti-aliased Keys-bicubic (a = -0.5) downsampling by ``factor`` with reflect padding,
+    the super-resolution operator of FLAIR's benchmarks.
+
+    kornia's ``resize(antialias=True)`` pre-blurs with a Gaussian instead of stretching the cubic kernel,
+    so the separable strided convolution is written here. The pseudo-inverse solves A Aᵀ u = y by conjugate
+    gradients (A Aᵀ is well conditioned for this low-pass kernel) and returns Aᵀ u.
+    """
+
+    def __init__(self, factor: int = 4, noise_std: float = 0.0, poisson_rate: float | None = None):
+        super().__init__(factor, noise_std=noise_std, poisson_rate=poisson_rate)
+        taps, self.pad_left = antialiased_bicubic_taps(self.factor)
+        self.pad_right = taps.numel() - self.factor - self.pad_left
+        self.min_side = max(self.pad_left, self.pad_right) + 1  # reflect padding needs pad < side
+        self.register_buffer("taps", taps.to(torch.get_default_dtype()))
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        taps = self.taps.to(device=x.device, dtype=x.dtype)
+        x = F.pad(x, (self.pad_left, self.pad_right, self.pad_left, self.pad_right), mode="reflect")
+        x = F.conv2d(x, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), stride=(self.factor, 1), groups=channels)
+        return F.conv2d(x, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), stride=(1, self.factor), groups=channels)
+
+    def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
+        return self.A_dagger_cg(y)
+
+
+class AveragePoolDownsampling(Downsampling):
+    """y = mean over non-overlapping f×f blocks (FlowChef's SR×4 operator).
+
+    Aᵀ y = nearest upsampling of y / f²; A^+ y = nearest upsampling of y (A A^+ = I).
+    """
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.factor)
+
+    def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
+        return y.repeat_interleave(self.factor, dim=-2).repeat_interleave(self.factor, dim=-1)
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.A_dagger(y) / self.factor**2
