@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"flowsteer: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        return 0
 
 
 if __name__ == "__main__":
