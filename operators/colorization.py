@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import kornia
 import torch
 
 from .base import LinearOperator
@@ -24,7 +25,7 @@ class Colorization(LinearOperator):
         return self.weights.to(device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._weights(x) * x).sum(dim=1, keepdim=True)
+        return kornia.color.rgb_to_grayscale(x, rgb_weights=self.weights.to(device=x.device, dtype=x.dtype))
 
     def input_shape(self, output_shape):
         b, _, h, w = output_shape
