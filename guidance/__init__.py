@@ -1,1 +1,32 @@
-"""Frozen flow models, the sampler and the guidance methods."""
+"""Frozen rectified-flow models, the sampler and the guidance methods.
+
+Heavy backbone adapters (SD3, Flux) import diffusers' pipeline modules; they are loaded on first access so
+that ``import guidance`` stays light.
+"""
+
+from importlib import import_module
+
+from . import flow
+from .loading import ModelNotFoundError, load_decoder, load_model
+from .models.analytic import AnalyticGMMFlow, GaussianMixture, image_patches
+from .models.base import FlowModel
+from .sampler import SampleResult, initial_noise, sample
+
+_LAZY = {
+    "SD3Model": "guidance.models.sd3",
+    "SD3Condition": "guidance.models.sd3",
+    "FluxModel": "guidance.models.flux",
+    "FluxCondition": "guidance.models.flux",
+    "GenericFlowModel": "guidance.models.generic",
+}
+
+__all__ = [
+    "AnalyticGMMFlow", "FlowModel", "GaussianMixture", "ModelNotFoundError", "SampleResult", "flow",
+    "image_patches", "initial_noise", "load_decoder", "load_model", "sample", *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'guidance' has no attribute {name!r}")

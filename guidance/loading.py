@@ -1,0 +1,295 @@
+"""Build a flow model from a hub id, a local folder or an already-built diffusers pipeline.
+
+    load_model("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16, device="cuda")
+    load_model("/data/flux1-dev")                   # a folder written by save_pretrained / hf download
+    load_model(pipe)                                # reuse a StableDiffusion3Pipeline / FluxPipeline as it is
+
+The kind of model is read from the folder's ``model_index.json``: Stable Diffusion 3 / 3.5 pipelines give an
+:class:`~guidance.models.sd3.SD3Model`, FLUX.1 pipelines a :class:`~guidance.models.flux.FluxModel`, and a
+folder whose index lists a ``unet`` or ``transformer`` (plus optional ``vae`` and ``scheduler``) without text
+encoders a :class:`~guidance.models.generic.GenericFlowModel`. Only safetensors weights are loaded and no
+remote code is ever run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models.base import FlowModel
+
+__all__ = ["ModelNotFoundError", "load_model", "load_decoder"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelNotFoundError(OSError, ValueError):
+    """The requested weights are not on this machine (or not reachable); the message says how to get them."""
+
+
+def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """The weights-dtype keyword of ``from_pretrained``: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
+    if dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    try:
+        from diffusers.utils import deprecation_utils
+
+        renamed = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:  # pragma: no cover
+        renamed = False
+    renamed = renamed or Version(diffusers.__version__).major >= 1
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _not_found(name: str, error: BaseException | None, offline: bool) -> ModelNotFoundError:
+    reason = ""
+    if error is not None and not isinstance(error, FileNotFoundError):  # e.g. 404, gated, invalid id
+        first = str(error).strip().splitlines()
+        reason = f" ({type(error).__name__}: {first[0] if first else ''})"
+    where = "in the local Hugging Face cache (offline mode)" if offline else "locally or on the Hugging Face hub"
+    extra = ""
+    if type(error).__name__ == "GatedRepoError":
+        extra = " The repository is gated: accept its licence on the hub and log in with `hf auth login` first."
+    return ModelNotFoundError(
+        f"could not load {name!r}: it was not found {where}{reason}.{extra} Download it with "
+        f"`hf download {name}` (or `huggingface-cli download {name}`) on a machine with network access, "
+        f"or pass the path of a local folder holding the model (written by save_pretrained)."
+    )
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from huggingface_hub.errors import HFValidationError
+
+        errors.append(HFValidationError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _classify(index: dict) -> str:
+    name = str(index.get("_class_name", ""))
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
+    has_text = any(key.startswith("text_encoder") for key in index)
+    if not has_text and ("unet" in index or "transformer" in index):
+        return "generic"
+    raise ValueError(
+        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads Stable Diffusion 3 / 3.5 and "
+        "FLUX.1 pipelines, or text-free folders with a 'unet' or 'transformer' (plus optional 'vae' and "
+        "'scheduler'); wrap other networks with GenericFlowModel"
+    )
+
+
+def _read_index(source: str, local_files_only: bool) -> dict:
+    """model_index.json of a local folder or hub repository."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = path / "model_index.json"
+        if not file.is_file():
+            raise ValueError(
+                f"{str(path)!r} has no model_index.json; it is not a diffusers pipeline folder (save one with "
+                "pipeline.save_pretrained(folder), or wrap a single network with GenericFlowModel)"
+            )
+        return json.loads(file.read_text())
+    from huggingface_hub import hf_hub_download
+
+    offline = local_files_only or _hub_offline()
+    try:
+        file = hf_hub_download(repo_id=source, filename="model_index.json", local_files_only=offline)
+    except _hub_errors() as error:
+        raise _not_found(source, error, offline) from None
+    return json.loads(Path(file).read_text())
+
+
+def _from_pretrained(cls, source: str, local_files_only: bool, **kwargs):
+    """``cls.from_pretrained`` with safetensors only, and missing weights turned into ModelNotFoundError."""
+    offline = local_files_only or _hub_offline()
+    try:
+        return cls.from_pretrained(source, local_files_only=offline, use_safetensors=True, **kwargs)
+    except _hub_errors() as error:
+        raise _not_found(source, error, offline) from None
+
+
+def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, local_files_only: bool = False):
+    """A cheap decoder (diffusers ``AutoencoderTiny``, e.g. 'madebyollin/taesd3') from an id, folder or object."""
+    if decoder is None:
+        return None
+    if isinstance(decoder, (str, os.PathLike)):
+        from diffusers import AutoencoderTiny
+
+        decoder = _from_pretrained(AutoencoderTiny, str(decoder), local_files_only, **_dtype_kwargs(dtype))
+    elif not (hasattr(decoder, "decode") and hasattr(decoder, "config")):
+        raise ValueError(
+            f"decoder must be a hub id, a folder or a diffusers autoencoder, got {type(decoder).__name__}"
+        )
+    if device is not None or dtype is not None:
+        decoder = decoder.to(device=device, dtype=dtype)
+    return decoder
+
+
+def _adapter_for_pipeline(pipe, decoder) -> FlowModel:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    transformer = getattr(pipe, "transformer", None)
+    if isinstance(transformer, SD3Transformer2DModel):
+        from .models.sd3 import SD3Model
+
+        return SD3Model(pipe, decoder=decoder)
+    if isinstance(transformer, FluxTransformer2DModel):
+        from .models.flux import FluxModel
+
+        return FluxModel(pipe, decoder=decoder)
+    raise ValueError(
+        f"unsupported pipeline {type(pipe).__name__}: pass a StableDiffusion3Pipeline or FluxPipeline (or a "
+        "pipeline with an SD3 / Flux transformer), or wrap the network with GenericFlowModel"
+    )
+
+
+def _load_generic(source: str, index: dict, dtype, local_files_only: bool):
+    """(network, vae or None, scheduler or None) of a text-free folder; diffusers classes only."""
+    import diffusers
+
+    def component(name: str, is_model: bool):
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            return None
+        library, class_name = entry[0], entry[1]
+        if library != "diffusers" or not hasattr(diffusers, class_name):
+            raise ValueError(
+                f"component {name!r} of {source!r} is {library}.{class_name}; only diffusers classes are loaded "
+                "(no remote code)"
+            )
+        cls = getattr(diffusers, class_name)
+        if is_model:
+            return _from_pretrained(cls, source, local_files_only, subfolder=name, **_dtype_kwargs(dtype))
+        offline = local_files_only or _hub_offline()
+        try:
+            return cls.from_pretrained(source, subfolder=name, local_files_only=offline)
+        except _hub_errors() as error:
+            raise _not_found(source, error, offline) from None
+
+    network = component("transformer" if "transformer" in index else "unet", True).eval()
+    vae = component("vae", True)
+    return network, (vae.eval() if vae is not None else None), component("scheduler", False)
+
+
+def load_model(
+    source: Any,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    local_files_only: bool = False,
+    decoder: Any = None,
+    **options,
+) -> FlowModel:
+    """Build a :class:`~guidance.models.base.FlowModel`.
+
+    Args:
+        source: a hub id ("stabilityai/stable-diffusion-3.5-medium"), a local folder with a
+            ``model_index.json``, a diffusers ``StableDiffusion3Pipeline`` / ``FluxPipeline`` object (its
+            components are reused, nothing is reloaded), or a FlowModel (returned as is).
+        dtype: weights dtype when loading (e.g. ``torch.bfloat16``); for a pipeline object, a cast.
+        device: where to put the model; for a pipeline object left alone when None (keeps its offloading).
+        local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
+        decoder: None (the full VAE decodes) or a tiny autoencoder (``AutoencoderTiny``: id, folder or object)
+            used by ``decode``, e.g. "madebyollin/taesd3" for SD3.
+        options: for SD3 / Flux sources, passed to the pipeline's ``from_pretrained`` (e.g. ``variant="fp16"``,
+            or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic folders, passed to
+            :class:`~guidance.models.generic.GenericFlowModel` (``timestep_scale``, ``shift``, ...).
+
+    Raises:
+        ModelNotFoundError: the weights are not on this machine (the message says how to get them).
+        ValueError: the source is of an unknown kind or an unsupported pipeline.
+    """
+    from diffusers import DiffusionPipeline
+
+    if isinstance(source, FlowModel):
+        if decoder is not None or options:
+            raise ValueError("a FlowModel is returned as it is; decoder and options apply only when loading")
+        return source
+
+    if isinstance(source, DiffusionPipeline):
+        if options:
+            raise ValueError(f"options {sorted(options)} apply only when loading from an id or folder")
+        if device is not None or dtype is not None:
+            source = source.to(device=device, dtype=dtype)
+        decoder = load_decoder(
+            decoder, dtype=dtype, device=device or source._execution_device, local_files_only=local_files_only
+        )
+        return _adapter_for_pipeline(source, decoder)
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"unknown model source of type {type(source).__name__}: pass a hub id, a local folder, "
+            "a diffusers StableDiffusion3Pipeline / FluxPipeline, or a FlowModel"
+        )
+    source = os.fspath(source)
+    if source == "default":
+        raise ModelNotFoundError(
+            "the embedded default model is not available yet in this version of flowsteer; pass an SD3 / SD3.5 / "
+            "FLUX.1 hub id or local folder, or a diffusers pipeline object"
+        )
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise ValueError(
+            f"{source!r} is a file; single-file checkpoints are not loaded here: build a pipeline with "
+            "StableDiffusion3Pipeline.from_single_file / FluxPipeline.from_single_file and pass that object"
+        )
+    if not path.is_dir():
+        looks_like_path = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+        if looks_like_path or "\\" in source or not _HUB_ID.match(source):
+            raise ModelNotFoundError(
+                f"no model folder at {source!r}; pass an existing folder (written by save_pretrained or "
+                "`hf download ID --local-dir FOLDER`) or a hub id like 'stabilityai/stable-diffusion-3.5-medium'"
+            )
+    else:
+        source = str(path)
+
+    index = _read_index(source, local_files_only)
+    kind = _classify(index)
+    if kind == "generic":
+        from .models.generic import GenericFlowModel
+
+        network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)
+        if device is not None:
+            network = network.to(device)
+            vae = vae.to(device) if vae is not None else None
+        model_device = next(network.parameters()).device
+        decoder = load_decoder(decoder, dtype=dtype, device=device or model_device, local_files_only=local_files_only)
+        options.setdefault("scheduler", scheduler)
+        return GenericFlowModel(network, vae, decoder=decoder, **options)
+
+    if kind == "sd3":
+        from diffusers import StableDiffusion3Pipeline as pipeline_class
+    else:
+        from diffusers import FluxPipeline as pipeline_class
+    pipe = _from_pretrained(pipeline_class, source, local_files_only, **_dtype_kwargs(dtype), **options)
+    if device is not None:
+        pipe = pipe.to(device)
+    decoder = load_decoder(
+        decoder, dtype=dtype, device=device or pipe._execution_device, local_files_only=local_files_only
+    )
+    return _adapter_for_pipeline(pipe, decoder)

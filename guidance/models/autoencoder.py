@@ -1,0 +1,106 @@
+"""The map between images in [-1, 1] and the latent space a flow model lives in.
+
+For a diffusers autoencoder E / D with ``scaling_factor`` a and ``shift_factor`` b (read from its config)::
+
+    z = (E(x) - b) * a          x = D(z / a + b)
+
+which is what the SD3 and Flux pipelines do (SD3: a = 1.5305, b = 0.0609; FLUX.1: a = 0.3611, b = 0.1159).
+A tiny autoencoder (``AutoencoderTiny``, e.g. TAESD3) used in place of the full VAE is applied with its own
+config's a and b, exactly as a pipeline whose ``vae`` was swapped for it would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def autoencoder_scale_shift(autoencoder) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from a diffusers autoencoder's config (missing values: 1 and 0)."""
+    config = autoencoder.config
+    scale = getattr(config, "scaling_factor", None)
+    shift = getattr(config, "shift_factor", None)
+    return (1.0 if scale is None else float(scale)), (0.0 if shift is None else float(shift))
+
+
+def autoencoder_spatial_factor(autoencoder) -> int:
+    """Image pixels per latent pixel: 2 ** (levels - 1) for AutoencoderKL, the same rule for AutoencoderTiny."""
+    config = autoencoder.config
+    levels = getattr(config, "block_out_channels", None) or getattr(config, "decoder_block_out_channels", None)
+    if levels is None:
+        raise ValueError(f"cannot tell the downsampling factor of {type(autoencoder).__name__} from its config")
+    factor = getattr(config, "upsampling_scaling_factor", 2)
+    return int(factor ** (len(levels) - 1))
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s inputs must be: an offload hook's execution device (weights parked on the CPU or
+    the meta device by ``enable_model_cpu_offload``), else the device of its weights."""
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return module.device
+
+
+class LatentCodec:
+    """Encode images to model latents and decode them back, with the autoencoder's scale and shift.
+
+    Args:
+        autoencoder: a diffusers ``AutoencoderKL`` (or ``AutoencoderTiny``) used for encoding, and for decoding
+            unless ``decoder`` is given.
+        decoder: optional cheaper autoencoder used for :meth:`decode` only (e.g. TAESD3); it must share the
+            latent channels and downsampling factor of ``autoencoder``.
+
+    Neither method touches gradient mode: they are differentiable when the caller enables gradients.
+    """
+
+    def __init__(self, autoencoder, decoder=None):
+        self.autoencoder = autoencoder
+        self.decoder = autoencoder if decoder is None else decoder
+        self.spatial_factor = autoencoder_spatial_factor(autoencoder)
+        self.latent_channels = int(autoencoder.config.latent_channels)
+        self.image_channels = int(autoencoder.config.in_channels)
+        if decoder is not None:
+            if int(decoder.config.latent_channels) != self.latent_channels:
+                raise ValueError(
+                    f"decoder has {decoder.config.latent_channels} latent channels but the model's autoencoder has "
+                    f"{self.latent_channels}; use a decoder made for this model (e.g. TAESD3 for SD3)"
+                )
+            if autoencoder_spatial_factor(decoder) != self.spatial_factor:
+                raise ValueError(
+                    f"decoder upsamples by {autoencoder_spatial_factor(decoder)} but the model's autoencoder by "
+                    f"{self.spatial_factor}; use a decoder made for this model"
+                )
+
+    def check_image(self, image: torch.Tensor) -> None:
+        """Raise a ValueError unless ``image`` is (B, image_channels, H, W)."""
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != self.image_channels:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(
+                f"encode expects images of shape (B, {self.image_channels}, H, W) in [-1, 1], got {shape}; "
+                f"convert grayscale/RGBA images to {self.image_channels} channels first"
+            )
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = (E(x) - b) * a; a posterior sample drawn with ``generator``, or its mean when it is None."""
+        self.check_image(image)
+        module = self.autoencoder
+        out = module.encode(image.to(device=execution_device(module), dtype=module.dtype))
+        if hasattr(out, "latent_dist"):
+            dist = out.latent_dist
+            latent = dist.mean if generator is None else dist.sample(generator=generator)
+        else:
+            latent = out.latents
+        scale, shift = autoencoder_scale_shift(module)
+        return (latent.float() - shift) * scale
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """x = D(z / a + b), float32, in about [-1, 1] (not clamped)."""
+        if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"decode expects latents of shape (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}"
+            )
+        module = self.decoder
+        scale, shift = autoencoder_scale_shift(module)
+        z = latent.float() / scale + shift
+        return module.decode(z.to(device=execution_device(module), dtype=module.dtype)).sample.float()

@@ -1,0 +1,326 @@
+"""FLUX.1 dev / schnell as a flow model.
+
+Backbone conventions handled here and nowhere else:
+
+* latents are seen by every caller as ordinary (B, C, H/8, W/8) tensors; inside, each 2x2 latent patch becomes
+  one token, (B, C, h, w) -> (B, (h/2)(w/2), 4C), with image position ids [0, row, col] per token and zero
+  text ids, and the transformer's output is unpacked back. Packing is a permutation, so an Euler step on the
+  unpacked latent equals the pipeline's step on packed tokens;
+* the transformer takes ``timestep = s`` and the distilled guidance value as they are (it multiplies both by
+  1000 itself). dev: guidance embedding (default 3.5); schnell: none (``guidance_scale`` is ignored);
+* optional true CFG with a negative prompt, as the pipeline does it (two calls):
+  v = v_neg + t (v_pos - v_neg), active iff t = ``true_cfg_scale`` > 1 and a negative prompt is given;
+* schedule: linspace(1, 1/N, N) through the scheduler with mu from the image token count (dev shifts,
+  schnell's config does not), and a final 0;
+* latents z = (E(x) - shift) * scale with the VAE config's factors; image sides are multiples of
+  2 * vae factor (16).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .autoencoder import LatentCodec
+from .base import FlowModel, repeat_for_batch, sigma_batch
+
+__all__ = ["FluxCondition", "FluxModel", "pack_latents", "unpack_latents", "latent_image_ids"]
+
+_CACHE_SIZE = 16
+
+
+def pack_latents(latent: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/2)(w/2), 4C): token (i, j) holds channels c of pixels (2i + a, 2j + b), c-major."""
+    b, c, h, w = latent.shape
+    tokens = latent.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return tokens.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a latent of ``height`` x ``width`` (latent pixels)."""
+    b, _, d = tokens.shape
+    grid = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(rows * cols, 3) position ids [0, row, col] of the packed tokens, row-major."""
+    r = torch.arange(rows, dtype=dtype).repeat_interleave(cols)
+    c = torch.arange(cols, dtype=dtype).repeat(rows)
+    return torch.stack([torch.zeros_like(r), r, c], dim=1).to(device)
+
+
+@dataclass(frozen=True)
+class FluxCondition:
+    """Text conditioning for :class:`FluxModel` (n prompts; negatives only when true CFG is active)."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    guidance_scale: float | None
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    true_cfg_scale: float = 1.0
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def do_true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
+
+
+def _as_list(prompt, n: int | None, name: str) -> list[str] | None:
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return [prompt] * (n or 1)
+    prompt = list(prompt)
+    if not all(isinstance(p, str) for p in prompt):
+        raise ValueError(f"{name} must be a string or a list of strings")
+    if n is not None and len(prompt) != n:
+        raise ValueError(f"{name} has {len(prompt)} entries but the prompt has {n}; give one per prompt")
+    return prompt
+
+
+class FluxModel(FlowModel):
+    """Flow-model adapter around a diffusers ``FluxPipeline`` (components used as they are).
+
+    Args:
+        pipeline: a ``FluxPipeline`` (dev or schnell checkpoint).
+        decoder: optional cheaper autoencoder for :meth:`decode` (e.g. TAEF1).
+    """
+
+    def __init__(self, pipeline, decoder=None):
+        self.pipeline = pipeline
+        self.codec = LatentCodec(pipeline.vae, decoder)
+        self.spatial_factor = self.codec.spatial_factor
+        self.size_multiple = 2 * self.spatial_factor
+        self.image_channels = self.codec.image_channels
+        side = 128 * self.spatial_factor  # the pipeline's default_sample_size (1024 px for FLUX.1)
+        self.default_size = (side, side)
+        in_channels = int(pipeline.transformer.config.in_channels)
+        if 4 * self.codec.latent_channels != in_channels:
+            raise ValueError(
+                f"the VAE has {self.codec.latent_channels} latent channels, packed 2x2 into "
+                f"{4 * self.codec.latent_channels}, but the transformer takes {in_channels}; "
+                "the components do not belong together"
+            )
+        self._cache: OrderedDict = OrderedDict()
+
+    @classmethod
+    def from_components(cls, decoder=None, **components) -> "FluxModel":
+        """Build from ``transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2``."""
+        from diffusers import FluxPipeline
+
+        return cls(FluxPipeline(**components), decoder=decoder)
+
+    # -- components -------------------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.pipeline.transformer
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def has_guidance_embedding(self) -> bool:
+        """True for dev-style (guidance-distilled) transformers, False for schnell."""
+        return bool(self.transformer.config.guidance_embeds)
+
+    # -- geometry and schedule --------------------------------------------------------------------------
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        self.check_size(height, width)
+        f = self.spatial_factor
+        return (self.codec.latent_channels, height // f, width // f)
+
+    def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """linspace(1, 1/N, N), shifted by the scheduler with mu = calculate_shift(tokens), then a final 0."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        height = height or self.default_size[0]
+        width = width or self.default_size[1]
+        _, h, w = self.latent_shape(height, width)
+        scheduler = copy.deepcopy(self.scheduler)
+        config = scheduler.config
+        mu = calculate_shift(
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        if config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+        else:
+            base = np.linspace(1.0, 1 / num_steps, num_steps)
+            scheduler.set_timesteps(sigmas=base, device="cpu", mu=mu)
+        return scheduler.sigmas.to(torch.float32)
+
+    # -- text -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float | None = 3.5,
+        *,
+        true_cfg_scale: float = 1.0,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        max_sequence_length: int = 512,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> FluxCondition:
+        """Encode prompts once (cached) for :meth:`velocity`.
+
+        ``guidance_scale`` is dev's distilled guidance value (default 3.5; ignored by schnell).
+        ``true_cfg_scale`` > 1 with a negative prompt turns on true classifier-free guidance (two transformer
+        calls per step). Precomputed ``prompt_embeds`` (n, L, joint_attention_dim) with
+        ``pooled_prompt_embeds`` (n, pooled_projection_dim) may replace the prompt.
+        """
+        g = 3.5 if guidance_scale is None else float(guidance_scale)
+        if not g >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        t = float(true_cfg_scale)
+        if not t >= 0:
+            raise ValueError(f"true_cfg_scale must be >= 0 (1 or less disables true CFG), got {true_cfg_scale}")
+        if max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length cannot exceed 512 (T5's limit in Flux), got {max_sequence_length}")
+        g_used = g if self.has_guidance_embedding else None
+        want_negative = t > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
+        if prompt_embeds is not None or pooled_prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            self._check_embeds(prompt_embeds, pooled_prompt_embeds, "prompt_embeds", "pooled_prompt_embeds")
+            pos, pooled = prompt_embeds, pooled_prompt_embeds
+            n = pos.shape[0]
+            neg = neg_pooled = None
+            if want_negative:
+                if negative_prompt_embeds is None:
+                    neg_cond = self.condition(
+                        negative_prompt, prompt_2=negative_prompt_2, max_sequence_length=pos.shape[1]
+                    )
+                    neg = repeat_for_batch(neg_cond.prompt_embeds, n, "prompt")
+                    neg_pooled = repeat_for_batch(neg_cond.pooled_prompt_embeds, n, "prompt")
+                else:
+                    neg, neg_pooled = negative_prompt_embeds, negative_pooled_prompt_embeds
+                self._check_embeds(neg, neg_pooled, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+                if neg.shape != pos.shape:
+                    raise ValueError(
+                        f"negative_prompt_embeds {tuple(neg.shape)} must have the shape of prompt_embeds "
+                        f"{tuple(pos.shape)}"
+                    )
+            return FluxCondition(pos, pooled, g_used, neg, neg_pooled, t)
+
+        prompts = _as_list("" if prompt is None else prompt, None, "prompt")
+        n = len(prompts)
+        texts = (
+            prompts,
+            _as_list(prompt_2, n, "prompt_2"),
+            _as_list(negative_prompt, n, "negative_prompt") if want_negative else None,
+            _as_list(negative_prompt_2, n, "negative_prompt_2") if want_negative else None,
+        )
+        key = tuple(None if x is None else tuple(x) for x in texts) + (g_used, t, want_negative, max_sequence_length)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        pos, pooled, _ = self.pipeline.encode_prompt(
+            prompt=texts[0], prompt_2=texts[1], device=self.device, max_sequence_length=max_sequence_length
+        )
+        neg = neg_pooled = None
+        if want_negative:
+            neg, neg_pooled, _ = self.pipeline.encode_prompt(
+                prompt=texts[2], prompt_2=texts[3], device=self.device, max_sequence_length=max_sequence_length
+            )
+        cond = FluxCondition(pos, pooled, g_used, neg, neg_pooled, t)
+        self._cache[key] = cond
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return cond
+
+    def _check_embeds(self, embeds, pooled, name: str, pooled_name: str) -> None:
+        config = self.transformer.config
+        if embeds is None or pooled is None:
+            raise ValueError(f"{name} and {pooled_name} must be given together")
+        if embeds.ndim != 3 or embeds.shape[-1] != config.joint_attention_dim:
+            raise ValueError(
+                f"{name} must have shape (batch, tokens, {config.joint_attention_dim}), got {tuple(embeds.shape)}"
+            )
+        if pooled.ndim != 2 or pooled.shape != (embeds.shape[0], config.pooled_projection_dim):
+            raise ValueError(
+                f"{pooled_name} must have shape ({embeds.shape[0]}, {config.pooled_projection_dim}), "
+                f"got {tuple(pooled.shape)}"
+            )
+
+    # -- velocity ---------------------------------------------------------------------------------------
+    def _call(self, tokens, timestep, guidance, embeds, pooled, img_ids):
+        dtype, device = self.dtype, self.device
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=img_ids.dtype)
+        return self.transformer(
+            hidden_states=tokens,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=pooled.to(device=device, dtype=dtype),
+            encoder_hidden_states=embeds.to(device=device, dtype=dtype),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0].float()
+
+    def velocity(self, x: torch.Tensor, sigma, cond: FluxCondition | None = None, grad: bool = False) -> torch.Tensor:
+        """v_theta(x, s, c) on unpacked latents (B, C, h, w); float32."""
+        if cond is None:
+            cond = self.condition()
+        if not isinstance(cond, FluxCondition):
+            raise TypeError(f"cond must come from FluxModel.condition(...), got {type(cond).__name__}")
+        channels = self.codec.latent_channels
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"x must have shape (B, {channels}, h, w) with even h and w, got {tuple(x.shape)}")
+        batch, _, h, w = x.shape
+        device = self.device
+        tokens = pack_latents(x.to(device=device, dtype=self.dtype))
+        img_ids = latent_image_ids(h // 2, w // 2, device=device, dtype=torch.float32)
+        timestep = sigma_batch(sigma, batch, device)
+        guidance = None
+        if self.has_guidance_embedding:
+            value = 3.5 if cond.guidance_scale is None else cond.guidance_scale
+            guidance = torch.full((batch,), value, device=device, dtype=torch.float32)
+        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        pooled = repeat_for_batch(cond.pooled_prompt_embeds, batch)
+        with torch.set_grad_enabled(grad):
+            v = self._call(tokens, timestep, guidance, embeds, pooled, img_ids)
+            if cond.do_true_cfg:
+                neg = repeat_for_batch(cond.negative_prompt_embeds, batch)
+                neg_pooled = repeat_for_batch(cond.negative_pooled_prompt_embeds, batch)
+                v_neg = self._call(tokens, timestep, guidance, neg, neg_pooled, img_ids)
+                v = v_neg + cond.true_cfg_scale * (v - v_neg)
+            v = unpack_latents(v, h, w)
+        return v.to(x.device)
+
+    # -- autoencoder ------------------------------------------------------------------------------------
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = (E(x) - shift) * scale (unpacked); a posterior sample with ``generator``, the mean without."""
+        self.codec.check_image(image)
+        self.check_size(int(image.shape[-2]), int(image.shape[-1]))
+        return self.codec.encode(image, generator).to(image.device)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """x = D(z / scale + shift) in about [-1, 1], float32."""
+        return self.codec.decode(latent).to(latent.device)

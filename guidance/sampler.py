@@ -1,0 +1,140 @@
+"""The plain (unguided) Euler sampler over a flow model's native sigma schedule.
+
+    x_{s_0} ~ N(0, I)                       s_0 = 1 (or the schedule's first value)
+    v_i      = v_theta(x_{s_i}, s_i, c)
+    x0_hat_i = x_{s_i} - s_i v_i
+    x_{s_{i+1}} = x_{s_i} + (s_{i+1} - s_i) v_i
+
+With the SD3 / Flux adapters and the same generator this reproduces the diffusers pipelines' latents
+(the pipelines' FlowMatchEulerDiscreteScheduler.step is this Euler update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .flow import euler_step, x0_from_velocity
+from .models.base import FlowModel
+
+__all__ = ["SampleResult", "initial_noise", "sample"]
+
+
+@dataclass
+class SampleResult:
+    """Output of :func:`sample`: the final latent ``x`` (float32), the decoded ``image`` (float32, about
+    [-1, 1]; None when ``decode=False``) and the ``sigmas`` that were used."""
+
+    x: torch.Tensor
+    image: torch.Tensor | None
+    sigmas: torch.Tensor
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape``, drawn like diffusers' ``randn_tensor``; returned as float32.
+
+    The draw happens on the generator's device (a CPU generator gives the same numbers whatever ``device`` is)
+    and in ``dtype`` (the backbone's dtype, as the pipelines draw their latents), so one seed gives the same
+    starting point as the diffusers pipeline. A list of generators seeds each batch element separately.
+    """
+    device = torch.device(device)
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
+        parts = [
+            torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(device) for g in generator
+        ]
+        noise = torch.cat(parts)
+    else:
+        draw_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+    return noise.float()
+
+
+def _condition_batch(cond: Any) -> int:
+    return int(getattr(cond, "batch_size", 1) or 1)
+
+
+@torch.no_grad()
+def sample(
+    model: FlowModel,
+    cond: Any = None,
+    num_steps: int = 28,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+    latents: torch.Tensor | None = None,
+    decode: bool = True,
+) -> SampleResult:
+    """Generate with the Euler sampler.
+
+    Args:
+        model: a :class:`~guidance.models.base.FlowModel`.
+        cond: conditioning from ``model.condition(...)``; None asks the model for its default (an empty prompt
+            for text models, nothing for unconditional ones).
+        num_steps: number of Euler steps (network evaluations, doubled inside the model with CFG).
+        height, width: image size in pixels; default from ``latents`` or the model's native size.
+        generator: source of the initial noise (a list: one per sample).
+        callback: called each step with ``{"step": i, "sigma": s_i, "x": x_{s_i}, "x0_hat": x0_hat_i}``,
+            before the update.
+        progress: show a tqdm bar.
+        batch_size: number of samples; default: the condition's batch (1 for a single prompt). It must be a
+            multiple of that batch; each condition is used ``batch_size / cond_batch`` times in a row.
+        latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
+        decode: also decode the final latent to an image.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if latents is not None:
+        if latents.ndim != 4:
+            raise ValueError(f"latents must have shape (B, C, h, w), got {tuple(latents.shape)}")
+        height = height or latents.shape[-2] * model.spatial_factor
+        width = width or latents.shape[-1] * model.spatial_factor
+    if height is None or width is None:
+        if model.default_size is None:
+            raise ValueError(f"{type(model).__name__} has no default size: pass height and width")
+        height = height or model.default_size[0]
+        width = width or model.default_size[1]
+    model.check_size(height, width)
+    shape = tuple(model.latent_shape(height, width))
+
+    if cond is None:
+        cond = model.condition()
+    n_cond = _condition_batch(cond)
+    if latents is not None:
+        batch_size = batch_size or latents.shape[0]
+    batch_size = batch_size or n_cond
+    if batch_size < 1 or batch_size % n_cond:
+        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the condition's batch {n_cond}")
+
+    if latents is None:
+        x = initial_noise((batch_size, *shape), generator, model.device, model.dtype)
+    else:
+        if tuple(latents.shape) != (batch_size, *shape):
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)} but a {height}x{width} image needs {(batch_size, *shape)}"
+            )
+        x = latents.to(device=model.device, dtype=torch.float32)
+
+    sigmas = model.sigmas(num_steps, height, width).to(device=x.device, dtype=torch.float32)
+    for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        v = model.velocity(x, sigma, cond)
+        if callback is not None:
+            callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_from_velocity(x, v, sigma)})
+        x = euler_step(x, v, sigma, sigma_next)
+    image = model.decode(x) if decode else None
+    return SampleResult(x=x, image=image, sigmas=sigmas)
