@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .flow import euler_step, x0_from_velocity
-from .models.base import FlowModel
+from .models.base import FlowModel, check_num_steps
 
 __all__ = ["SampleResult", "initial_noise", "sample"]
 
@@ -96,8 +96,7 @@ def sample(
         latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
         decode: also decode the final latent to an image.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    check_num_steps(num_steps)
     if latents is not None:
         if latents.ndim != 4:
             raise ValueError(f"latents must have shape (B, C, h, w), got {tuple(latents.shape)}")

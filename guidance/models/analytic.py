@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..flow import expand_sigma
-from .base import FlowModel
+from .base import FlowModel, check_num_steps
 
 __all__ = ["GaussianMixture", "AnalyticGMMFlow", "image_patches"]
 
@@ -397,8 +397,7 @@ class AnalyticGMMFlow(FlowModel):
     # -- FlowModel interface ------------------------------------------------------------------------
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """``linspace(1, 0, num_steps + 1)`` in float32 (no shift); height/width, if given, must match the model."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        check_num_steps(num_steps)
         if height is not None or width is not None:
             self.latent_shape(self.shape[1] if height is None else height, self.shape[2] if width is None else width)
         return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)

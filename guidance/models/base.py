@@ -13,6 +13,13 @@ from typing import Any
 import torch
 
 
+def check_num_steps(num_steps) -> int:
+    """A step count must be an integer >= 1."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return num_steps
+
+
 class FlowModel:
     """Abstract frozen rectified-flow model (see ``guidance.flow`` for the time convention).
 

@@ -19,20 +19,16 @@ Backbone conventions handled here and nowhere else:
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from .autoencoder import LatentCodec
-from .base import FlowModel, repeat_for_batch, sigma_batch
+from .base import check_num_steps, repeat_for_batch, sigma_batch
+from .pipeline_model import PipelineFlowModel
 
 __all__ = ["FluxCondition", "FluxModel", "pack_latents", "unpack_latents", "latent_image_ids"]
-
-_CACHE_SIZE = 16
-
 
 def pack_latents(latent: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, (h/2)(w/2), 4C): token (i, j) holds channels c of pixels (2i + a, 2j + b), c-major."""
@@ -88,7 +84,7 @@ def _as_list(prompt, n: int | None, name: str) -> list[str] | None:
     return prompt
 
 
-class FluxModel(FlowModel):
+class FluxModel(PipelineFlowModel):
     """Flow-model adapter around a diffusers ``FluxPipeline`` (components used as they are).
 
     Args:
@@ -97,11 +93,8 @@ class FluxModel(FlowModel):
     """
 
     def __init__(self, pipeline, decoder=None):
-        self.pipeline = pipeline
-        self.codec = LatentCodec(pipeline.vae, decoder)
-        self.spatial_factor = self.codec.spatial_factor
+        super().__init__(pipeline, decoder)
         self.size_multiple = 2 * self.spatial_factor
-        self.image_channels = self.codec.image_channels
         side = 128 * self.spatial_factor  # the pipeline's default_sample_size (1024 px for FLUX.1)
         self.default_size = (side, side)
         in_channels = int(pipeline.transformer.config.in_channels)
@@ -111,7 +104,6 @@ class FluxModel(FlowModel):
                 f"{4 * self.codec.latent_channels}, but the transformer takes {in_channels}; "
                 "the components do not belong together"
             )
-        self._cache: OrderedDict = OrderedDict()
 
     @classmethod
     def from_components(cls, decoder=None, **components) -> "FluxModel":
@@ -119,23 +111,6 @@ class FluxModel(FlowModel):
         from diffusers import FluxPipeline
 
         return cls(FluxPipeline(**components), decoder=decoder)
-
-    # -- components -------------------------------------------------------------------------------------
-    @property
-    def transformer(self):
-        return self.pipeline.transformer
-
-    @property
-    def scheduler(self):
-        return self.pipeline.scheduler
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     @property
     def has_guidance_embedding(self) -> bool:
@@ -150,8 +125,7 @@ class FluxModel(FlowModel):
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N), shifted by the scheduler with mu = calculate_shift(tokens), then a final 0."""
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        check_num_steps(num_steps)
         height = height or self.default_size[0]
         width = width or self.default_size[1]
         _, h, w = self.latent_shape(height, width)
@@ -238,9 +212,9 @@ class FluxModel(FlowModel):
             _as_list(negative_prompt_2, n, "negative_prompt_2") if want_negative else None,
         )
         key = tuple(None if x is None else tuple(x) for x in texts) + (g_used, t, want_negative, max_sequence_length)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return self.cached_condition(key, lambda: self._encode_condition(texts, g_used, t, want_negative, max_sequence_length))
+
+    def _encode_condition(self, texts, g_used, t, want_negative, max_sequence_length) -> FluxCondition:
         pos, pooled, _ = self.pipeline.encode_prompt(
             prompt=texts[0], prompt_2=texts[1], device=self.device, max_sequence_length=max_sequence_length
         )
@@ -250,9 +224,6 @@ class FluxModel(FlowModel):
                 prompt=texts[2], prompt_2=texts[3], device=self.device, max_sequence_length=max_sequence_length
             )
         cond = FluxCondition(pos, pooled, g_used, neg, neg_pooled, t)
-        self._cache[key] = cond
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
         return cond
 
     def _check_embeds(self, embeds, pooled, name: str, pooled_name: str) -> None:
@@ -313,14 +284,3 @@ class FluxModel(FlowModel):
                 v = v_neg + cond.true_cfg_scale * (v - v_neg)
             v = unpack_latents(v, h, w)
         return v.to(x.device)
-
-    # -- autoencoder ------------------------------------------------------------------------------------
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = (E(x) - shift) * scale (unpacked); a posterior sample with ``generator``, the mean without."""
-        self.codec.check_image(image)
-        self.check_size(int(image.shape[-2]), int(image.shape[-1]))
-        return self.codec.encode(image, generator).to(image.device)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """x = D(z / scale + shift) in about [-1, 1], float32."""
-        return self.codec.decode(latent).to(latent.device)

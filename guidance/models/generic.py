@@ -21,15 +21,14 @@ from typing import Any, Callable
 import torch
 
 from .autoencoder import LatentCodec
-from .base import FlowModel, sigma_batch
+from .base import FlowModel, check_num_steps, sigma_batch
 
 __all__ = ["GenericFlowModel", "shifted_linear_sigmas"]
 
 
 def shifted_linear_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """``num_steps + 1`` sigmas: s = linspace(1, 0, N + 1) mapped by s' = k s / (1 + (k - 1) s), float32."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    check_num_steps(num_steps)
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
@@ -137,8 +136,7 @@ class GenericFlowModel(FlowModel):
         """The scheduler's sigmas (set on a copy) or the shifted linear schedule; ``num_steps + 1`` values."""
         if self.scheduler is None:
             return shifted_linear_sigmas(num_steps, self.shift)
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        check_num_steps(num_steps)
         if self.scheduler.config.get("use_dynamic_shifting", False):
             raise ValueError(
                 "the scheduler uses dynamic shifting, which needs a mu the generic model cannot derive; "

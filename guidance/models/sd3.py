@@ -16,19 +16,15 @@ SD3.5's dual-attention and qk-norm transformers take the same inputs and run thr
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from .autoencoder import LatentCodec
-from .base import FlowModel, repeat_for_batch, sigma_batch
+from .base import check_num_steps, repeat_for_batch, sigma_batch
+from .pipeline_model import PipelineFlowModel
 
 __all__ = ["SD3Condition", "SD3Model"]
-
-_CACHE_SIZE = 16
-
 
 @dataclass(frozen=True)
 class SD3Condition:
@@ -62,7 +58,7 @@ def _as_list(prompt, n: int | None, name: str) -> list[str] | None:
     return prompt
 
 
-class SD3Model(FlowModel):
+class SD3Model(PipelineFlowModel):
     """Flow-model adapter around a diffusers ``StableDiffusion3Pipeline`` (its components are used as they are:
     dtype, device, offloading and quantization stay the user's).
 
@@ -72,13 +68,10 @@ class SD3Model(FlowModel):
     """
 
     def __init__(self, pipeline, decoder=None):
-        self.pipeline = pipeline
-        self.codec = LatentCodec(pipeline.vae, decoder)
+        super().__init__(pipeline, decoder)
         config = pipeline.transformer.config
         self.patch_size = int(config.patch_size)
-        self.spatial_factor = self.codec.spatial_factor
         self.size_multiple = self.spatial_factor * self.patch_size
-        self.image_channels = self.codec.image_channels
         side = int(config.sample_size) * self.spatial_factor
         self.default_size = (side, side)
         if self.codec.latent_channels != int(config.in_channels):
@@ -86,7 +79,6 @@ class SD3Model(FlowModel):
                 f"the VAE has {self.codec.latent_channels} latent channels but the transformer takes "
                 f"{config.in_channels}; the components do not belong together"
             )
-        self._cache: OrderedDict = OrderedDict()
 
     @classmethod
     def from_components(cls, decoder=None, **components) -> "SD3Model":
@@ -98,23 +90,6 @@ class SD3Model(FlowModel):
         components.setdefault("tokenizer_3", None)
         return cls(StableDiffusion3Pipeline(**components), decoder=decoder)
 
-    # -- components -------------------------------------------------------------------------------------
-    @property
-    def transformer(self):
-        return self.pipeline.transformer
-
-    @property
-    def scheduler(self):
-        return self.pipeline.scheduler
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
     # -- geometry and schedule --------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         self.check_size(height, width)
@@ -124,8 +99,7 @@ class SD3Model(FlowModel):
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The pipeline's schedule: the scheduler's ``set_timesteps`` (static shift 3 for the released models,
         or a dynamic shift from the image token count when configured), run on a copy; a final 0 included."""
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        check_num_steps(num_steps)
         scheduler = copy.deepcopy(self.scheduler)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
@@ -193,9 +167,9 @@ class SD3Model(FlowModel):
             _as_list(negative_prompt_3, n, "negative_prompt_3"),
         )
         key = tuple(None if t is None else tuple(t) for t in texts) + (w > 1, w, max_sequence_length, clip_skip)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return self.cached_condition(key, lambda: self._encode_condition(texts, w, max_sequence_length, clip_skip))
+
+    def _encode_condition(self, texts, w, max_sequence_length, clip_skip) -> SD3Condition:
         pos, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
             prompt=texts[0],
             prompt_2=texts[1],
@@ -210,9 +184,6 @@ class SD3Model(FlowModel):
             clip_skip=clip_skip,
         )
         cond = SD3Condition(pos, pooled, neg if w > 1 else None, neg_pooled if w > 1 else None, w)
-        self._cache[key] = cond
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
         return cond
 
     def _condition_from_embeds(self, pos, pooled, neg, neg_pooled, w, negative_prompt, negative_prompt_2,
@@ -287,14 +258,3 @@ class SD3Model(FlowModel):
                 v_u, v_c = out.chunk(2)
                 out = v_u + cond.guidance_scale * (v_c - v_u)
         return out.to(x.device)
-
-    # -- autoencoder ------------------------------------------------------------------------------------
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = (E(x) - shift) * scale; a posterior sample with ``generator``, the mean without."""
-        self.codec.check_image(image)
-        self.check_size(int(image.shape[-2]), int(image.shape[-1]))
-        return self.codec.encode(image, generator).to(image.device)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """x = D(z / scale + shift) in about [-1, 1], float32."""
-        return self.codec.decode(latent).to(latent.device)

@@ -1,0 +1,67 @@
+"""Shared plumbing of the adapters that wrap a diffusers pipeline (SD3, Flux)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from .autoencoder import LatentCodec
+from .base import FlowModel
+
+
+class PipelineFlowModel(FlowModel):
+    """A flow model whose components live in a diffusers pipeline, used as they are (dtype, device,
+    offloading and quantization stay the user's), with a latent codec and a cache of text conditions.
+
+    Args:
+        pipeline: the diffusers pipeline.
+        decoder: optional cheaper autoencoder for :meth:`decode` (e.g. TAESD3, TAEF1).
+    """
+
+    condition_cache_size = 16
+
+    def __init__(self, pipeline, decoder=None):
+        self.pipeline = pipeline
+        self.codec = LatentCodec(pipeline.vae, decoder)
+        self.spatial_factor = self.codec.spatial_factor
+        self.image_channels = self.codec.image_channels
+        self._conditions: OrderedDict = OrderedDict()
+
+    @property
+    def transformer(self):
+        return self.pipeline.transformer
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def cached_condition(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The condition stored under ``key``, made once by ``make()`` (least recently used ones are dropped)."""
+        if key in self._conditions:
+            self._conditions.move_to_end(key)
+            return self._conditions[key]
+        cond = self._conditions[key] = make()
+        if len(self._conditions) > self.condition_cache_size:
+            self._conditions.popitem(last=False)
+        return cond
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = (E(x) - shift) * scale; a posterior sample with ``generator``, the mean without."""
+        self.codec.check_image(image)
+        self.check_size(int(image.shape[-2]), int(image.shape[-1]))
+        return self.codec.encode(image, generator).to(image.device)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """x = D(z / scale + shift) in about [-1, 1], float32."""
+        return self.codec.decode(latent).to(latent.device)
