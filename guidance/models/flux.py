@@ -26,7 +26,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import check_num_steps, repeat_for_batch, sigma_batch
-from .pipeline_model import PipelineFlowModel
+from .pipeline_model import PipelineFlowModel, prompt_list
 
 __all__ = ["FluxCondition", "FluxModel", "pack_latents", "unpack_latents", "latent_image_ids"]
 
@@ -69,19 +69,6 @@ class FluxCondition:
     @property
     def do_true_cfg(self) -> bool:
         return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
-
-
-def _as_list(prompt, n: int | None, name: str) -> list[str] | None:
-    if prompt is None:
-        return None
-    if isinstance(prompt, str):
-        return [prompt] * (n or 1)
-    prompt = list(prompt)
-    if not all(isinstance(p, str) for p in prompt):
-        raise ValueError(f"{name} must be a string or a list of strings")
-    if n is not None and len(prompt) != n:
-        raise ValueError(f"{name} has {len(prompt)} entries but the prompt has {n}; give one per prompt")
-    return prompt
 
 
 class FluxModel(PipelineFlowModel):
@@ -203,13 +190,13 @@ class FluxModel(PipelineFlowModel):
                     )
             return FluxCondition(pos, pooled, g_used, neg, neg_pooled, t)
 
-        prompts = _as_list("" if prompt is None else prompt, None, "prompt")
+        prompts = prompt_list("" if prompt is None else prompt, None, "prompt")
         n = len(prompts)
         texts = (
             prompts,
-            _as_list(prompt_2, n, "prompt_2"),
-            _as_list(negative_prompt, n, "negative_prompt") if want_negative else None,
-            _as_list(negative_prompt_2, n, "negative_prompt_2") if want_negative else None,
+            prompt_list(prompt_2, n, "prompt_2"),
+            prompt_list(negative_prompt, n, "negative_prompt") if want_negative else None,
+            prompt_list(negative_prompt_2, n, "negative_prompt_2") if want_negative else None,
         )
         key = tuple(None if x is None else tuple(x) for x in texts) + (g_used, t, want_negative, max_sequence_length)
         return self.cached_condition(key, lambda: self._encode_condition(texts, g_used, t, want_negative, max_sequence_length))

@@ -12,6 +12,20 @@ from .autoencoder import LatentCodec
 from .base import FlowModel
 
 
+def prompt_list(prompt, n: int | None, name: str) -> list[str] | None:
+    """``prompt`` (a string or a list of strings) as a list of ``n`` strings (a string is repeated); None stays None."""
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return [prompt] * (n or 1)
+    prompt = list(prompt)
+    if not all(isinstance(p, str) for p in prompt):
+        raise ValueError(f"{name} must be a string or a list of strings")
+    if n is not None and len(prompt) != n:
+        raise ValueError(f"{name} has {len(prompt)} entries but the prompt has {n}; give one per prompt")
+    return prompt
+
+
 class PipelineFlowModel(FlowModel):
     """A flow model whose components live in a diffusers pipeline, used as they are (dtype, device,
     offloading and quantization stay the user's), with a latent codec and a cache of text conditions.

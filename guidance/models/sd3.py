@@ -22,7 +22,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from .base import check_num_steps, repeat_for_batch, sigma_batch
-from .pipeline_model import PipelineFlowModel
+from .pipeline_model import PipelineFlowModel, prompt_list
 
 __all__ = ["SD3Condition", "SD3Model"]
 
@@ -43,19 +43,6 @@ class SD3Condition:
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1
-
-
-def _as_list(prompt, n: int | None, name: str) -> list[str] | None:
-    if prompt is None:
-        return None
-    if isinstance(prompt, str):
-        return [prompt] * (n or 1)
-    prompt = list(prompt)
-    if not all(isinstance(p, str) for p in prompt):
-        raise ValueError(f"{name} must be a string or a list of strings")
-    if n is not None and len(prompt) != n:
-        raise ValueError(f"{name} has {len(prompt)} entries but the prompt has {n}; give one per prompt")
-    return prompt
 
 
 class SD3Model(PipelineFlowModel):
@@ -156,15 +143,15 @@ class SD3Model(PipelineFlowModel):
                 prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds, w,
                 negative_prompt, negative_prompt_2, negative_prompt_3, max_sequence_length,
             )
-        prompts = _as_list("" if prompt is None else prompt, None, "prompt")
+        prompts = prompt_list("" if prompt is None else prompt, None, "prompt")
         n = len(prompts)
         texts = (
             prompts,
-            _as_list(prompt_2, n, "prompt_2"),
-            _as_list(prompt_3, n, "prompt_3"),
-            _as_list(negative_prompt, n, "negative_prompt"),
-            _as_list(negative_prompt_2, n, "negative_prompt_2"),
-            _as_list(negative_prompt_3, n, "negative_prompt_3"),
+            prompt_list(prompt_2, n, "prompt_2"),
+            prompt_list(prompt_3, n, "prompt_3"),
+            prompt_list(negative_prompt, n, "negative_prompt"),
+            prompt_list(negative_prompt_2, n, "negative_prompt_2"),
+            prompt_list(negative_prompt_3, n, "negative_prompt_3"),
         )
         key = tuple(None if t is None else tuple(t) for t in texts) + (w > 1, w, max_sequence_length, clip_skip)
         return self.cached_condition(key, lambda: self._encode_condition(texts, w, max_sequence_length, clip_skip))
