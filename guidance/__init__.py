@@ -8,9 +8,12 @@ from importlib import import_module
 
 from . import flow
 from .loading import ModelNotFoundError, load_decoder, load_model
+from .methods import DivergenceError, MethodResult, get_method, list_methods
+from .objectives import (CallableObjective, ClassifierObjective, MeasurementFidelity, Objective, RewardObjective,
+                         objective_gradient)
 from .models.analytic import AnalyticGMMFlow, GaussianMixture, image_patches
 from .models.base import FlowModel
-from .sampler import SampleResult, initial_noise, sample
+from .sampler import SampleResult, initial_noise, sample, start_state
 
 _LAZY = {
     "SD3Model": "guidance.models.sd3",
@@ -21,8 +24,10 @@ _LAZY = {
 }
 
 __all__ = [
-    "AnalyticGMMFlow", "FlowModel", "GaussianMixture", "ModelNotFoundError", "SampleResult", "flow",
-    "image_patches", "initial_noise", "load_decoder", "load_model", "sample", *_LAZY,
+    "AnalyticGMMFlow", "CallableObjective", "ClassifierObjective", "DivergenceError", "FlowModel",
+    "GaussianMixture", "MeasurementFidelity", "MethodResult", "ModelNotFoundError", "Objective",
+    "RewardObjective", "SampleResult", "flow", "get_method", "image_patches", "initial_noise", "list_methods",
+    "load_decoder", "load_model", "objective_gradient", "sample", "start_state", *_LAZY,
 ]
 
 

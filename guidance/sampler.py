@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .flow import euler_step, x0_from_velocity
 from .models.base import FlowModel, check_num_steps
 
-__all__ = ["SampleResult", "initial_noise", "sample"]
+__all__ = ["SampleResult", "StartState", "initial_noise", "sample", "start_state"]
 
 
 @dataclass
@@ -65,37 +65,28 @@ def _condition_batch(cond: Any) -> int:
     return int(getattr(cond, "batch_size", 1) or 1)
 
 
-@torch.no_grad()
-def sample(
+@dataclass
+class StartState:
+    """Where a sampling loop starts: the state ``x`` (float32), the condition, the schedule and the image size."""
+
+    x: torch.Tensor
+    cond: Any
+    sigmas: torch.Tensor
+    height: int
+    width: int
+
+
+def start_state(
     model: FlowModel,
     cond: Any = None,
     num_steps: int = 28,
     height: int | None = None,
     width: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = True,
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
-    decode: bool = True,
-) -> SampleResult:
-    """Generate with the Euler sampler.
-
-    Args:
-        model: a :class:`~guidance.models.base.FlowModel`.
-        cond: conditioning from ``model.condition(...)``; None asks the model for its default (an empty prompt
-            for text models, nothing for unconditional ones).
-        num_steps: number of Euler steps (network evaluations, doubled inside the model with CFG).
-        height, width: image size in pixels; default from ``latents`` or the model's native size.
-        generator: source of the initial noise (a list: one per sample).
-        callback: called each step with ``{"step": i, "sigma": s_i, "x": x_{s_i}, "x0_hat": x0_hat_i}``,
-            before the update.
-        progress: show a tqdm bar.
-        batch_size: number of samples; default: the condition's batch (1 for a single prompt). It must be a
-            multiple of that batch; each condition is used ``batch_size / cond_batch`` times in a row.
-        latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
-        decode: also decode the final latent to an image.
-    """
+) -> StartState:
+    """Validate the sampling arguments and draw the starting noise (shared by the sampler and every method)."""
     check_num_steps(num_steps)
     if latents is not None:
         if latents.ndim != 4:
@@ -129,6 +120,42 @@ def sample(
         x = latents.to(device=model.device, dtype=torch.float32)
 
     sigmas = model.sigmas(num_steps, height, width).to(device=x.device, dtype=torch.float32)
+    return StartState(x=x, cond=cond, sigmas=sigmas, height=height, width=width)
+
+
+@torch.no_grad()
+def sample(
+    model: FlowModel,
+    cond: Any = None,
+    num_steps: int = 28,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+    latents: torch.Tensor | None = None,
+    decode: bool = True,
+) -> SampleResult:
+    """Generate with the Euler sampler.
+
+    Args:
+        model: a :class:`~guidance.models.base.FlowModel`.
+        cond: conditioning from ``model.condition(...)``; None asks the model for its default (an empty prompt
+            for text models, nothing for unconditional ones).
+        num_steps: number of Euler steps (network evaluations, doubled inside the model with CFG).
+        height, width: image size in pixels; default from ``latents`` or the model's native size.
+        generator: source of the initial noise (a list: one per sample).
+        callback: called each step with ``{"step": i, "sigma": s_i, "x": x_{s_i}, "x0_hat": x0_hat_i}``,
+            before the update.
+        progress: show a tqdm bar.
+        batch_size: number of samples; default: the condition's batch (1 for a single prompt). It must be a
+            multiple of that batch; each condition is used ``batch_size / cond_batch`` times in a row.
+        latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
+        decode: also decode the final latent to an image.
+    """
+    state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)
+    x, cond, sigmas = state.x, state.cond, state.sigmas
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = model.velocity(x, sigma, cond)

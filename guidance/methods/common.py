@@ -1,0 +1,75 @@
+"""What every guidance method shares: its result, the step window, divergence checks and NFE counting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class MethodResult:
+    """Output of a guidance method: the final latent ``x`` (float32), the decoded ``image`` (None with
+    ``decode=False``), the number of network evaluations ``nfe`` (a batched CFG call counts once), the
+    ``sigmas`` used and method-specific ``info``."""
+
+    x: torch.Tensor
+    image: torch.Tensor | None
+    nfe: int
+    sigmas: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class DivergenceError(ValueError):
+    """The solver state became NaN or infinite."""
+
+
+def check_finite_state(x: torch.Tensor, step: int, method: str, hint: str = "use a smaller step size") -> None:
+    """Stop with a clear error when the state diverged (one host-device synchronisation)."""
+    if not bool(torch.isfinite(x).all()):
+        raise DivergenceError(f"{method} diverged: the state became NaN or infinite at step {step}; {hint}")
+
+
+def check_nonnegative(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return value
+
+
+def check_count(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def guided_steps(window: tuple[int, int] | None, num_steps: int) -> range:
+    """The steps a method guides: ``window = (start, stop)`` as step indices, 0 <= start < stop <= num_steps
+    (a negative stop counts from the end, as in Python); None guides every step."""
+    if window is None:
+        return range(num_steps)
+    try:
+        start, stop = (int(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a pair (start, stop) of step indices, got {window!r}") from None
+    if stop < 0:
+        stop += num_steps
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"guided window {tuple(window)} lies outside the schedule of {num_steps} steps: "
+                         f"need 0 <= start < stop <= {num_steps}")
+    return range(start, stop)
+
+
+class CountingModel:
+    """A view of a flow model that counts velocity evaluations; every other attribute is the model's."""
+
+    def __init__(self, model):
+        self.model = model
+        self.nfe = 0
+
+    def velocity(self, *args, **kwargs) -> torch.Tensor:
+        self.nfe += 1
+        return self.model.velocity(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)

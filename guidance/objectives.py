@@ -1,0 +1,230 @@
+"""Objectives: a per-sample loss on the clean estimate x0_hat, in the space it needs.
+
+An objective declares ``space``: ``"latent"`` losses act on the latent x0_hat directly; ``"pixel"`` losses
+act on the decoded image D(x0_hat), so that latent models decode only when an objective asks for it.
+``objective(model, z)`` returns the (B,) loss of latents ``z``; methods differentiate it with
+:func:`objective_gradient`, never through the flow network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from operators import Operator, check_image
+
+__all__ = [
+    "Objective", "MeasurementFidelity", "ClassifierObjective", "RewardObjective", "CallableObjective",
+    "objective_gradient", "transformers_preprocess",
+]
+
+SPACES = ("latent", "pixel")
+
+
+def _per_sample(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    flat = values.flatten(1)
+    return flat.sum(1) if reduction == "sum" else flat.mean(1)
+
+
+class Objective:
+    """A loss L(x0_hat) per sample. Subclasses implement :meth:`loss` on tensors of their ``space``."""
+
+    space: str = "pixel"
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) loss of images (pixel space) or latents (latent space)."""
+        raise NotImplementedError
+
+    def bind(self, model, height: int, width: int) -> None:
+        """Check the objective against a model and image size before a run (shapes, labels); may cache."""
+
+    def __call__(self, model, z: torch.Tensor) -> torch.Tensor:
+        x = model.decode(z) if self.space == "pixel" else z
+        loss = self.loss(x)
+        if loss.ndim == 0:
+            loss = loss.expand(z.shape[0])
+        if loss.shape != (z.shape[0],):
+            raise ValueError(f"{type(self).__name__} must return one loss per sample, shape ({z.shape[0]},), "
+                             f"got {tuple(loss.shape)}")
+        return loss
+
+
+def objective_gradient(objective: Objective, model, x0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), ∇_{x0_hat} Σ loss): the gradient reaches the decoder when the objective is in pixel space,
+    never the flow network (x0_hat is detached), and no parameter accumulates a ``.grad``."""
+    with torch.enable_grad():
+        z = x0_hat.detach().requires_grad_(True)
+        loss = objective(model, z)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), grad
+
+
+class MeasurementFidelity(Objective):
+    """Data fidelity for y = A(x) + n.
+
+    * pixel space: L(z) = weight · ‖A(D(z)) − y‖² (sum or mean over the measurement);
+    * latent space: L(z) = weight · ‖M ⊙ (z − E(A⁺ y))‖², against the encoded observation, with M the
+      operator's inpainting mask resized to the latent grid (ones for other operators). This is FlowChef's
+      latent-space loss; it needs a linear operator with a pseudo-inverse.
+
+    Args:
+        operator: the forward model (from ``operators``).
+        y: the measurement, shaped like ``operator(x)``.
+        noise_std: the measurement noise (default: the operator's own), used by methods that stop at the
+            noise level (FLAIR's discrepancy principle).
+    """
+
+    def __init__(self, operator: Operator, y: torch.Tensor, space: str = "pixel", weight: float = 1.0,
+                 reduction: str = "sum", noise_std: float | None = None):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if not isinstance(operator, Operator):
+            raise ValueError(f"operator must be an operators.Operator, got {type(operator).__name__}")
+        check_image(y, "y")
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("the measurement y contains NaN or infinite values")
+        if space == "latent" and not (operator.is_linear and operator.has_pseudo_inverse):
+            raise ValueError(f"latent-space fidelity needs a linear operator with a pseudo-inverse; "
+                             f"{type(operator).__name__} has none: use space='pixel'")
+        self.operator, self.y, self.space, self.weight, self.reduction = operator, y, space, float(weight), reduction
+        self.noise_std = operator.noise_std if noise_std is None else float(noise_std)
+        self._target = self._mask = None
+
+    def bind(self, model, height: int, width: int) -> None:
+        probe = torch.zeros(1, model.image_channels, height, width, device=self.y.device, dtype=self.y.dtype)
+        expected = tuple(self.operator(probe).shape[1:])
+        if tuple(self.y.shape[1:]) != expected:
+            raise ValueError(
+                f"the measurement has shape {tuple(self.y.shape)} but the operator maps a {height}x{width} image "
+                f"with {model.image_channels} channels to (B, {', '.join(map(str, expected))}); measure the image "
+                f"with the same operator and size"
+            )
+        if self.space == "latent":
+            with torch.no_grad():
+                self._target = model.encode(self.operator.pseudo_inverse(self.y).to(model.device))
+            mask = getattr(self.operator, "mask_for", None)
+            if mask is not None:
+                m = mask(probe).to(self._target.device, torch.float32)
+                self._mask = F.interpolate(m, size=self._target.shape[-2:], mode="area")
+            else:
+                self._mask = None
+
+    def residual(self, image: torch.Tensor) -> torch.Tensor:
+        """A(x) − y for images x."""
+        return self.operator(image) - self.y.to(device=image.device, dtype=image.dtype)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        if self.space == "pixel":
+            return self.weight * _per_sample(self.residual(x) ** 2, self.reduction)
+        if self._target is None:
+            raise ValueError("a latent-space fidelity must be bound to a model first: call objective.bind(model, H, W)")
+        diff = x - self._target
+        if self._mask is not None:
+            diff = diff * self._mask
+        return self.weight * _per_sample(diff**2, self.reduction)
+
+
+def transformers_preprocess(processor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The resize and normalisation of a transformers image processor, in torch (differentiable):
+    [-1, 1] images -> [0, 1] -> bilinear resize to the processor's size -> (x − mean) / std."""
+    size = getattr(processor, "size", None) or {}
+    if "height" in size and "width" in size:
+        target = (int(size["height"]), int(size["width"]))
+    elif "shortest_edge" in size:
+        target = int(size["shortest_edge"])
+    else:
+        target = None
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    mean = torch.tensor(getattr(processor, "image_mean", [0.5, 0.5, 0.5])).view(1, -1, 1, 1)
+    std = torch.tensor(getattr(processor, "image_std", [0.5, 0.5, 0.5])).view(1, -1, 1, 1)
+    do_normalize = getattr(processor, "do_normalize", True)
+
+    def preprocess(image: torch.Tensor) -> torch.Tensor:
+        x = (image + 1) / 2
+        if isinstance(target, tuple):
+            x = F.interpolate(x, size=target, mode="bilinear", antialias=True, align_corners=False)
+        elif isinstance(target, int):
+            h, w = x.shape[-2:]
+            scale = target / min(h, w)
+            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if crop:
+            ch, cw = int(crop["height"]), int(crop["width"])
+            top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
+            x = x[..., top:top + ch, left:left + cw]
+        if do_normalize:
+            x = (x - mean.to(x)) / std.to(x)
+        return x
+
+    return preprocess
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+class ClassifierObjective(Objective):
+    """L = −log p(label | D(z)) for a classifier returning logits (B, num_classes), e.g. a torchvision model
+    or a transformers image classifier (its ``.logits`` are used; give ``preprocess`` such as
+    :func:`transformers_preprocess(processor)`).
+
+    Args:
+        classifier: callable images -> logits.
+        label: the target class (int, or a (B,) tensor of classes).
+        preprocess: torch function applied to the [-1, 1] image first (default: none).
+        num_classes: the number of classes, when the classifier does not say (``config.num_labels``).
+    """
+
+    def __init__(self, classifier: Callable, label: int | torch.Tensor, preprocess: Callable | None = None,
+                 space: str = "pixel", num_classes: int | None = None, weight: float = 1.0):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.classifier, self.preprocess, self.space, self.weight = classifier, preprocess, space, float(weight)
+        self.label = torch.as_tensor(label, dtype=torch.long)
+        config = getattr(classifier, "config", None)
+        self.num_classes = num_classes or getattr(config, "num_labels", None)
+        if self.num_classes is not None:
+            self._check_label(self.num_classes)
+
+    def _check_label(self, num_classes: int) -> None:
+        if (self.label < 0).any() or (self.label >= num_classes).any():
+            raise ValueError(f"label {self.label.tolist()} is out of range for a classifier with {num_classes} "
+                             f"classes: use 0..{num_classes - 1}")
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = self.preprocess(x) if self.preprocess else x
+        logits = _logits(self.classifier(inputs))
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the classifier must return logits of shape (B, classes), got {tuple(logits.shape)}")
+        self._check_label(logits.shape[1])
+        label = self.label.to(logits.device).expand(x.shape[0])
+        return -self.weight * torch.log_softmax(logits.float(), dim=1).gather(1, label[:, None])[:, 0]
+
+
+class RewardObjective(Objective):
+    """L = −weight · r(D(z)) for a differentiable reward r: images -> (B,) scores (higher is better)."""
+
+    def __init__(self, reward: Callable[[torch.Tensor], torch.Tensor], weight: float = 1.0, space: str = "pixel"):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.reward, self.weight, self.space = reward, float(weight), space
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.weight * self.reward(x)
+
+
+class CallableObjective(Objective):
+    """Any user function ``fn(x) -> (B,) loss`` (or a scalar) on images (``space="pixel"``) or latents."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], space: str = "pixel"):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.fn, self.space = fn, space
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
