@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "unguided": "guidance.methods.unguided:unguided",
     "pseudo_inverse": "guidance.methods.pseudo_inverse:pseudo_inverse",
     "flowchef": "guidance.methods.flowchef:flowchef",
+    "flowchef_edit": "guidance.methods.flowchef_edit:flowchef_edit",
     "flair": "guidance.methods.flair:flair",
     "dps": "guidance.methods.dps:dps",
     "pnp_flow": "guidance.methods.pnp_flow:pnp_flow",
