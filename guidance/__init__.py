@@ -7,6 +7,7 @@ that ``import guidance`` stays light.
 from importlib import import_module
 
 from . import flow
+from .calibration import CRWTable, calibrate, load_crw
 from .loading import ModelNotFoundError, load_decoder, load_model
 from .methods import DivergenceError, MethodResult, get_method, list_methods
 from .objectives import (CallableObjective, ClassifierObjective, MeasurementFidelity, Objective, RewardObjective,
@@ -24,7 +25,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "AnalyticGMMFlow", "CallableObjective", "ClassifierObjective", "DivergenceError", "FlowModel",
+    "AnalyticGMMFlow", "CRWTable", "CallableObjective", "calibrate", "load_crw", "ClassifierObjective", "DivergenceError", "FlowModel",
     "GaussianMixture", "MeasurementFidelity", "MethodResult", "ModelNotFoundError", "Objective",
     "RewardObjective", "SampleResult", "flow", "get_method", "image_patches", "initial_noise", "list_methods",
     "load_decoder", "load_model", "objective_gradient", "sample", "start_state", *_LAZY,
