@@ -23,7 +23,7 @@ def _format_default(value) -> str:
 
 def cmd_operators(args: argparse.Namespace) -> int:
     """List the registered forward operators with their parameters and defaults."""
-    from operators import list_operators, make_operator
+    from operators import list_operators
 
     rows = []
     for entry in list_operators():

@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline
+from tiny_models import NEGATIVE, PROMPT
 
 from guidance import (AnalyticGMMFlow, CallableObjective, ClassifierObjective, DivergenceError, MeasurementFidelity,
                       RewardObjective, get_method, objective_gradient, sample, start_state)
 from guidance.flow import euler_step
 from guidance.methods.flowchef import PRESETS, flowchef
 from guidance.methods.flowchef_edit import flowchef_edit
-from guidance.models.flux import FluxModel
-from guidance.models.sd3 import SD3Model
 from operators import make_operator
 
 EDIT_PROMPT = "a white cat in the city"
@@ -42,16 +40,6 @@ def _inpainting_problem(batch=16, noise_std=0.05):
     op = make_operator("inpaint_box:fraction=0.25", noise_std=noise_std)
     x_true = FLOW.sample_prior(batch, _gen(1))
     return op, x_true, op.measure(x_true, _gen(2))
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return SD3Model(sd3_pipeline())
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return FluxModel(flux_pipeline(dev=True))
 
 
 def _text_case(request, kind):

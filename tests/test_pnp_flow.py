@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline
+from tiny_models import NEGATIVE, PROMPT
 
 from guidance import DivergenceError, MeasurementFidelity, get_method
 from guidance.methods.pnp_flow import pnp_flow
-from guidance.models.flux import FluxModel
-from guidance.models.sd3 import SD3Model
 from operators import make_operator
 from tasks.analytic_benchmark import smooth_image_prior
 from tasks.posterior_scores import mse_over_mmse
@@ -18,16 +16,6 @@ FLOW = smooth_image_prior()  # 1x8x8, six nearly degenerate smooth-image compone
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return SD3Model(sd3_pipeline())
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return FluxModel(flux_pipeline(dev=True))
 
 
 def _text_case(request, kind):
