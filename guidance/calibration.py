@@ -137,8 +137,8 @@ class CRWTable:
         """Read a table written by :meth:`save`."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no CRW table at {str(path)!r}; measure one with guidance.calibration.calibrate "
-                                    f"(or `flowsteer calibrate`)")
+            raise FileNotFoundError(f"no CRW table at {str(path)!r}; measure one with "
+                                    f"guidance.calibrate(model, clean_images, cond)")
         try:
             data = json.loads(path.read_text())
             if data.get("format") != _FORMAT:

@@ -221,8 +221,8 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     if origin == "default":
         warnings.warn(f"no calibrated regularization weights (CRW) for {type(model).__name__} at this guidance "
                       f"setting and size: FLAIR uses the default table (SD3.5-medium's shape at 2/3 strength). "
-                      f"Calibration is advised: `flowsteer calibrate` or guidance.calibration.calibrate(model, "
-                      f"clean_images, cond), or pass crw=... explicitly.", UserWarning, stacklevel=3)
+                      f"Calibration is advised: guidance.calibrate(model, clean_images, "
+                      f"cond) measures and caches a table; or pass crw=... explicitly.", UserWarning, stacklevel=3)
 
     y = objective.y.to(device=device, dtype=torch.float32)
     image_shape = (batch, model.image_channels, state.height, state.width)
