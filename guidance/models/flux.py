@@ -213,20 +213,6 @@ class FluxModel(PipelineFlowModel):
         cond = FluxCondition(pos, pooled, g_used, neg, neg_pooled, t)
         return cond
 
-    def _check_embeds(self, embeds, pooled, name: str, pooled_name: str) -> None:
-        config = self.transformer.config
-        if embeds is None or pooled is None:
-            raise ValueError(f"{name} and {pooled_name} must be given together")
-        if embeds.ndim != 3 or embeds.shape[-1] != config.joint_attention_dim:
-            raise ValueError(
-                f"{name} must have shape (batch, tokens, {config.joint_attention_dim}), got {tuple(embeds.shape)}"
-            )
-        if pooled.ndim != 2 or pooled.shape != (embeds.shape[0], config.pooled_projection_dim):
-            raise ValueError(
-                f"{pooled_name} must have shape ({embeds.shape[0]}, {config.pooled_projection_dim}), "
-                f"got {tuple(pooled.shape)}"
-            )
-
     # -- velocity ---------------------------------------------------------------------------------------
     def _call(self, tokens, timestep, guidance, embeds, pooled, img_ids):
         dtype, device = self.dtype, self.device

@@ -70,6 +70,22 @@ class PipelineFlowModel(FlowModel):
             self._conditions.popitem(last=False)
         return cond
 
+    def _check_embeds(self, embeds, pooled, name: str, pooled_name: str) -> None:
+        """Precomputed text embeddings must fit the transformer: (B, tokens, joint_attention_dim) and
+        (B, pooled_projection_dim)."""
+        config = self.transformer.config
+        if embeds is None or pooled is None:
+            raise ValueError(f"{name} and {pooled_name} must be given together")
+        if embeds.ndim != 3 or embeds.shape[-1] != config.joint_attention_dim:
+            raise ValueError(
+                f"{name} must have shape (batch, tokens, {config.joint_attention_dim}), got {tuple(embeds.shape)}"
+            )
+        if pooled.ndim != 2 or pooled.shape != (embeds.shape[0], config.pooled_projection_dim):
+            raise ValueError(
+                f"{pooled_name} must have shape ({embeds.shape[0]}, {config.pooled_projection_dim}), "
+                f"got {tuple(pooled.shape)}"
+            )
+
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = (E(x) - shift) * scale; a posterior sample with ``generator``, the mean without."""
         self.codec.check_image(image)

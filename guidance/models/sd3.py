@@ -197,20 +197,6 @@ class SD3Model(PipelineFlowModel):
             neg = neg_pooled = None
         return SD3Condition(pos, pooled, neg, neg_pooled, w)
 
-    def _check_embeds(self, embeds, pooled, name: str, pooled_name: str) -> None:
-        config = self.transformer.config
-        if embeds is None or pooled is None:
-            raise ValueError(f"{name} and {pooled_name} must be given together")
-        if embeds.ndim != 3 or embeds.shape[-1] != config.joint_attention_dim:
-            raise ValueError(
-                f"{name} must have shape (batch, tokens, {config.joint_attention_dim}), got {tuple(embeds.shape)}"
-            )
-        if pooled.ndim != 2 or pooled.shape != (embeds.shape[0], config.pooled_projection_dim):
-            raise ValueError(
-                f"{pooled_name} must have shape ({embeds.shape[0]}, {config.pooled_projection_dim}), "
-                f"got {tuple(pooled.shape)}"
-            )
-
     # -- velocity ---------------------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, sigma, cond: SD3Condition | None = None, grad: bool = False) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1; float32 like ``x``."""
