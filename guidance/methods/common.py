@@ -73,3 +73,22 @@ class CountingModel:
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
+
+
+def initial_image(operator, y: torch.Tensor, image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A data-consistent starting image A⁺y (FLAIR's initialisation, the pseudo-inverse floor): the operator's pseudo-inverse when it has a cheap one (SR, inpainting's zero
+    fill); else y itself when A keeps the image shape (deblurring); else Aᵀy scaled so that a constant image keeps
+    its level (Aᵀy / mean(AᵀA 1), ≈ Aᵀy · f² for SR×f)."""
+    linear = getattr(operator, "is_linear", False)
+    if image_shape is None:
+        image_shape = operator.input_shape(tuple(y.shape)) if linear else tuple(y.shape)
+    image_shape = (y.shape[0], *tuple(image_shape)[1:])
+    if linear and getattr(operator, "has_pseudo_inverse", False):
+        return operator.pseudo_inverse(y)
+    if tuple(y.shape) == image_shape:
+        return y.clone()
+    if linear:
+        ones = torch.ones((1, *image_shape[1:]), device=y.device, dtype=y.dtype)
+        return operator.adjoint(y) / operator.adjoint(operator(ones)).mean().clamp_min(1e-12)
+    raise ValueError(f"cannot form FLAIR's initial image for {type(operator).__name__}: it changes the image shape "
+                     f"and has neither an adjoint nor a pseudo-inverse; use an operator that has one")

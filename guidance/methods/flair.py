@@ -31,7 +31,8 @@ from ..calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
 from ..sampler import initial_noise, start_state
-from .common import CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative
+from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative,
+                     initial_image)
 
 __all__ = ["flair", "flair_grid", "dta_noise", "regularizer_step", "data_consistency", "initial_image",
            "default_data_lr", "operator_gain", "sr_data_lr", "PRESETS"]
@@ -93,25 +94,6 @@ def default_data_lr(operator, image_shape: tuple[int, ...], pixel_space: bool, m
     if pixel_space:
         return PIXEL_STEP_FRACTION / (max(max_weight, 1e-6) * gain)
     return DEFAULT_DATA_LR / gain
-
-
-def initial_image(operator, y: torch.Tensor, image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """FLAIR's starting image A⁺y: the operator's pseudo-inverse when it has a cheap one (SR, inpainting's zero
-    fill); else y itself when A keeps the image shape (deblurring); else Aᵀy scaled so that a constant image keeps
-    its level (Aᵀy / mean(AᵀA 1), ≈ Aᵀy · f² for SR×f)."""
-    linear = getattr(operator, "is_linear", False)
-    if image_shape is None:
-        image_shape = operator.input_shape(tuple(y.shape)) if linear else tuple(y.shape)
-    image_shape = (y.shape[0], *tuple(image_shape)[1:])
-    if linear and getattr(operator, "has_pseudo_inverse", False):
-        return operator.pseudo_inverse(y)
-    if tuple(y.shape) == image_shape:
-        return y.clone()
-    if linear:
-        ones = torch.ones((1, *image_shape[1:]), device=y.device, dtype=y.dtype)
-        return operator.adjoint(y) / operator.adjoint(operator(ones)).mean().clamp_min(1e-12)
-    raise ValueError(f"cannot form FLAIR's initial image for {type(operator).__name__}: it changes the image shape "
-                     f"and has neither an adjoint nor a pseudo-inverse; use an operator that has one")
 
 
 def _image_size(operator, y: torch.Tensor) -> tuple[int, int]:
