@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import NEGATIVE, PROMPT
+from tiny_models import NEGATIVE, PROMPT, autograd_calls
+from tiny_models import measured_fidelity as _fidelity
+from tiny_models import text_case as _text_case
 
 from guidance import CallableObjective, DivergenceError, MeasurementFidelity, get_method, sample
 from guidance.methods.dps import dps
@@ -18,19 +20,6 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _text_case(request, kind):
-    model = request.getfixturevalue(kind)
-    if kind == "sd3":
-        return model, model.condition(PROMPT, NEGATIVE, 5.0), 32
-    return model, model.condition(PROMPT, max_sequence_length=32), 64
-
-
-def _fidelity(spec, size, space="pixel", seed=5):
-    op = make_operator(spec)
-    image = torch.rand(1, 3, size, size, generator=_gen(seed)) * 2 - 1
-    return MeasurementFidelity(op, op(image), space=space)
-
-
 def _parameters(model):
     modules = [m for m in model.pipeline.components.values() if isinstance(m, torch.nn.Module)]
     return [p for m in modules for p in m.parameters()]
@@ -43,18 +32,10 @@ def test_backpropagates_through_the_transformer_with_checkpointing_and_no_parame
     model, cond, size = _text_case(request, kind)
     transformer = model.transformer
     assert not transformer.is_gradient_checkpointing
-    calls = []
 
-    def hook(module, inputs, output):
-        output = output[0] if isinstance(output, tuple) else output.sample
-        calls.append((torch.is_grad_enabled(), output.requires_grad, module.is_gradient_checkpointing))
-
-    handle = transformer.register_forward_hook(hook)
-    try:
+    with autograd_calls(transformer) as calls:
         out = dps(model, _fidelity("sr:factor=2", size), cond=cond, num_steps=2, height=size, width=size,
                   generator=_gen(), progress=False, step_size=0.1)
-    finally:
-        handle.remove()
     assert calls and all(grad_on and requires and checkpointing for grad_on, requires, checkpointing in calls)
     assert not transformer.is_gradient_checkpointing  # restored
     assert all(p.grad is None for p in _parameters(model))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import NEGATIVE, PROMPT
+from tiny_models import NEGATIVE, PROMPT, autograd_calls
 
 from guidance import (AnalyticGMMFlow, CallableObjective, ClassifierObjective, DivergenceError, MeasurementFidelity,
                       RewardObjective, get_method, objective_gradient, sample, start_state)
@@ -82,19 +82,12 @@ def test_step_size_zero_is_unguided_sampling_bit_for_bit_on_the_analytic_flow():
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_the_transformer_is_never_differentiated_and_no_parameter_gets_a_gradient(kind, request):
     model, cond, size = _text_case(request, kind)
-    calls = []
 
-    def hook(module, inputs, output):
-        output = output[0] if isinstance(output, tuple) else output.sample
-        calls.append((torch.is_grad_enabled(), output.requires_grad))
-
-    handle = model.transformer.register_forward_hook(hook)
-    try:  # pixel loss: the VAE decoder is differentiated, with respect to the latent only
+    # pixel loss: the VAE decoder is differentiated, with respect to the latent only
+    with autograd_calls(model.transformer) as calls:
         out = flowchef(model, _fidelity("pixel", size), cond=cond, num_steps=2, height=size, width=size,
                        generator=_gen(), progress=False, inner_steps=2)
-    finally:
-        handle.remove()
-    assert calls and all(not grad_on and not requires for grad_on, requires in calls)
+    assert calls and all(not grad_on and not requires for grad_on, requires, _ in calls)
     assert not out.x.requires_grad and out.info["loss"].shape == (2, 2, 1)
     modules = [m for m in model.pipeline.components.values() if isinstance(m, torch.nn.Module)]
     assert all(p.grad is None for m in modules for p in m.parameters())

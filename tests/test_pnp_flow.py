@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import NEGATIVE, PROMPT
+from tiny_models import autograd_calls
+from tiny_models import measured_fidelity as _fidelity
+from tiny_models import text_case as _text_case
 
 from guidance import DivergenceError, MeasurementFidelity, get_method
 from guidance.methods.pnp_flow import pnp_flow
@@ -18,19 +20,6 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _text_case(request, kind):
-    model = request.getfixturevalue(kind)
-    if kind == "sd3":
-        return model, model.condition(PROMPT, NEGATIVE, 5.0), 32
-    return model, model.condition(PROMPT, max_sequence_length=32), 64
-
-
-def _fidelity(spec, size, space="pixel", seed=5):
-    op = make_operator(spec)
-    image = torch.rand(1, 3, size, size, generator=_gen(seed)) * 2 - 1
-    return MeasurementFidelity(op, op(image), space=space)
-
-
 def _problem(spec="sr:factor=2", batch=4):
     op = make_operator(spec, noise_std=NOISE_STD)
     x_true = FLOW.sample_prior(batch, _gen(1))
@@ -42,19 +31,12 @@ def _problem(spec="sr:factor=2", batch=4):
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_the_transformer_is_never_differentiated_and_no_parameter_gets_a_gradient(kind, request):
     model, cond, size = _text_case(request, kind)
-    calls = []
 
-    def hook(module, inputs, output):
-        output = output[0] if isinstance(output, tuple) else output.sample
-        calls.append((torch.is_grad_enabled(), output.requires_grad))
-
-    handle = model.transformer.register_forward_hook(hook)
-    try:  # pixel loss: the data step differentiates the VAE decoder, with respect to the latent only
+    # pixel loss: the data step differentiates the VAE decoder, with respect to the latent only
+    with autograd_calls(model.transformer) as calls:
         out = pnp_flow(model, _fidelity("sr:factor=2", size), cond=cond, num_steps=2, num_draws=2, height=size,
                        width=size, generator=_gen(), progress=False)
-    finally:
-        handle.remove()
-    assert len(calls) == 4 and all(not grad_on and not requires for grad_on, requires in calls)
+    assert len(calls) == 4 and all(not grad_on and not requires for grad_on, requires, _ in calls)
     modules = [m for m in model.pipeline.components.values() if isinstance(m, torch.nn.Module)]
     assert all(p.grad is None for m in modules for p in m.parameters())
     assert not out.x.requires_grad and out.nfe == 4 and out.info["loss"].shape == (1,)

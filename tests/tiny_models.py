@@ -8,6 +8,8 @@ tokenizers are word-level vocabularies built with the ``tokenizers`` library.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -260,3 +262,38 @@ def tiny_unet(channels: int = 4) -> UNet2DModel:
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
     ).eval()
+
+
+@contextlib.contextmanager
+def autograd_calls(module: torch.nn.Module):
+    """Record, for every forward call of ``module`` inside the block, (grad enabled?, output requires grad?,
+    gradient checkpointing on?)."""
+    calls = []
+
+    def hook(m, inputs, output):
+        output = output[0] if isinstance(output, tuple) else output.sample
+        calls.append((torch.is_grad_enabled(), output.requires_grad, bool(getattr(m, "is_gradient_checkpointing", False))))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def text_case(request, kind: str, flux_size: int = 64):
+    """(model, condition, image size) for the session fixture ``kind`` ("sd3" or "flux")."""
+    model = request.getfixturevalue(kind)
+    if kind == "sd3":
+        return model, model.condition(PROMPT, NEGATIVE, 5.0), 32
+    return model, model.condition(PROMPT, max_sequence_length=32), flux_size
+
+
+def measured_fidelity(spec: str, size: int, space: str = "pixel", seed: int = 5):
+    """A noiseless measurement of a random size×size image through the operator ``spec``, as an objective."""
+    from guidance import MeasurementFidelity
+    from operators import make_operator
+
+    op = make_operator(spec)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return MeasurementFidelity(op, op(image), space=space)
