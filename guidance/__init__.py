@@ -8,12 +8,16 @@ from importlib import import_module
 
 from . import flow
 from .calibration import CRWTable, calibrate, load_crw
+from .hard_inputs import (HARD_FUNCTIONS, DecisionObjective, HardInputObjective, argmax_decision, get_hard_function,
+                          hard_function, quantize, threshold)
 from .loading import ModelNotFoundError, load_decoder, load_model
 from .methods import DivergenceError, MethodResult, get_method, list_methods
 from .objectives import (CallableObjective, ClassifierObjective, MeasurementFidelity, Objective, RewardObjective,
                          objective_gradient)
 from .models.analytic import AnalyticGMMFlow, GaussianMixture, image_patches
+from .models.analytic_simplex import AnalyticSimplexFlow, CategoricalMixture
 from .models.base import FlowModel
+from .models.simplex import GumbelSoftmaxPath, SequenceSample, SimplexFlow, check_simplex, sample_sequences
 from .sampler import SampleResult, initial_noise, sample, start_state
 
 _LAZY = {
@@ -28,7 +32,11 @@ __all__ = [
     "AnalyticGMMFlow", "CRWTable", "CallableObjective", "calibrate", "load_crw", "ClassifierObjective", "DivergenceError", "FlowModel",
     "GaussianMixture", "MeasurementFidelity", "MethodResult", "ModelNotFoundError", "Objective",
     "RewardObjective", "SampleResult", "flow", "get_method", "image_patches", "initial_noise", "list_methods",
-    "load_decoder", "load_model", "objective_gradient", "sample", "start_state", *_LAZY,
+    "load_decoder", "load_model", "objective_gradient", "sample", "start_state",
+    "HARD_FUNCTIONS", "DecisionObjective", "HardInputObjective", "argmax_decision", "get_hard_function",
+    "hard_function", "quantize", "threshold",
+    "AnalyticSimplexFlow", "CategoricalMixture", "GumbelSoftmaxPath", "SequenceSample", "SimplexFlow", "check_simplex",
+    "sample_sequences", *_LAZY,
 ]
 
 

@@ -25,6 +25,8 @@ REGISTRY: dict[str, str] = {
     "flair": "guidance.methods.flair:flair",
     "dps": "guidance.methods.dps:dps",
     "pnp_flow": "guidance.methods.pnp_flow:pnp_flow",
+    "straight_through": "guidance.methods.straight_through:straight_through",
+    "best_of_n": "guidance.methods.best_of_n:best_of_n",
 }
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",

@@ -1,0 +1,187 @@
+"""Straight-through guidance of a simplex flow (Tang et al., "Gumbel-Softmax Flow Matching with Straight-Through
+Guidance for Controllable Biological Sequence Generation", 2025).
+
+A classifier or regressor trained on clean one-hot sequences steers the flow without ever seeing a soft state
+and without differentiating the flow network. In the toolkit's time (s: 1 noise -> 0 data)::
+
+    x ~ Gumbel-softmax noise
+    for i in 0 .. N-1:
+        p = p(x_1 | x, s_i)                               no grad
+        v = -(lambda / tau) x ⊙ (p - <p, x>)              the flow's velocity (dx/ds)
+        if i is in the guided window:
+            q = x  or  p                                  where the hard samples come from (``source``)
+            h_1 .. h_M ~ Cat(q)  or  argmax q             hard one-hot sequences (``draw``)
+            G = (1/M) Σ_m ∂L(h_m)/∂h_m                    forward on h_m, backward as if h_m were q (straight through)
+            v = v + gamma · x ⊙ (G - <G, x>)              onto the simplex tangent; descent on L as s decreases
+        x = renormalize(x + (s_{i+1} - s_i) v)            clamp and renormalise
+    tokens = argmax x
+
+L is an :class:`~guidance.objectives.Objective` on (B, L, K) one-hot rows in ``space="latent"`` (e.g.
+``ClassifierObjective(classifier, label, space="latent")``, ``RewardObjective(regressor, space="latent")`` or
+``CallableObjective(fn, space="latent")``); lower is better.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..hard_inputs import straight_through as through
+from ..models.simplex import SimplexFlow, check_no_image_size, tangent_projection
+from ..objectives import Objective
+from .common import MethodResult, check_count, check_finite_state, check_nonnegative, guided_steps
+
+__all__ = ["DRAWS", "SOURCES", "check_sequence_objective", "hard_samples", "straight_through",
+           "straight_through_gradient"]
+
+SOURCES = ("state", "endpoint")
+DRAWS = ("sample", "argmax")
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def _vocabulary_of(objective: Objective) -> int | None:
+    for holder in (objective, *(getattr(objective, a, None) for a in ("classifier", "reward", "fn"))):
+        size = getattr(holder, "vocab_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def check_sequence_objective(objective: Objective, flow: SimplexFlow) -> None:
+    """The objective must score (B, L, K) one-hot sequences of this flow's vocabulary: a declared ``vocab_size``
+    is compared, then one probe sequence is scored."""
+    if not isinstance(objective, Objective):
+        raise ValueError(f"straight_through needs an Objective on one-hot sequences (e.g. ClassifierObjective("
+                         f"classifier, label, space='latent')), got {type(objective).__name__}")
+    size = _vocabulary_of(objective)
+    if size is not None and size != flow.vocab_size:
+        raise ValueError(f"the objective's classifier has a vocabulary of {size} tokens but the flow's sequences "
+                         f"have {flow.vocab_size}: use a classifier trained on the flow's vocabulary")
+    probe = F.one_hot(torch.zeros(1, flow.length, dtype=torch.long), flow.vocab_size).float().to(flow.device)
+    try:
+        with torch.no_grad():
+            objective(flow, probe)
+    except (RuntimeError, IndexError, ValueError) as error:
+        raise ValueError(f"the objective cannot score a one-hot sequence of shape (1, {flow.length}, "
+                         f"{flow.vocab_size}) (L, K of the flow): {error}. Check that its vocabulary and sequence "
+                         f"length match the flow's") from None
+
+
+def hard_samples(q: torch.Tensor, samples: int, draw: str, generator: torch.Generator | None) -> torch.Tensor:
+    """(M, B, L, K) hard one-hot sequences from the rows of q (B, L, K): categorical draws, or M copies of argmax."""
+    k = q.shape[-1]
+    if draw == "argmax":
+        index = q.argmax(-1).expand(samples, *q.shape[:-1])
+    else:
+        rows = q.reshape(-1, k).double().clamp_min(0)
+        rows = rows.to(generator.device) if generator is not None else rows
+        index = torch.multinomial(rows, samples, replacement=True, generator=generator)
+        index = index.to(q.device).T.reshape(samples, *q.shape[:-1])
+    return F.one_hot(index, k).to(q.dtype)
+
+
+def straight_through_gradient(objective: Objective, model, q: torch.Tensor, hard: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss of the hard samples (B,), G (B, L, K)): the loss is evaluated on the hard one-hots ``hard``
+    (M, B, L, K); its gradient is passed straight through to q and averaged over the M samples. The model is only
+    handed to the objective (for ``decode``, the identity on sequences); nothing is differentiated but L."""
+    m, b = hard.shape[:2]
+    with torch.enable_grad():
+        soft = q.detach().requires_grad_(True)
+        h = through(hard, soft[None].expand_as(hard))  # value: hard; gradient: as if through q
+        loss = objective(model, h.reshape(m * b, *q.shape[1:])).reshape(m, b)
+        (g,) = torch.autograd.grad(loss.sum(), soft)
+    return loss.detach().mean(0), g / m
+
+
+@torch.no_grad()
+def straight_through(
+    model: SimplexFlow,
+    objective: Objective,
+    *,
+    num_steps: int = 100,
+    cond: Any = None,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+    latents: torch.Tensor | None = None,
+    decode: bool = True,
+    gamma: float = 1.0,
+    samples: int = 8,
+    source: str = "state",
+    draw: str = "sample",
+    window: tuple[int, int] | None = None,
+) -> MethodResult:
+    """Guide a simplex flow toward low ``objective`` with straight-through gradients through hard samples.
+
+    Args:
+        model: a :class:`~guidance.models.simplex.SimplexFlow` (e.g. AnalyticSimplexFlow, NetworkSimplexFlow).
+        objective: an Objective on one-hot sequences (B, L, K); lower is better.
+        num_steps: Euler steps (one endpoint evaluation each).
+        generator: draws the starting noise, then the hard samples.
+        callback: called each step before the update with ``{"step", "sigma", "x", "p", "loss"}`` (loss: mean
+            objective of the step's hard samples, or None outside the window).
+        batch_size: sequences to generate (default 1); latents: a starting state (B, L, K) on the simplex.
+        height, width: must be None (sequences have no image size); cond: must be None; decode: unused (the
+            hard sequences are always returned in ``info["tokens"]``).
+        gamma: guidance scale (>= 0; 0 reproduces unguided sampling bit for bit).
+        samples: M, hard sequences drawn per guided step (>= 1).
+        source: ``"state"`` draws from the current state x, ``"endpoint"`` from the predicted p(x_1 | x).
+        draw: ``"sample"`` (categorical draws) or ``"argmax"`` (the most likely sequence, M copies).
+        window: ``(start, stop)`` step indices to guide (None: every step).
+
+    Returns:
+        :class:`MethodResult` with ``x`` the final state, ``image`` None, ``info["tokens"]`` (B, L),
+        ``info["loss"]`` (guided steps, B) the mean loss of the hard samples per guided step,
+        ``info["objective_calls"]`` sequences scored per output sequence.
+    """
+    if not isinstance(model, SimplexFlow):
+        raise ValueError(f"straight_through runs on simplex flows over sequences, got {type(model).__name__}; for "
+                         f"images whose objective needs a hard input use flowchef with a "
+                         f"guidance.hard_inputs.HardInputObjective")
+    check_no_image_size(height, width, "straight_through")
+    check_nonnegative(gamma, "gamma")
+    check_count(samples, "samples (M)", minimum=1)
+    _choice(source, SOURCES, "source")
+    _choice(draw, DRAWS, "draw")
+    model.condition(cond)
+    guided = guided_steps(window, num_steps) if gamma > 0 else range(0)
+    if gamma > 0:
+        check_sequence_objective(objective, model)
+
+    sigmas = model.sigmas(num_steps).to(model.device)
+    x = model.initial_state(batch_size, generator, latents)
+    losses = []
+    for i in tqdm(range(num_steps), disable=not progress, desc="straight-through"):
+        s_i, s_next = sigmas[i], sigmas[i + 1]
+        p = model.endpoint(x, s_i)  # no autograd: the flow is never differentiated
+        v = model.path.velocity(x, p, s_i)
+        loss = None
+        if i in guided:
+            q = x if source == "state" else p
+            loss, g = straight_through_gradient(objective, model, q, hard_samples(q, samples, draw, generator))
+            v = v + gamma * tangent_projection(x, g)
+            losses.append(loss)
+        if callback is not None:
+            callback({"step": i, "sigma": s_i, "x": x, "p": p, "loss": loss})
+        x = model.step(x, v, s_i, s_next)
+        check_finite_state(x, i, "straight_through", hint=f"use a smaller gamma than {gamma}")
+
+    info = {
+        "tokens": model.tokens(x),
+        "loss": torch.stack(losses).float().cpu() if losses else torch.zeros(0, x.shape[0]),
+        "guided_steps": list(guided),
+        "objective_calls": samples * len(guided),
+    }
+    return MethodResult(x=x, image=None, nfe=num_steps, sigmas=sigmas, info=info)
