@@ -18,7 +18,9 @@ from .models.analytic import AnalyticGMMFlow, GaussianMixture, image_patches
 from .models.analytic_simplex import AnalyticSimplexFlow, CategoricalMixture
 from .models.base import FlowModel
 from .models.simplex import GumbelSoftmaxPath, SequenceSample, SimplexFlow, check_simplex, sample_sequences
+from .models.simplex_network import EndpointNetwork, NetworkSimplexFlow, train_simplex_flow
 from .sampler import SampleResult, initial_noise, sample, start_state
+from .sequence_classifier import SequenceClassifier, train_sequence_classifier
 
 _LAZY = {
     "SD3Model": "guidance.models.sd3",
@@ -36,7 +38,8 @@ __all__ = [
     "HARD_FUNCTIONS", "DecisionObjective", "HardInputObjective", "argmax_decision", "get_hard_function",
     "hard_function", "quantize", "threshold",
     "AnalyticSimplexFlow", "CategoricalMixture", "GumbelSoftmaxPath", "SequenceSample", "SimplexFlow", "check_simplex",
-    "sample_sequences", *_LAZY,
+    "sample_sequences", "EndpointNetwork", "NetworkSimplexFlow", "train_simplex_flow", "SequenceClassifier",
+    "train_sequence_classifier", *_LAZY,
 ]
 
 

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .files import write_text_atomic
 from .flow import interpolate, velocity_target
 from .sampler import initial_noise
 
@@ -117,20 +117,7 @@ class CRWTable:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON atomically (a temporary file in the same folder, then ``os.replace``):
         readers never see a partial file and a failed write leaves nothing behind."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(self.to_dict(), indent=1)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(handle, "w") as file:
-                file.write(payload)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CRWTable":

@@ -22,7 +22,7 @@ from guidance import AnalyticGMMFlow, MeasurementFidelity, get_method
 from operators import make_operator
 
 from . import posterior_scores as scores
-from .image_io import write_atomic
+from guidance.files import write_text_atomic
 
 OPERATORS = {
     "inpaint_box": "inpaint_box:fraction=0.25",
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if args.json:
         payload = json.dumps([asdict(r) for r in rows], indent=2)
-        write_atomic(args.json, lambda path: open(path, "w").write(payload))
+        write_text_atomic(args.json, payload)
     return 0
 
 

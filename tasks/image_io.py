@@ -14,11 +14,12 @@ Conversion rules on load, applied in this order:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+
+from guidance.files import write_atomic
 
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
                  ".webp": "WEBP"}
@@ -88,22 +89,6 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     if pixels.shape[-1] == 1:
         return Image.fromarray(pixels[..., 0].numpy(), mode="L")
     return Image.fromarray(pixels.numpy(), mode="RGB")
-
-
-def write_atomic(path: str | os.PathLike, write) -> Path:
-    """Call ``write(temporary_path)`` then rename the result onto ``path``: readers never see a partial file,
-    and nothing is left behind when ``write`` fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
