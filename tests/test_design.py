@@ -94,3 +94,14 @@ def test_sequences_outside_the_alphabet_are_named(tmp_path):
     path.write_text("ACGT\nACGU\n")
     with pytest.raises(ValueError, match=r"sequence 2 has letters \['U'\] outside the alphabet"):
         tasks_design.read_sequences(path, ALPHABET)
+
+
+def test_design_sequences_demo_runs_and_guidance_helps(capsys):
+    import runpy
+    from pathlib import Path
+
+    demo = runpy.run_path(str(Path(__file__).resolve().parents[1] / "demos" / "design_sequences.py"))
+    assert demo["main"](["--train-steps", "150", "--num", "64"]) == 0
+    printed = capsys.readouterr().out
+    rates = {name: float(rate) for name, rate in re.findall(r"(unguided|guided):\s+([\d.]+)% carry", printed)}
+    assert rates["guided"] > rates["unguided"] + 30, printed
