@@ -1,0 +1,102 @@
+"""`flowsteer operators | methods | models`: what is available, with parameters and defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli import format_default, print_json
+
+# Backbones flowsteer has adapters for (any local diffusers folder of these families loads too).
+KNOWN_MODELS = (
+    ("default", "embedded", "flowsteer's own small latent rectified-flow prior (no download)"),
+    ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", "SD3 medium, 1024², 28 steps, CFG 7"),
+    ("stabilityai/stable-diffusion-3.5-medium", "sd3", "SD3.5 medium, 1024², 40 steps, CFG 4.5"),
+    ("stabilityai/stable-diffusion-3.5-large", "sd3", "SD3.5 large, 1024², 28 steps, CFG 3.5"),
+    ("black-forest-labs/FLUX.1-dev", "flux", "Flux dev, guidance-distilled, 28-50 steps"),
+    ("black-forest-labs/FLUX.1-schnell", "flux", "Flux schnell, 1-4 steps"),
+)
+
+
+def cmd_operators(args: argparse.Namespace) -> int:
+    """List the registered forward operators with their parameters and defaults."""
+    from operators import list_operators
+
+    rows = []
+    for entry in list_operators():
+        rows.append({
+            "name": entry.name,
+            "summary": entry.summary,
+            "linear": "yes" if entry.cls.is_linear else ("per instance" if hasattr(entry.cls, "adjoint") else "no"),
+            "parameters": {k: format_default(v) for k, v in entry.parameters().items()},
+        })
+    if args.json:
+        print_json(rows)
+        return 0
+    for row in rows:
+        print(f"{row['name']}  (linear: {row['linear']})  {row['summary']}")
+        print("    " + ", ".join(f"{k}={v}" for k, v in row["parameters"].items()))
+    print(f"\n{len(rows)} operators. Build one with a spec such as 'sr:factor=4,noise_std=0.01' or "
+          f"'gaussian_blur:sigma=2 | sr:factor=2'.")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered guidance methods with their options and defaults."""
+    from guidance.methods import _load, list_methods, method_options
+
+    rows = []
+    for name in list_methods():
+        paragraph = " ".join((_load(name).__doc__ or "").strip().split("\n\n")[0].split())
+        summary = paragraph.split(": ")[0] if len(paragraph) > 110 else paragraph
+        rows.append({"name": name, "summary": summary,
+                     "options": {k: format_default(v) for k, v in method_options(name).items()}})
+    if args.json:
+        print_json(rows)
+        return 0
+    for row in rows:
+        print(f"{row['name']}  {row['summary']}")
+        if row["options"]:
+            print("    " + ", ".join(f"{k}={v}" for k, v in row["options"].items()))
+    print(f"\n{len(rows)} methods. Common arguments: num_steps, cond, height, width, generator, batch_size, latents.")
+    return 0
+
+
+def _cached(repo: str) -> str:
+    if repo == "default":
+        try:
+            from guidance.loading import load_model
+
+            load_model("default")
+            return "available"
+        except (OSError, ValueError) as error:
+            return f"not available: {str(error).splitlines()[0]}"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "model_index.json")
+        return "in the local cache" if isinstance(found, str) else "not downloaded"
+    except Exception:  # noqa: BLE001 - listing must not fail on a broken cache
+        return "unknown"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the flow models flowsteer knows, and whether each is on this machine (nothing is downloaded)."""
+    rows = [{"source": source, "family": family, "summary": summary, "status": _cached(source)}
+            for source, family, summary in KNOWN_MODELS]
+    if args.json:
+        print_json(rows)
+        return 0
+    for row in rows:
+        print(f"{row['source']}  [{row['family']}]  {row['summary']}\n    {row['status']}")
+    print("\nAny local folder written by save_pretrained (SD3, Flux, or a generic transformer + scheduler + VAE) "
+          "also works: --model path/to/folder.")
+    return 0
+
+
+def add_parser(commands) -> None:
+    for name, run, text in (("operators", cmd_operators, "list the forward operators and their parameters"),
+                            ("methods", cmd_methods, "list the guidance methods and their options"),
+                            ("models", cmd_models, "list the known flow models and whether they are here")):
+        listing = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        listing.add_argument("--json", action="store_true", help="print the list as JSON")
+        listing.set_defaults(run=run)
