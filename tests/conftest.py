@@ -15,3 +15,23 @@ def sd3():
 @pytest.fixture(scope="session")
 def flux():
     return FluxModel(flux_pipeline(dev=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory):
+    """A tiny SD3 pipeline saved with save_pretrained: a real `--model FOLDER` for command-line tests (32x32)."""
+    folder = tmp_path_factory.mktemp("tiny_sd3")
+    sd3_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def photo_32(tmp_path):
+    """A smooth 32x32 RGB test photo written as PNG."""
+    import torch
+
+    from tasks.image_io import save_image
+
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    image = torch.stack([x, y, (x * y)], 0)[None] * 0.8
+    return save_image(image, tmp_path / "photo.png")

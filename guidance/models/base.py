@@ -34,6 +34,7 @@ class FlowModel:
         image_channels: channels of the images the autoencoder takes.
         default_size: (height, width) in pixels used when a caller gives none (the backbone's native size),
             or None when the model has no natural size.
+        max_size: the largest height or width the model accepts (None: no limit beyond memory).
     """
 
     device: torch.device = torch.device("cpu")
@@ -42,6 +43,7 @@ class FlowModel:
     size_multiple: int = 1
     image_channels: int = 3
     default_size: tuple[int, int] | None = None
+    max_size: int | None = None
 
     def velocity(
         self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None, grad: bool = False
@@ -74,7 +76,7 @@ class FlowModel:
         return None
 
     def check_size(self, height: int, width: int) -> None:
-        """Raise a ValueError naming the multiple when an image size does not fit the model."""
+        """Raise a ValueError naming the allowed sizes (multiple, maximum) when an image size does not fit."""
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -83,6 +85,9 @@ class FlowModel:
                     f"{name}={value} is not a multiple of {self.size_multiple}, which {type(self).__name__} "
                     f"requires; use e.g. {name}={max(self.size_multiple, round(value / self.size_multiple) * self.size_multiple)}"
                 )
+            if self.max_size is not None and value > self.max_size:
+                raise ValueError(f"{name}={value} is larger than {type(self).__name__} accepts: sides up to "
+                                 f"{self.max_size} pixels, multiples of {self.size_multiple}; resize the image")
 
 
 def sigma_batch(sigma: float | torch.Tensor, batch: int, device: torch.device | str) -> torch.Tensor:
