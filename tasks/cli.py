@@ -17,6 +17,11 @@ from importlib import import_module
 COMMANDS = (
     "tasks.cli_listing",   # operators, methods, models
     "tasks.design",
+    "tasks.restore",
+    "tasks.calibrate",
+    "tasks.benchmark",
+    "tasks.generate",
+    "tasks.edit",
 )
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130

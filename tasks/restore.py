@@ -6,24 +6,45 @@ method over a frozen flow model, and measure the result.
 
 With ``simulate=True`` the input is a clean image, degraded by the operator with a seeded generator (the standard
 benchmark protocol) and kept as the reference; otherwise the input is the measurement y itself.
+
+From files (what ``flowsteer restore`` runs)::
+
+    restoration = restore_file("photo.png", "sr:factor=4", "flair", model="path/to/model", simulate=True,
+                               out="results/photo")   # restored.png, measurement.png, grid.png, metrics.json
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import difflib
+import json
+import math
+import os
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from guidance import MeasurementFidelity, get_method
+from guidance.files import write_text_atomic
 from operators import Operator, make_operator
 
+from .grid import save_grid
+from .image_io import load_image, save_image
 from .metrics import LpipsUnavailable, lpips_metric, psnr, ssim
+from .outputs import prepare_output_dir
 
-__all__ = ["Restoration", "peak_memory", "quality_metrics", "restore"]
+__all__ = ["OUTPUT_NAMES", "Restoration", "allowed_size", "fit_size", "input_shape", "open_model", "parse_options",
+           "peak_memory", "quality_metrics", "read_image", "resize_image", "restore", "restore_file"]
+
+OUTPUT_NAMES = ("restored.png", "measurement.png", "grid.png", "metrics.json")
 
 
 @dataclass
@@ -91,7 +112,7 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
     else:
         y = image
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
-                                      operator.input_shape(tuple(y.shape))[-2:]))
+                                      input_shape(operator, tuple(y.shape))[-2:]))
     objective = MeasurementFidelity(operator, y, space=space)
     solver = get_method(method, **(options or {}))
     if device.type == "cuda":
@@ -111,3 +132,297 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
                 "options": dict(options or {}), "num_steps": num_steps, "seed": seed, "simulate": simulate,
                 "space": space, "height": height, "width": width}
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings)
+
+
+# -- from files ----------------------------------------------------------------------------------------------
+def input_shape(operator: Operator, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The image shape an operator maps to a measurement of ``output_shape`` (the same shape when it cannot say,
+    e.g. JPEG or a non-linear composition)."""
+    try:
+        return tuple(operator.input_shape(tuple(output_shape)))
+    except (AttributeError, ValueError, NotImplementedError):
+        return tuple(output_shape)
+
+
+def parse_options(items: Iterable[str] | None) -> dict[str, Any]:
+    """``["step_size=0.3", "window=(0,10)", "optimizer=adam"]`` -> a dict (Python literals, else strings)."""
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option expects key=value (e.g. --option step_size=0.3), got {item!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return options
+
+
+def read_image(path: str | os.PathLike, what: str = "input image", channels: int = 3) -> torch.Tensor:
+    """:func:`load_image` with errors that name the file's role and the fix."""
+    if not Path(path).is_file():
+        raise ValueError(f"the {what} {str(path)!r} does not exist (or is not a file); check the path")
+    try:
+        return load_image(path, channels=channels)
+    except ValueError as error:
+        raise ValueError(f"{error}; the {what} must be an image file such as PNG or JPEG") from None
+
+
+def allowed_size(model, height: int, width: int) -> tuple[int, int]:
+    """The nearest (height, width) the model accepts: multiples of ``size_multiple``, at most ``max_size``."""
+    multiple = int(getattr(model, "size_multiple", 1) or 1)
+    largest = getattr(model, "max_size", None)
+
+    def side(value: int) -> int:
+        value = max(multiple, math.floor(value / multiple + 0.5) * multiple)
+        return min(value, largest // multiple * multiple) if largest else value
+
+    return side(height), side(width)
+
+
+def fit_size(model, height: int, width: int, resize: bool, what: str = "image") -> tuple[int, int]:
+    """(height, width) when the model accepts them; with ``resize`` the nearest allowed size; else a ValueError
+    naming the allowed sizes and offering ``--resize``."""
+    target = allowed_size(model, height, width)
+    if target == (height, width) or resize:
+        return target
+    largest = getattr(model, "max_size", None)
+    limit = f", at most {largest}" if largest else ""
+    raise ValueError(f"the {what} is {height}x{width} pixels but {type(model).__name__} takes heights and widths "
+                     f"that are multiples of {model.size_multiple}{limit}; pass --resize to resize it to "
+                     f"{target[0]}x{target[1]} (or resize it yourself)")
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic, antialiased resize of (B, C, H, W) in [-1, 1] to ``size`` (a no-op when it already has it)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+@contextlib.contextmanager
+def loading_bars(show: bool):
+    """Switch diffusers' and transformers' loading progress bars off while loading when ``show`` is False."""
+    if show:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    switched = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in switched:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.enable_progress_bar()
+
+
+def open_model(source: Any = "default", device: str | torch.device | None = None, dtype: Any = None,
+               progress: bool = True):
+    """:func:`guidance.load_model` on ``device`` (default CUDA when available, else CPU) in ``dtype`` (a torch
+    dtype or its name; default bfloat16 on CUDA, float32 on CPU); a missing model's error suggests close known
+    names."""
+    from guidance.loading import ModelNotFoundError, load_model
+    from guidance.models.base import FlowModel
+
+    if isinstance(source, FlowModel):
+        return source
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    with loading_bars(progress):
+        try:
+            return load_model(source, device=device, dtype=dtype)
+        except ModelNotFoundError as error:
+            from .cli_listing import KNOWN_MODELS
+
+            close = difflib.get_close_matches(str(source), [m[0] for m in KNOWN_MODELS], n=1, cutoff=0.6)
+            if close and close[0] != str(source):
+                hint = f"{str(source)!r} (did you mean {close[0]!r}?)"
+                raise ModelNotFoundError(str(error).splitlines()[0].replace(repr(str(source)), hint, 1)) from None
+            raise
+
+
+def make_condition(model, prompt: str | None = None, guidance_scale: float | None = None):
+    """The model's condition for ``prompt`` and CFG ``guidance_scale``; None (the model's default) when neither."""
+    if prompt is None and guidance_scale is None:
+        return None
+    return model.condition(prompt, guidance_scale=guidance_scale)
+
+
+def _operator_output(operator: Operator, spec: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The measurement shape for images of ``shape``; a ValueError naming the operator when they do not fit."""
+    try:
+        with torch.no_grad():
+            return tuple(operator(torch.zeros(shape)).shape)
+    except ValueError as error:
+        raise ValueError(f"the operator {spec!r} does not fit a {shape[-2]}x{shape[-1]} image: "
+                         f"{str(error).splitlines()[0]}") from None
+
+
+def restore_file(input: str | os.PathLike, operator: str, method: str = "flair", *, model: Any = "default",
+                 out: str | os.PathLike | None = None, reference: str | os.PathLike | None = None,
+                 simulate: bool = False, seed: int = 0, num_steps: int = 28, noise_std: float | None = None,
+                 space: str = "pixel", options: dict | None = None, prompt: str | None = None,
+                 guidance_scale: float | None = None, resize: bool = False, overwrite: bool = False,
+                 progress: bool = True, device: str | None = None, dtype: Any = None) -> Restoration:
+    """Restore the image file ``input`` (the clean image with ``simulate``, else the measurement) and write
+    ``restored.png``, ``measurement.png``, ``grid.png`` and ``metrics.json`` into ``out`` (default
+    ``<input stem>_restored``), each atomically. Everything cheap (files, operator, method, output folder) is
+    checked before the model loads. ``model`` is anything :func:`guidance.load_model` takes."""
+    if space not in ("pixel", "latent"):
+        raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
+    if simulate and reference is not None:
+        raise ValueError("--reference is for measured inputs; with --simulate the input itself is the reference")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
+    image = read_image(input, "clean input image" if simulate else "measurement")
+    clean = read_image(reference, "reference image") if reference is not None else None
+    spec = operator if isinstance(operator, str) else type(operator).__name__
+    op = make_operator(operator, **({} if noise_std is None else {"noise_std": noise_std}))
+    options = dict(options or {})
+    get_method(method, **options)  # unknown methods and options fail now, before the model loads
+    out = Path(out) if out is not None else Path(f"{Path(input).stem}_restored")
+    inputs = [input, *([reference] if reference is not None else []), *([op.path] if hasattr(op, "path") else [])]
+    out = prepare_output_dir(out, OUTPUT_NAMES, overwrite=overwrite, inputs=inputs)
+
+    original = tuple(image.shape[-2:])
+    if simulate and not resize:
+        _operator_output(op, spec, tuple(image.shape))  # e.g. a file mask of another size
+    elif not simulate:
+        x_shape = input_shape(op, tuple(image.shape))
+        produced = _operator_output(op, spec, x_shape)
+        if produced[1] == 1 and image.shape[1] == 3:  # e.g. colorization: the measurement is grayscale
+            image = read_image(input, "measurement", channels=1)
+        if produced != tuple(image.shape):
+            raise ValueError(f"the measurement is {image.shape[-2]}x{image.shape[-1]} with {image.shape[1]} "
+                             f"channel(s) but {spec!r} measures {tuple(produced[1:])} from a "
+                             f"{x_shape[-2]}x{x_shape[-1]} image; pass the measured image (or use --simulate with a "
+                             f"clean image)")
+        if clean is not None and tuple(clean.shape[-2:]) != tuple(x_shape[-2:]):
+            raise ValueError(f"the reference is {clean.shape[-2]}x{clean.shape[-1]} but the restored image will be "
+                             f"{x_shape[-2]}x{x_shape[-1]}; pass the clean image that matches the measurement")
+
+    net = open_model(model, device=device, dtype=dtype, progress=progress)
+    if simulate:
+        size = fit_size(net, *original, resize, what="input image")
+        image = resize_image(image, size)
+        _operator_output(op, spec, tuple(image.shape))
+    else:
+        x_shape = input_shape(op, tuple(image.shape))
+        size = fit_size(net, x_shape[-2], x_shape[-1], resize,
+                        what=f"restored image (from the {original[0]}x{original[1]} measurement)")
+        if size != tuple(x_shape[-2:]):
+            image = resize_image(image, _operator_output(op, spec, (1, x_shape[1], *size))[-2:])
+        clean = None if clean is None else resize_image(clean, size)
+    cond = make_condition(net, prompt, guidance_scale)
+    result = restore(net, image, op, method, simulate=simulate, reference=clean, num_steps=num_steps, seed=seed,
+                     cond=cond, space=space, options=options, progress=progress)
+    from guidance.methods import method_options
+
+    result.settings.update({
+        "operator": spec, "options": {**method_options(method), **options},
+        "model": str(model) if isinstance(model, (str, os.PathLike)) else type(net).__name__,
+        "input": str(input), "reference": None if reference is None else str(reference), "out": str(out),
+        "prompt": prompt, "guidance_scale": guidance_scale, "resize": resize, "input_size": list(original),
+        "device": str(net.device), "dtype": str(getattr(net, "dtype", "")).replace("torch.", "")})
+    save_restoration(result, out)
+    return result
+
+
+def save_restoration(result: Restoration, out: str | os.PathLike) -> Path:
+    """Write restored.png, measurement.png, grid.png and metrics.json (metrics plus ``settings``) atomically."""
+    out = Path(out)
+    save_image(result.restored, out / "restored.png")
+    save_image(result.measurement, out / "measurement.png")
+    cells, captions = [result.measurement, result.restored], ["measurement", "restored"]
+    if result.reference is not None:
+        cells.append(result.reference)
+        captions.append("reference")
+    save_grid(out / "grid.png", [cells], [captions])
+    write_text_atomic(out / "metrics.json",
+                      json.dumps({**result.metrics, "settings": result.settings}, indent=2, default=str) + "\n")
+    return out
+
+
+# -- `flowsteer restore` --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_line_warnings():
+    """Show warnings as ``flowsteer: warning: <first line>`` on stderr while the block runs."""
+    import warnings
+
+    def show(message, *args, **kwargs):
+        print(f"flowsteer: warning: {str(message).strip().splitlines()[0]}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+def _format_metric(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value).split(":")[0]
+
+
+def run(args) -> int:
+    """Restore one image and write the results."""
+    from guidance import DivergenceError
+
+    with one_line_warnings():
+        try:
+            result = restore_file(
+                args.input, args.operator, args.method, model=args.model, out=args.out, reference=args.reference,
+                simulate=args.simulate, seed=args.seed, num_steps=args.steps, noise_std=args.noise_std,
+                space=args.space, options=parse_options(args.option), prompt=args.prompt,
+                guidance_scale=args.guidance_scale, resize=args.resize, overwrite=args.overwrite,
+                progress=not args.quiet, device=args.device, dtype=args.dtype)
+        except DivergenceError as error:
+            raise DivergenceError(f"{str(error).strip().splitlines()[0]} (set method options with "
+                                  f"--option NAME=VALUE)") from error
+    metrics = result.metrics
+    quality = ", ".join(f"{k.upper()} {_format_metric(metrics[k])}" for k in ("psnr", "ssim", "lpips") if k in metrics)
+    print(f"{args.method}: {metrics['nfe']} NFE, {metrics['seconds']:.1f} s" + (f"; {quality}" if quality else ""))
+    print(f"wrote {', '.join(OUTPUT_NAMES)} to {result.settings['out']}")
+    return 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "restore", help="restore an image (super-resolution, deblurring, inpainting, ...) with a guidance method",
+        description="Solve an inverse problem over a frozen flow model. INPUT is the measurement, or with "
+                    "--simulate a clean image that is first degraded by the operator. Writes restored.png, "
+                    "measurement.png, grid.png and metrics.json into --out.")
+    parser.add_argument("input", metavar="INPUT", help="the measured image (or the clean image with --simulate)")
+    parser.add_argument("--operator", required=True, metavar="SPEC",
+                        help="forward operator, e.g. 'sr:factor=4' or 'gaussian_blur:sigma=3' (flowsteer operators)")
+    parser.add_argument("--method", default="flair", help="guidance method (flowsteer methods; default flair)")
+    parser.add_argument("--model", default="default",
+                        help="hub id, local folder or 'default' (flowsteer models; default: default)")
+    parser.add_argument("--reference", metavar="CLEAN", help="the clean image, for metrics (without --simulate)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="INPUT is clean: degrade it with the operator (seeded), restore, compare")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated noise and the sampler (default 0)")
+    parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: <INPUT stem>_restored)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    parser.add_argument("--resize", action="store_true",
+                        help="resize the image to the nearest size the model accepts instead of stopping")
+    parser.add_argument("--noise-std", type=float, metavar="S", help="measurement noise std in [-1, 1] units "
+                        "(default: the operator's)")
+    parser.add_argument("--space", choices=("pixel", "latent"), default="pixel",
+                        help="where the measurement objective lives (default pixel)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a method option, e.g. --option step_size=0.3 --option window=(0,10) (repeatable)")
+    parser.add_argument("--prompt", help="text prompt for text-conditioned models (default: none)")
+    parser.add_argument("--guidance-scale", type=float, metavar="W", help="CFG scale (default: the model's)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
