@@ -239,7 +239,7 @@ def load_crw(model, cond=None, height: int | None = None, width: int | None = No
     (|log area ratio|) is used.
     """
     folder = crw_cache_dir(cache_dir)
-    prefix = _prefix(model, cond)
+    prefix = _prefix(model, model.condition() if cond is None else cond)  # as calibrate() stores it
     exact = folder / f"{prefix}-{int(height or 0)}x{int(width or 0)}.json"
     if exact.is_file():
         return CRWTable.load(exact)

@@ -39,17 +39,21 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], captions: Sequence[Sequen
         raise ValueError("image_grid needs at least one image")
     height = max(int(image.shape[-2]) for image in cells)
     width = max(int(image.shape[-1]) for image in cells)
+    if captions:  # room for the longest caption (about 6 pixels a character); images are centred in their cell
+        width = max(width, 6 * max(len(str(t)) for row in captions for t in row) + 4)
     caption = CAPTION_HEIGHT if captions else 0
     columns = max(len(row) for row in rows)
     canvas = Image.new("RGB", (columns * (width + padding) + padding,
                                len(rows) * (height + caption + padding) + padding), "white")
     draw = ImageDraw.Draw(canvas)
+    image_height = max(int(image.shape[-2]) for image in cells)
+    image_width = max(int(image.shape[-1]) for image in cells)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             left, top = padding + c * (width + padding), padding + r * (height + caption + padding)
-            canvas.paste(to_pil(_as_rgb(image, (height, width))), (left, top))
+            canvas.paste(to_pil(_as_rgb(image, (image_height, image_width))), (left + (width - image_width) // 2, top))
             if captions:
-                draw.text((left + 2, top + height + 1), str(captions[r][c])[: max(4, width // 6)], fill="black")
+                draw.text((left + 2, top + height + 1), str(captions[r][c]), fill="black")
     return canvas
 
 
