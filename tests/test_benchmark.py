@@ -109,7 +109,8 @@ def test_outputs(reference, tiny_sd3_folder):
     for name in ("psnr", "ssim"):
         assert (reference / "plots" / f"{name}.png").is_file()
     grid = load_image(reference / "grids" / "a.png")  # 2 rows (operators) x 4 columns, with captions
-    assert grid.shape[-1] == 4 * 34 + 2 and grid.shape[-2] == 2 * (32 + 14 + 2) + 2
+    cell = (grid.shape[-1] - 2) / 4 - 2  # cells are at least 32 wide, wider for long captions
+    assert cell == int(cell) and cell >= 32 and grid.shape[-2] == 2 * (32 + 14 + 2) + 2
     assert not list(reference.rglob("*.part"))
 
 
