@@ -637,9 +637,9 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
 # -- `flowsteer benchmark` ------------------------------------------------------------------------------------
 def run(args) -> int:
     """Run the benchmark and print the summary table."""
-    from .restore import one_line_warnings
+    from .restore import cli_messages
 
-    with one_line_warnings():
+    with cli_messages():
         result = run_benchmark(
             args.images, split_operators(args.operators), split_methods(args.methods), out=args.out,
             model=args.model, num_steps=args.steps, seed=args.seed, size=args.size, limit=args.limit,

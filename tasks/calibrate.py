@@ -20,7 +20,7 @@ from guidance.calibration import CRW_POINTS, CRWTable, calibrate
 from .restore import (
     allowed_size,
     make_condition,
-    one_line_warnings,
+    cli_messages,
     open_model,
     read_image,
     resize_image,
@@ -83,7 +83,7 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
 # -- `flowsteer calibrate` ------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Calibrate and print where the table went, with a short summary."""
-    with one_line_warnings():
+    with cli_messages():
         table = calibrate_folder(args.model, args.images, size=args.size, prompt=args.prompt,
                                  guidance_scale=args.guidance_scale, num_points=args.points,
                                  cache_dir=args.cache_dir, seed=args.seed, batch_size=args.batch_size,

@@ -182,20 +182,14 @@ def save_edit(result: Edit, out: str | os.PathLike) -> Path:
 # -- `flowsteer edit` ------------------------------------------------------------------------------------------
 def run(args) -> int:
     """Edit one image and write the results."""
-    from guidance import DivergenceError
-
-    from .restore import one_line_warnings, parse_options
+    from .restore import cli_messages, parse_options
 
     out = args.out or f"{Path(args.input).stem}_edited"
-    with one_line_warnings():
-        try:
-            result = edit(args.input, args.mask, args.source_prompt, args.edit_prompt, model=args.model,
-                          num_steps=args.steps, seed=args.seed, options=parse_options(args.option),
-                          guidance_scale=args.guidance_scale, resize=args.resize, out=out,
-                          overwrite=args.overwrite, progress=not args.quiet, device=args.device, dtype=args.dtype)
-        except DivergenceError as error:
-            raise DivergenceError(f"{str(error).strip().splitlines()[0]} (set method options with "
-                                  f"--option NAME=VALUE)") from error
+    with cli_messages():
+        result = edit(args.input, args.mask, args.source_prompt, args.edit_prompt, model=args.model,
+                      num_steps=args.steps, seed=args.seed, options=parse_options(args.option),
+                      guidance_scale=args.guidance_scale, resize=args.resize, out=out,
+                      overwrite=args.overwrite, progress=not args.quiet, device=args.device, dtype=args.dtype)
     m = result.metrics
     change = ", ".join(f"{where} {m[f'change_{where}_mask']:.3g}" for where in ("inside", "outside")
                        if m[f"change_{where}_mask"] is not None)

@@ -170,25 +170,19 @@ def save_generation(generation: Generation, out: str | os.PathLike) -> Path:
 # -- `flowsteer generate` -------------------------------------------------------------------------------------
 def run(args) -> int:
     """Generate and write the images."""
-    from guidance import DivergenceError
-
-    from .restore import one_line_warnings, parse_options
+    from .restore import cli_messages, parse_options
 
     height, width = args.size if args.size else (args.height, args.width)
     if args.size and (args.height or args.width):
         raise ValueError("give the image size either as --size H W or as --height/--width, not both")
-    with one_line_warnings():
-        try:
-            result = generate(
-                args.prompt, model=args.model, method=args.method, reward=args.reward, classifier=args.classifier,
-                label=args.label, clip=args.clip, weight=args.weight, num=args.num, num_steps=args.steps,
-                seed=args.seed, height=height, width=width, negative_prompt=args.negative_prompt,
-                guidance_scale=args.guidance_scale, options=parse_options(args.option), compare=args.compare,
-                out=args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                dtype=args.dtype)
-        except DivergenceError as error:
-            raise DivergenceError(f"{str(error).strip().splitlines()[0]} (set method options with "
-                                  f"--option NAME=VALUE)") from error
+    with cli_messages():
+        result = generate(
+            args.prompt, model=args.model, method=args.method, reward=args.reward, classifier=args.classifier,
+            label=args.label, clip=args.clip, weight=args.weight, num=args.num, num_steps=args.steps,
+            seed=args.seed, height=height, width=width, negative_prompt=args.negative_prompt,
+            guidance_scale=args.guidance_scale, options=parse_options(args.option), compare=args.compare,
+            out=args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+            dtype=args.dtype)
     m = result.metrics
     versus = f" (unguided {m['unguided_mean_score']:.4g})" if "unguided_mean_score" in m else ""
     print(f"{args.method}: mean {m['score_kind']} {m['mean_score']:.4g}{versus}; {m['nfe']} NFE, "

@@ -353,9 +353,12 @@ def save_restoration(result: Restoration, out: str | os.PathLike) -> Path:
 
 # -- `flowsteer restore` --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def one_line_warnings():
-    """Show warnings as ``flowsteer: warning: <first line>`` on stderr while the block runs."""
+def cli_messages():
+    """For a command's run: warnings as ``flowsteer: warning: <first line>`` on stderr, and a divergence error
+    that also says how to set method options on the command line."""
     import warnings
+
+    from guidance import DivergenceError
 
     def show(message, *args, **kwargs):
         print(f"flowsteer: warning: {str(message).strip().splitlines()[0]}", file=sys.stderr)
@@ -363,7 +366,11 @@ def one_line_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = show
-        yield
+        try:
+            yield
+        except DivergenceError as error:
+            raise DivergenceError(f"{str(error).strip().splitlines()[0]} (set method options with "
+                                  f"--option NAME=VALUE)") from error
 
 
 def _format_metric(value) -> str:
@@ -372,19 +379,13 @@ def _format_metric(value) -> str:
 
 def run(args) -> int:
     """Restore one image and write the results."""
-    from guidance import DivergenceError
-
-    with one_line_warnings():
-        try:
-            result = restore_file(
-                args.input, args.operator, args.method, model=args.model, out=args.out, reference=args.reference,
-                simulate=args.simulate, seed=args.seed, num_steps=args.steps, noise_std=args.noise_std,
-                space=args.space, options=parse_options(args.option), prompt=args.prompt,
-                guidance_scale=args.guidance_scale, resize=args.resize, overwrite=args.overwrite,
-                progress=not args.quiet, device=args.device, dtype=args.dtype)
-        except DivergenceError as error:
-            raise DivergenceError(f"{str(error).strip().splitlines()[0]} (set method options with "
-                                  f"--option NAME=VALUE)") from error
+    with cli_messages():
+        result = restore_file(
+            args.input, args.operator, args.method, model=args.model, out=args.out, reference=args.reference,
+            simulate=args.simulate, seed=args.seed, num_steps=args.steps, noise_std=args.noise_std,
+            space=args.space, options=parse_options(args.option), prompt=args.prompt,
+            guidance_scale=args.guidance_scale, resize=args.resize, overwrite=args.overwrite,
+            progress=not args.quiet, device=args.device, dtype=args.dtype)
     metrics = result.metrics
     quality = ", ".join(f"{k.upper()} {_format_metric(metrics[k])}" for k in ("psnr", "ssim", "lpips") if k in metrics)
     print(f"{args.method}: {metrics['nfe']} NFE, {metrics['seconds']:.1f} s" + (f"; {quality}" if quality else ""))
