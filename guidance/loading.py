@@ -23,7 +23,7 @@ import torch
 
 from .models.base import FlowModel
 
-__all__ = ["ModelNotFoundError", "load_model", "load_decoder"]
+__all__ = ["ModelNotFoundError", "hub_offline", "load_decoder", "load_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -49,7 +49,8 @@ def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
     return {"dtype" if renamed else "torch_dtype": dtype}
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub must not be reached (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
     try:
         from huggingface_hub import constants
 
@@ -116,7 +117,7 @@ def _read_index(source: str, local_files_only: bool) -> dict:
         return json.loads(file.read_text())
     from huggingface_hub import hf_hub_download
 
-    offline = local_files_only or _hub_offline()
+    offline = local_files_only or hub_offline()
     try:
         file = hf_hub_download(repo_id=source, filename="model_index.json", local_files_only=offline)
     except _hub_errors() as error:
@@ -126,7 +127,7 @@ def _read_index(source: str, local_files_only: bool) -> dict:
 
 def _from_pretrained(cls, source: str, local_files_only: bool, **kwargs):
     """``cls.from_pretrained`` with safetensors only, and missing weights turned into ModelNotFoundError."""
-    offline = local_files_only or _hub_offline()
+    offline = local_files_only or hub_offline()
     try:
         return cls.from_pretrained(source, local_files_only=offline, use_safetensors=True, **kwargs)
     except _hub_errors() as error:
@@ -185,7 +186,7 @@ def _load_generic(source: str, index: dict, dtype, local_files_only: bool):
         cls = getattr(diffusers, class_name)
         if is_model:
             return _from_pretrained(cls, source, local_files_only, subfolder=name, **_dtype_kwargs(dtype))
-        offline = local_files_only or _hub_offline()
+        offline = local_files_only or hub_offline()
         try:
             return cls.from_pretrained(source, subfolder=name, local_files_only=offline)
         except _hub_errors() as error:

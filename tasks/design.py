@@ -17,7 +17,6 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -123,13 +122,9 @@ def load_score(spec: str, alphabet: str) -> Callable[[torch.Tensor], torch.Tenso
         close = difflib.get_close_matches(kind, ["motif"], n=1)
         hint = " (did you mean 'motif:...'?)" if close else ""
         raise ValueError(f"unknown score {spec!r}{hint}: use 'motif:LETTERS' or 'module:function'")
-    try:
-        function = getattr(import_module(kind), rest)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import the score {spec!r}: {error}") from None
-    if not callable(function):
-        raise ValueError(f"the score {spec!r} is not callable")
-    return function
+    from .rewards import import_callable
+
+    return import_callable(spec, "score")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from guidance.loading import ModelNotFoundError
+from guidance.loading import ModelNotFoundError, hub_offline
 from guidance.objectives import ClassifierObjective, Objective, RewardObjective, transformers_preprocess
 
 __all__ = ["DEFAULT_CLIP", "Classifier", "Guide", "clip_reward", "import_callable", "load_classifier",
@@ -68,17 +68,6 @@ def import_callable(spec: str, what: str = "function") -> Callable:
     return function
 
 
-def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:  # pragma: no cover - ships with transformers
-        pass
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _pretrained(cls, source: str, what: str, flag: str, weights: bool = False):
     """``cls.from_pretrained(source)`` (offline when HF_HUB_OFFLINE is set, no remote code) with a one-line
     error saying how to get missing weights; with ``weights``, refuse a model whose checkpoint lacks some of its
@@ -89,7 +78,7 @@ def _pretrained(cls, source: str, what: str, flag: str, weights: bool = False):
     if looks_like_path and not path.is_dir():
         raise ValueError(f"the {what} folder {source!r} does not exist; pass {flag} with a folder written by "
                          f"save_pretrained or a Hugging Face hub id")
-    offline = _offline()
+    offline = hub_offline()
     try:
         loaded = cls.from_pretrained(str(path) if path.is_dir() else source, local_files_only=offline,
                                      trust_remote_code=False, **({"output_loading_info": True} if weights else {}))

@@ -75,10 +75,22 @@ class CountingModel:
         return getattr(self.model, name)
 
 
+def measurement_batch_size(objective, batch_size: int | None, latents) -> int | None:
+    """The batch a method runs when the caller gives none: one restoration per measurement when a
+    MeasurementFidelity holds several (a batch-1 y is shared by all samples); else ``batch_size`` unchanged."""
+    from ..objectives import MeasurementFidelity
+
+    if batch_size is None and latents is None and isinstance(objective, MeasurementFidelity) \
+            and objective.y.shape[0] > 1:
+        return objective.y.shape[0]
+    return batch_size
+
+
 def initial_image(operator, y: torch.Tensor, image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """A data-consistent starting image A⁺y (FLAIR's initialisation, the pseudo-inverse floor): the operator's pseudo-inverse when it has a cheap one (SR, inpainting's zero
-    fill); else y itself when A keeps the image shape (deblurring); else Aᵀy scaled so that a constant image keeps
-    its level (Aᵀy / mean(AᵀA 1), ≈ Aᵀy · f² for SR×f)."""
+    """A data-consistent starting image A⁺y (FLAIR's initialisation, the pseudo-inverse floor): the operator's
+    pseudo-inverse when it has a cheap one (SR, inpainting's zero fill); else y itself when A keeps the image
+    shape (deblurring); else Aᵀy scaled so that a constant image keeps its level (Aᵀy / mean(AᵀA 1), ≈ Aᵀy · f²
+    for SR×f)."""
     linear = getattr(operator, "is_linear", False)
     if image_shape is None:
         image_shape = operator.input_shape(tuple(y.shape)) if linear else tuple(y.shape)

@@ -27,7 +27,7 @@ from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective
 from ..sampler import start_state
 from .common import (CountingModel, DivergenceError, MethodResult, check_finite_state, check_nonnegative,
-                     guided_steps)
+                     guided_steps, measurement_batch_size)
 
 __all__ = ["dps", "activation_checkpointing"]
 
@@ -106,9 +106,7 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
         raise ValueError(f"dps needs an Objective (e.g. MeasurementFidelity), got {type(objective).__name__}")
     if use_norm is None:
         use_norm = isinstance(objective, MeasurementFidelity)
-    if batch_size is None and latents is None and isinstance(objective, MeasurementFidelity) \
-            and objective.y.shape[0] > 1:
-        batch_size = objective.y.shape[0]  # one restoration per measurement; a batch-1 y is shared
+    batch_size = measurement_batch_size(objective, batch_size, latents)
     counted = CountingModel(model)
     state = start_state(counted, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas

@@ -28,9 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..flow import euler_step, x0_from_velocity
-from ..objectives import MeasurementFidelity, Objective, objective_gradient
+from ..objectives import Objective, objective_gradient
 from ..sampler import start_state
-from .common import CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative, guided_steps
+from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative, guided_steps,
+                     measurement_batch_size)
 
 __all__ = ["DEFAULT_STEP_SIZE", "OPTIMIZERS", "InnerOptimizer", "PRESETS", "flowchef", "loss_history"]
 
@@ -159,9 +160,7 @@ def flowchef(
     check_optimizer(optimizer, momentum)
     guided = guided_steps(window, num_steps)
 
-    if batch_size is None and latents is None and isinstance(objective, MeasurementFidelity) \
-            and objective.y.shape[0] > 1:
-        batch_size = objective.y.shape[0]  # one restoration per measurement
+    batch_size = measurement_batch_size(objective, batch_size, latents)
 
     model = CountingModel(model)
     state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)

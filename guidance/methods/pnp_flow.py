@@ -25,9 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..flow import interpolate, x0_from_velocity
-from ..objectives import MeasurementFidelity, Objective, objective_gradient
+from ..objectives import Objective, objective_gradient
 from ..sampler import initial_noise, start_state
-from .common import CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative
+from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative,
+                     measurement_batch_size)
 
 __all__ = ["pnp_flow"]
 
@@ -63,9 +64,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     num_draws = check_count(num_draws, "num_draws", minimum=1)
     if not isinstance(objective, Objective):
         raise ValueError(f"pnp_flow needs an Objective (e.g. MeasurementFidelity), got {type(objective).__name__}")
-    if batch_size is None and latents is None and isinstance(objective, MeasurementFidelity) \
-            and objective.y.shape[0] > 1:
-        batch_size = objective.y.shape[0]  # one restoration per measurement; a batch-1 y is shared
+    batch_size = measurement_batch_size(objective, batch_size, latents)
     counted = CountingModel(model)
     state = start_state(counted, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas
