@@ -44,7 +44,7 @@ from .sampler import initial_noise
 
 __all__ = [
     "CRWTable", "CRW_POINTS", "DEFAULT_CRW", "calibrate", "crw_cache_dir", "crw_key", "load_crw", "model_identity",
-    "resolve_crw",
+    "resolve_crw", "shipped_crw",
 ]
 
 CRW_POINTS = 100
@@ -253,6 +253,23 @@ def load_crw(model, cond=None, height: int | None = None, width: int | None = No
     return CRWTable.load(min(candidates)[2]) if candidates else None
 
 
+def shipped_crw(model, area: int = 0) -> CRWTable | None:
+    """A table shipped in the model's own folder (``<folder>/calibration/*.json``, as the default model has),
+    used only when it was measured on these very weights (same fingerprint); nearest image area first."""
+    folder = getattr(model, "calibration_dir", None)
+    if folder is None or not Path(folder).is_dir():
+        return None
+    fingerprint = model_identity(model)["fingerprint"]
+    candidates = []
+    for path in sorted(Path(folder).glob("*.json")):
+        table = CRWTable.load(path)
+        if table.metadata.get("fingerprint") != fingerprint:
+            continue
+        size = int(table.metadata.get("height", 0)) * int(table.metadata.get("width", 0))
+        candidates.append((abs(math.log(size / area)) if size and area else 0.0, path.name, table))
+    return min(candidates, key=lambda c: c[:2])[2] if candidates else None
+
+
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
@@ -260,8 +277,8 @@ def _glob_escape(text: str) -> str:
 def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | None = None,
                 cache_dir: str | os.PathLike | None = None) -> tuple[CRWTable, str]:
     """``(table, origin)`` for FLAIR's ``crw=`` option: a :class:`CRWTable`; a path to a saved table; a number
-    (a constant weight); or None: the cached table of the model (:func:`load_crw`), else :data:`DEFAULT_CRW`
-    with origin ``"default"``."""
+    (a constant weight); or None: the cached table of the model (:func:`load_crw`), else the table shipped with
+    its weights (:func:`shipped_crw`, origin ``"shipped"``), else :data:`DEFAULT_CRW` (origin ``"default"``)."""
     if isinstance(crw, CRWTable):
         return crw, "given"
     if isinstance(crw, (str, os.PathLike)):
@@ -270,7 +287,10 @@ def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | N
         return CRWTable.constant(float(crw)), "constant"
     if crw is None:
         table = load_crw(model, cond, height, width, cache_dir)
-        return (table, "cache") if table is not None else (DEFAULT_CRW, "default")
+        if table is not None:
+            return table, "cache"
+        table = shipped_crw(model, (height or 0) * (width or 0)) if cond is None else None
+        return (table, "shipped") if table is not None else (DEFAULT_CRW, "default")
     raise ValueError(f"crw must be a CRWTable, a path to a saved table, a constant weight or None (automatic), "
                      f"got {type(crw).__name__}")
 

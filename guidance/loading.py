@@ -249,10 +249,12 @@ def load_model(
         )
     source = os.fspath(source)
     if source == "default":
-        raise ModelNotFoundError(
-            "the embedded default model is not available yet in this version of flowsteer; pass an SD3 / SD3.5 / "
-            "FLUX.1 hub id or local folder, or a diffusers pipeline object"
-        )
+        from .models.default import check_default_model
+
+        model = load_model(str(check_default_model()), dtype=dtype, device=device, local_files_only=True,
+                           decoder=decoder, **options)
+        model.name_or_path = "default"
+        return model
     path = Path(source).expanduser()
     if path.is_file():
         raise ValueError(
@@ -281,7 +283,13 @@ def load_model(
         model_device = next(network.parameters()).device
         decoder = load_decoder(decoder, dtype=dtype, device=device or model_device, local_files_only=local_files_only)
         options.setdefault("scheduler", scheduler)
-        return GenericFlowModel(network, vae, decoder=decoder, **options)
+        for key, value in (index.get("flowsteer") or {}).items():  # the folder's own adapter settings
+            options.setdefault(key, value)
+        model = GenericFlowModel(network, vae, decoder=decoder, **options)
+        model.name_or_path = source
+        if Path(source, "calibration").is_dir():
+            model.calibration_dir = Path(source, "calibration")
+        return model
 
     if kind == "sd3":
         from diffusers import StableDiffusion3Pipeline as pipeline_class

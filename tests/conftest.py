@@ -35,3 +35,25 @@ def photo_32(tmp_path):
     y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     image = torch.stack([x, y, (x * y)], 0)[None] * 0.8
     return save_image(image, tmp_path / "photo.png")
+
+
+@pytest.fixture()
+def offline_cache(monkeypatch, tmp_path):
+    """No hub access, a private flowsteer cache and the installed default model, for command-line tests."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FLOWSTEER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FLOWSTEER_DEFAULT_MODEL", raising=False)
+
+
+@pytest.fixture()
+def cli(capsys, offline_cache):
+    """Run `flowsteer ARGS...` in-process: ``cli(*args) -> (exit code, stdout, stderr)``."""
+    from tasks.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

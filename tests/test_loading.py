@@ -36,7 +36,7 @@ def test_sd3_folder_round_trip(tmp_path, offline):
     original = SD3Model(pipe)
     a = _latents(original, original.condition(PROMPT, NEGATIVE, 5.0), 32)
     b = _latents(loaded, loaded.condition(PROMPT, NEGATIVE, 5.0), 32)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     without_t5 = load_model(str(tmp_path / "sd3"), local_files_only=True, text_encoder_3=None, tokenizer_3=None)
     assert without_t5.pipeline.text_encoder_3 is None
@@ -118,11 +118,6 @@ def test_hub_id_offline_gives_clear_error(offline):
 def test_missing_decoder_gives_clear_error(offline):
     with pytest.raises(ModelNotFoundError, match="hf download madebyollin/taesd3"):
         load_model(sd3_pipeline(), decoder="madebyollin/taesd3")
-
-
-def test_default_model_is_not_available_yet():
-    with pytest.raises(ModelNotFoundError, match="default model is not available"):
-        load_model("default")
 
 
 @pytest.mark.parametrize("source", [42, object(), ["a/b"]])

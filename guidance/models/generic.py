@@ -128,6 +128,19 @@ class GenericFlowModel(FlowModel):
             sample_size = int(side) * self.spatial_factor
         self.default_size = (sample_size, sample_size) if sample_size else None
 
+    def condition(self, prompt: Any = None, negative_prompt: Any = None, guidance_scale: float | None = None,
+                  **kwargs) -> None:
+        """None: the model takes no text. A prompt, negative prompt, guidance scale or other option is refused."""
+        given = [name for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt),
+                                          ("guidance_scale", guidance_scale)) if value not in (None, "")]
+        given += sorted(kwargs)
+        if given:
+            name = getattr(self, "name_or_path", None) or type(self).__name__
+            raise ValueError(f"the model {name!r} is unconditional: it takes no {', '.join(given)}; drop "
+                             f"{' and '.join('--' + g.replace('_', '-') for g in given)} (or pass cond= for a "
+                             f"network that takes its own conditioning)")
+        return None
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         self.check_size(height, width)
         return (self.channels, height // self.spatial_factor, width // self.spatial_factor)

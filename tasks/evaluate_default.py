@@ -1,0 +1,220 @@
+"""Measure the embedded default model on held-out photos: the figures of its model card.
+
+    python -m tasks.evaluate_default                       # the installed model; writes into its folder
+    python -m tasks.evaluate_default --model DIR --out DIR --images 2 --samples 16   # a quicker look
+
+Figures (held-out photos of :data:`guidance.models.train_default.HELD_OUT` only, 256x256):
+
+* autoencoder reconstruction PSNR;
+* restoration PSNR / SSIM for SR x4, Gaussian deblurring (sigma 2) and box inpainting (a quarter of the image),
+  noise std 0.01, with FLAIR, FlowChef, PnP-Flow and DPS against the classical floors (bicubic upsampling, the
+  degraded input, a mean-colour fill);
+* classifier guidance: accuracy of the independent ``judge`` classifier on guided samples of each class, against
+  unguided samples;
+* grids of unconditional samples and of restorations (``samples.png``, ``restorations.png``).
+
+Writes ``evaluation.json`` and ``evaluation.md`` (the tables) next to the grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from guidance.files import write_text_atomic
+from guidance.methods import get_method
+from guidance.models.default import default_model_dir
+from guidance.models.train_default import CLASSES, HELD_OUT, held_out_images
+
+from .grid import save_grid
+from .metrics import psnr, ssim
+from .restore import restore
+from .rewards import load_classifier, make_guide
+
+NOISE_STD = 0.01
+#: Benchmark operators: name -> (spec, classical floor).
+OPERATORS = {
+    "SR x4": (f"sr:factor=4,noise_std={NOISE_STD}", "bicubic"),
+    "deblur (Gaussian, sigma 2)": (f"gaussian_blur:sigma=2,noise_std={NOISE_STD}", "degraded input"),
+    "box inpainting (1/4)": (f"inpaint_box:fraction=0.25,noise_std={NOISE_STD}", "mean-colour fill"),
+}
+METHODS = ("flair", "flowchef", "pnp_flow", "dps")
+
+
+def classical_floor(name: str, y: torch.Tensor, operator, size: tuple[int, int]) -> torch.Tensor:
+    """The floor an image prior must beat: bicubic upsampling (SR), the measurement itself (deblurring) or the
+    observed pixels with the hole filled by their mean colour (inpainting)."""
+    if name == "bicubic":
+        return F.interpolate(y, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+    if name == "degraded input":
+        return y.clamp(-1, 1)
+    if name == "mean-colour fill":
+        mask = operator(torch.ones_like(y))  # A(1) = the 0/1 mask of observed pixels
+        mean = (y * mask).sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True)
+        return (y * mask + mean * (1 - mask)).clamp(-1, 1)
+    raise ValueError(f"unknown floor {name!r}")
+
+
+def _scores(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    return {"psnr": float(psnr(image, reference)), "ssim": float(ssim(image, reference))}
+
+
+def autoencoder_psnr(model, images: torch.Tensor) -> list[float]:
+    with torch.no_grad():
+        return [float(psnr(model.decode(model.encode(x[None])).clamp(-1, 1), x[None])) for x in images]
+
+
+def restoration_table(model, images: torch.Tensor, methods=METHODS, num_steps: int = 28, seed: int = 0,
+                      options: dict | None = None) -> tuple[list[dict], list]:
+    """One row per image x operator x (method or floor); and grid rows for the first image."""
+    rows, grid = [], []
+    for op_name, (spec, floor) in OPERATORS.items():
+        for i, image in enumerate(images):
+            x = image[None]
+            for method in methods:
+                result = restore(model, x, spec, method, simulate=True, num_steps=num_steps, seed=seed + i,
+                                 options=(options or {}).get(method), progress=False)
+                rows.append({"operator": op_name, "image": i, "method": method,
+                             **_scores(result.restored, x), "seconds": result.metrics["seconds"],
+                             "nfe": result.metrics["nfe"]})
+                print(f"{op_name:28s} image {i} {method:9s} PSNR {rows[-1]['psnr']:6.2f} SSIM {rows[-1]['ssim']:.3f}"
+                      f" {rows[-1]['seconds']:6.1f} s", flush=True)
+                if i == 0:
+                    if method == methods[0]:
+                        grid.append(([result.measurement], [op_name]))
+                    grid[-1][0].append(result.restored)
+                    grid[-1][1].append(method)
+            baseline = classical_floor(floor, result.measurement, _operator(spec), tuple(x.shape[-2:]))
+            rows.append({"operator": op_name, "image": i, "method": floor, **_scores(baseline, x)})
+            if i == 0:
+                grid[-1][0].extend([baseline, x])
+                grid[-1][1].extend([floor, "reference"])
+    return rows, grid
+
+
+def _operator(spec: str):
+    from operators import make_operator
+
+    return make_operator(spec)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean PSNR / SSIM per operator and method."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        cell = table.setdefault(row["operator"], {}).setdefault(row["method"], {"psnr": [], "ssim": [], "seconds": []})
+        for key in ("psnr", "ssim", "seconds"):
+            if key in row:
+                cell[key].append(row[key])
+    return {op: {m: {k: round(sum(v) / len(v), 4) for k, v in cell.items() if v} for m, cell in methods.items()}
+            for op, methods in table.items()}
+
+
+def classifier_guidance(model, folder: Path, samples: int = 64, method: str = "flowchef", num_steps: int = 28,
+                        size: int = 64, seed: int = 0, weight: float = 1.0, options: dict | None = None) -> dict:
+    """Judge accuracy on ``samples`` guided samples per class (guided by ``classifier``, judged by ``judge``),
+    and the judge's class frequencies on as many unguided samples."""
+    judge = load_classifier(str(folder / "judge"))
+    names = list(CLASSES)
+    solver = get_method(method, **(options or {}))
+    unguided = get_method("unguided")
+
+    def judged(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return judge.logits(images).argmax(1)
+
+    result = {"method": method, "options": options or {}, "weight": weight, "samples_per_class": samples,
+              "size": size, "num_steps": num_steps, "per_class": {}}
+    tiles = []
+    for c, name in enumerate(names):
+        guide = make_guide(classifier=str(folder / "classifier"), label=name, weight=weight)
+        out = solver(model, guide.objective, num_steps=num_steps, height=size, width=size, batch_size=samples,
+                     generator=torch.Generator().manual_seed(seed + c), progress=False)
+        images = out.image.detach().clamp(-1, 1)
+        accuracy = float((judged(images) == c).float().mean())
+        result["per_class"][name] = {"guided_accuracy": accuracy}
+        tiles.append([images[j:j + 1] for j in range(min(8, samples))])
+        print(f"class {name}: judge accuracy on guided samples {accuracy:.3f}", flush=True)
+    base = unguided(model, None, num_steps=num_steps, height=size, width=size, batch_size=samples * len(names),
+                    generator=torch.Generator().manual_seed(seed + 100), progress=False).image.clamp(-1, 1)
+    counts = torch.bincount(judged(base), minlength=len(names)).float() / base.shape[0]
+    for c, name in enumerate(names):
+        result["per_class"][name]["unguided_frequency"] = float(counts[c])
+    result["mean_guided_accuracy"] = sum(v["guided_accuracy"] for v in result["per_class"].values()) / len(names)
+    result["tiles"] = tiles
+    return result
+
+
+def markdown(evaluation: dict) -> str:
+    lines = [f"Autoencoder reconstruction PSNR on {evaluation['num_images']} held-out 256x256 images "
+             f"({', '.join(HELD_OUT)}): **{evaluation['autoencoder_psnr']:.2f} dB** "
+             f"(min {min(evaluation['autoencoder_psnr_each']):.2f}).", ""]
+    lines += ["| task | method | PSNR (dB) | SSIM | s / image |", "|---|---|---:|---:|---:|"]
+    for op, methods in evaluation["restoration"].items():
+        for method, cell in methods.items():
+            seconds = f"{cell['seconds']:.1f}" if "seconds" in cell else "—"
+            lines.append(f"| {op} | {method} | {cell['psnr']:.2f} | {cell['ssim']:.3f} | {seconds} |")
+    guidance = evaluation.get("classifier_guidance")
+    if guidance:
+        lines += ["", f"Classifier guidance ({guidance['method']}, {guidance['samples_per_class']} samples per class "
+                      f"at {guidance['size']}x{guidance['size']}, judged by the independent classifier):", "",
+                  "| class | judge accuracy, guided | judge frequency, unguided |", "|---|---:|---:|"]
+        for name, cell in guidance["per_class"].items():
+            lines.append(f"| {name} | {cell['guided_accuracy']:.3f} | {cell['unguided_frequency']:.3f} |")
+        lines.append(f"| mean | {guidance['mean_guided_accuracy']:.3f} | {1 / len(guidance['per_class']):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.evaluate_default", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the installed default model)")
+    parser.add_argument("--out", default=None, help="where the figures go (default: the model folder)")
+    parser.add_argument("--images", type=int, default=None, help="use only the first N held-out images")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--samples", type=int, default=64, help="guided samples per class")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: restoration,guidance,samples")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from guidance.loading import load_model
+
+    folder = Path(args.model) if args.model else default_model_dir()
+    out = Path(args.out) if args.out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    model = load_model("default") if args.model is None else load_model(str(folder))
+    images = held_out_images()[: args.images]
+    begin = time.time()
+    each = autoencoder_psnr(model, images)
+    evaluation = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
+                  "num_images": int(images.shape[0]), "autoencoder_psnr": sum(each) / len(each),
+                  "autoencoder_psnr_each": each, "noise_std": NOISE_STD, "num_steps": args.steps}
+    print(f"autoencoder PSNR {evaluation['autoencoder_psnr']:.2f} dB", flush=True)
+    if "samples" not in skip:
+        samples = get_method("unguided")(model, None, num_steps=args.steps, height=128, width=128, batch_size=16,
+                                         generator=torch.Generator().manual_seed(0), progress=False).image
+        save_grid(out / "samples.png", [[samples[r * 8 + c:r * 8 + c + 1] for c in range(8)] for r in range(2)])
+    if "restoration" not in skip:
+        rows, grid = restoration_table(model, images, tuple(args.methods.split(",")), args.steps)
+        evaluation["restoration"] = summarise(rows)
+        evaluation["restoration_rows"] = rows
+        save_grid(out / "restorations.png", [r[0] for r in grid], [r[1] for r in grid])
+    if "guidance" not in skip:
+        guidance = classifier_guidance(model, folder, args.samples, num_steps=args.steps)
+        tiles = guidance.pop("tiles")
+        save_grid(out / "guided_samples.png", tiles, [[name] + [""] * (len(t) - 1) for name, t in zip(CLASSES, tiles)])
+        evaluation["classifier_guidance"] = guidance
+    evaluation["minutes"] = round((time.time() - begin) / 60, 2)
+    write_text_atomic(out / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
+    write_text_atomic(out / "evaluation.md", markdown(evaluation))
+    print(markdown(evaluation))
+
+
+if __name__ == "__main__":
+    main()

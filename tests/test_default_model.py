@@ -1,0 +1,147 @@
+"""The embedded default model: it loads offline through the generic adapter, restores held-out photos better than
+the classical floor, ships its calibration and classifiers, and refuses damaged weights and prompts clearly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guidance import load_model
+from guidance.methods import get_method
+from guidance.models.default import DEFAULT_MODEL_DIR, DefaultModelError, check_default_model
+from guidance.models.generic import GenericFlowModel
+from guidance.objectives import MeasurementFidelity
+from operators import make_operator
+from tasks.image_io import load_image
+from tasks.metrics import psnr
+from tasks.rewards import load_classifier
+
+DEMOS = Path(__file__).resolve().parent.parent / "demos" / "images"
+
+
+pytestmark = pytest.mark.usefixtures("offline_cache")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("default")
+
+
+def held_out(size: int = 64) -> torch.Tensor:
+    """A crop of the held-out chelsea photo (never trained on)."""
+    image = load_image(DEMOS / "chelsea.png")
+    top = (image.shape[-2] - size) // 2
+    return image[..., top:top + size, 96:96 + size]
+
+
+def test_loads_through_the_generic_adapter(model):
+    assert isinstance(model, GenericFlowModel) and model.name_or_path == "default"
+    assert (model.spatial_factor, model.size_multiple, model.default_size) == (4, 16, (64, 64))
+    assert model.timestep_scale == 1000 and model.condition() is None
+    sigmas = model.sigmas(10)
+    assert sigmas.shape == (11,) and sigmas[0] == 1 and sigmas[-1] == 0
+    weights = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
+    assert weights <= 30 * 2**20
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (128, 96)])
+def test_any_size_of_the_multiple(model, size):
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = model.encode(image)
+    assert z.shape == (1, 8, size[0] // 4, size[1] // 4)
+    v = model.velocity(torch.randn_like(z), 0.5)
+    assert v.shape == z.shape and torch.isfinite(v).all()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model.check_size(size[0] + 8, size[1])
+
+
+def test_autoencoder_reconstructs_held_out_photos(model):
+    image = load_image(DEMOS / "chelsea.png")
+    with torch.no_grad():
+        reconstruction = model.decode(model.encode(image)).clamp(-1, 1)
+    assert float(psnr(reconstruction, image)) > 27.0
+
+
+def test_prior_samples_look_like_images(model):
+    """Unguided samples have the pixel statistics of photos (bounded, not noise): neighbouring pixels correlate."""
+    out = get_method("unguided")(model, None, num_steps=12, height=64, width=64, batch_size=4,
+                                 generator=torch.Generator().manual_seed(0), progress=False)
+    x = out.image
+    assert x.shape == (4, 3, 64, 64) and x.abs().max() < 1.5
+    a, b = x[..., :, 1:].flatten(), x[..., :, :-1].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.8
+
+
+def test_flair_beats_bicubic_on_held_out_sr(model):
+    """SR x4 on a held-out crop: FLAIR with the shipped calibration table is at least as good as bicubic."""
+    x = held_out(64)
+    operator = make_operator("sr:factor=4,noise_std=0.01")
+    y = operator.measure(x, torch.Generator().manual_seed(0))
+    out = get_method("flair")(model, MeasurementFidelity(operator, y), num_steps=12, height=64, width=64,
+                              generator=torch.Generator().manual_seed(1), progress=False)
+    assert out.info["crw_origin"] == "shipped"
+    bicubic = F.interpolate(y, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert float(psnr(out.image.clamp(-1, 1), x)) >= float(psnr(bicubic, x))
+
+
+def test_classifiers_recognise_their_classes():
+    from guidance.models.train_default import CLASSES, CropSampler
+
+    photos = {photo: 1.0 for group in CLASSES.values() for photo in group}
+    label_of = [i for i, group in enumerate(CLASSES.values()) for _ in group]
+    x, index = CropSampler(photos).sample(64, torch.Generator().manual_seed(123), return_index=True)
+    labels = torch.tensor(label_of)[index]
+    for name in ("classifier", "judge"):
+        classifier = load_classifier(str(DEFAULT_MODEL_DIR / name))
+        assert classifier.names == list(CLASSES)
+        with torch.no_grad():
+            accuracy = (classifier.logits(x).argmax(1) == labels).float().mean()
+        assert accuracy > 0.85, (name, float(accuracy))
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+def test_prompts_are_rejected(model, cli, tmp_path):
+    with pytest.raises(ValueError, match="unconditional: it takes no prompt; drop --prompt"):
+        model.condition("a cat")
+    code, _, err = cli("restore", DEMOS / "chelsea.png", "--operator", "sr", "--simulate", "--prompt", "a cat",
+                       "--out", tmp_path / "out", "--quiet", "--steps", 2)
+    assert code == 2 and "takes no prompt" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "restored.png").exists()
+
+
+@pytest.fixture()
+def copy_of_default(offline_cache, tmp_path, monkeypatch):
+    folder = tmp_path / "default_model"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    monkeypatch.setenv("FLOWSTEER_DEFAULT_MODEL", str(folder))
+    return folder
+
+
+def test_damaged_weights_name_the_file_and_the_fix(copy_of_default):
+    weights = copy_of_default / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: still a loadable file, but not the trained weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DefaultModelError, match="damaged") as error:
+        load_model("default")
+    assert "unet/diffusion_pytorch_model.safetensors" in str(error.value)
+    assert "pip install --force-reinstall" in str(error.value) and "train_default" in str(error.value)
+
+
+def test_missing_weights_name_the_file_and_the_fix(cli, copy_of_default, tmp_path):
+    (copy_of_default / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(DefaultModelError, match="missing vae/diffusion_pytorch_model.safetensors"):
+        check_default_model()
+    code, _, err = cli("restore", DEMOS / "chelsea.png", "--operator", "sr", "--simulate", "--out", tmp_path / "out",
+                       "--quiet")
+    assert code != 0 and "train_default" in err and "Traceback" not in err
+
+
+def test_manifest_covers_every_weight_file():
+    recorded = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())["sha256"]
+    shipped = {str(p.relative_to(DEFAULT_MODEL_DIR)).replace("\\", "/") for p in DEFAULT_MODEL_DIR.rglob("*.safetensors")}
+    assert set(recorded) == shipped and {"unet/diffusion_pytorch_model.safetensors",
+                                         "vae/diffusion_pytorch_model.safetensors"} <= shipped
