@@ -201,7 +201,9 @@ class ClassifierObjective(Objective):
         logits = _logits(self.classifier(inputs))
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"the classifier must return logits of shape (B, classes), got {tuple(logits.shape)}")
-        self._check_label(logits.shape[1])
+        if logits.shape[1] != self.num_classes:  # checked once per class count, not at every step
+            self._check_label(logits.shape[1])
+            self.num_classes = logits.shape[1]
         label = self.label.to(logits.device).expand(x.shape[0])
         return -self.weight * torch.log_softmax(logits.float(), dim=1).gather(1, label[:, None])[:, 0]
 

@@ -31,6 +31,33 @@ def check_finite_state(x: torch.Tensor, step: int, method: str, hint: str = "use
         raise DivergenceError(f"{method} diverged: the state became NaN or infinite at step {step}; {hint}")
 
 
+class DivergenceMonitor:
+    """Watch the state for NaN / inf without synchronising inside the loop: :meth:`update` records, on the
+    state's device, the first step at which it stopped being finite; :meth:`check` reads that once, after the
+    loop, and raises a :class:`DivergenceError` naming the step. ``enabled=False`` makes both no-ops."""
+
+    def __init__(self, method: str, hint: str = "use a smaller step size", enabled: bool = True):
+        self.method, self.hint, self.enabled = method, hint, enabled
+        self.first_bad: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+        bad = ~torch.isfinite(x).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
+                                     self.first_bad)
+
+    def check(self) -> None:
+        if self.first_bad is None:
+            return
+        step = int(self.first_bad)  # the one host-device synchronisation, after the loop
+        if step >= 0:
+            raise DivergenceError(f"{self.method} diverged: the state became NaN or infinite at step {step}; "
+                                  f"{self.hint}")
+
+
 def check_nonnegative(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import start_state
-from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative, guided_steps,
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps,
                      measurement_batch_size)
 
 __all__ = ["DEFAULT_STEP_SIZE", "OPTIMIZERS", "InnerOptimizer", "PRESETS", "flowchef", "loss_history"]
@@ -168,6 +168,7 @@ def flowchef(
     objective.bind(model, state.height, state.width)
 
     losses: list[list[torch.Tensor]] = []
+    monitor = DivergenceMonitor("flowchef", f"use a smaller step_size than {step_size}", check_divergence)
     for i in tqdm(range(num_steps), disable=not progress, desc="flowchef"):
         s_i, s_next = sigmas[i], sigmas[i + 1]
         v = model.velocity(x, s_i, cond)  # once per step, no autograd; held fixed below
@@ -184,8 +185,8 @@ def flowchef(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i), "loss": loss})
         x = euler_step(x, v, s_i, s_next)  # the old v: no re-evaluation, no noise
-        if check_divergence:
-            check_finite_state(x, i, "flowchef", hint=f"use a smaller step_size than {step_size}")
+        monitor.update(x, i)  # no host-device synchronisation inside the loop
+    monitor.check()
 
     image = model.decode(x) if decode else None
     info = {"loss": loss_history(losses, inner_steps, x.shape[0]), "guided_steps": list(guided)}

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import start_state
-from .common import CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative, guided_steps
+from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
 from .flowchef import InnerOptimizer, check_optimizer, loss_history
 
 __all__ = ["SourcePull", "flowchef_edit", "latent_edit_mask"]
@@ -220,6 +220,7 @@ def flowchef_edit(
         objective.bind(model, state.height, state.width)
 
     losses: list[list[torch.Tensor]] = []
+    monitor = DivergenceMonitor("flowchef_edit", f"use a smaller step_size than {step_size}", check_divergence)
     for i in tqdm(range(num_steps), disable=not progress, desc="flowchef edit"):
         s_i, s_next = sigmas[i], sigmas[i + 1]
         v_src = model.velocity(x, s_i, cond_src)
@@ -242,8 +243,8 @@ def flowchef_edit(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i), "loss": loss})
         x = euler_step(x, v, s_i, s_next)
-        if check_divergence:
-            check_finite_state(x, i, "flowchef_edit", hint=f"use a smaller step_size than {step_size}")
+        monitor.update(x, i)
+    monitor.check()
 
     image = model.decode(x) if decode else None
     info = {"loss": loss_history(losses, inner_steps, batch), "guided_steps": list(guided),

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..flow import interpolate, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import initial_noise, start_state
-from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative,
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative,
                      measurement_batch_size)
 
 __all__ = ["pnp_flow"]
@@ -71,6 +71,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     objective.bind(model, state.height, state.width)
 
     loss = None
+    monitor = DivergenceMonitor("pnp_flow", f"use a smaller step_size than {step_size}", check_divergence)
     for i in tqdm(range(num_steps), disable=not progress, desc="pnp_flow"):
         sigma = sigmas[i]
         gamma = step_size * float(sigma) ** step_exponent
@@ -85,8 +86,8 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
         x = estimate / num_draws
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x_s, "x0_hat": x})
-        if check_divergence:
-            check_finite_state(x, i, "pnp_flow", hint=f"use a smaller step_size than {step_size}")
+        monitor.update(x, i)
+    monitor.check()
 
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas[:num_steps],

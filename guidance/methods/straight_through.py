@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..hard_inputs import straight_through as through
 from ..models.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from ..objectives import Objective
-from .common import MethodResult, check_count, check_finite_state, check_nonnegative, guided_steps
+from .common import DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
 
 __all__ = ["DRAWS", "SOURCES", "check_sequence_objective", "hard_samples", "straight_through",
            "straight_through_gradient"]
@@ -170,6 +170,7 @@ def straight_through(
     sigmas = model.sigmas(num_steps).to(model.device)
     x = model.initial_state(batch_size, generator, latents)
     losses = []
+    monitor = DivergenceMonitor("straight_through", f"use a smaller gamma than {gamma}")
     for i in tqdm(range(num_steps), disable=not progress, desc="straight-through"):
         s_i, s_next = sigmas[i], sigmas[i + 1]
         p = model.endpoint(x, s_i)  # no autograd: the flow is never differentiated
@@ -183,7 +184,8 @@ def straight_through(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "p": p, "loss": loss})
         x = model.step(x, v, s_i, s_next)
-        check_finite_state(x, i, "straight_through", hint=f"use a smaller gamma than {gamma}")
+        monitor.update(x, i)
+    monitor.check()
 
     info = {
         "tokens": model.tokens(x),
