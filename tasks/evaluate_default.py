@@ -150,6 +150,39 @@ def classifier_guidance(model, folder: Path, samples: int = 64, method: str = "f
     return result
 
 
+def _window_means(values: list[float], every: int) -> list[tuple[int, float]]:
+    return [(end, sum(values[end - every:end]) / every) for end in range(every, len(values) + 1, every)]
+
+
+def training_curves(log: dict, points: int = 10) -> str:
+    """The loss curves of ``training_log.json`` as Markdown tables (means over ``points`` equal windows)."""
+    lines = []
+    autoencoder = log.get("autoencoder")
+    if autoencoder:
+        every = max(1, len(autoencoder["loss_l1"]) // points)
+        psnr_at = {e["step"]: e["held_out_psnr"] for e in autoencoder.get("evaluations", [])}
+        lines += [f"Autoencoder ({autoencoder['steps']} steps, batch {autoencoder['batch']}, "
+                  f"{autoencoder['minutes']:.0f} min):", "", "| step | L1 (window mean) | held-out PSNR (dB) |",
+                  "|---:|---:|---:|"]
+        for end, value in _window_means(autoencoder["loss_l1"], every):
+            shown = f"{psnr_at[end]:.2f}" if end in psnr_at else ""
+            lines.append(f"| {end} | {value:.4f} | {shown} |")
+        lines.append("")
+    for name, title in (("flow", "Velocity network"), ("classifier", "Guiding classifier"),
+                        ("judge", "Judge classifier")):
+        record = log.get(name)
+        if not record:
+            continue
+        every = max(1, len(record["loss"]) // points)
+        extra = (f", accuracy on fresh held-in crops {record['accuracy_fresh_crops']:.3f}"
+                 if "accuracy_fresh_crops" in record else "")
+        lines += [f"{title} ({record['steps']} steps, batch {record['batch']}, {record['minutes']:.0f} min{extra}):",
+                  "", "| step | loss (window mean) |", "|---:|---:|"]
+        lines += [f"| {end} | {value:.4f} |" for end, value in _window_means(record["loss"], every)]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(evaluation: dict) -> str:
     lines = [f"Autoencoder reconstruction PSNR on {evaluation['num_images']} held-out 256x256 images "
              f"({', '.join(HELD_OUT)}): **{evaluation['autoencoder_psnr']:.2f} dB** "
@@ -212,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         evaluation["classifier_guidance"] = guidance
     evaluation["minutes"] = round((time.time() - begin) / 60, 2)
     write_text_atomic(out / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
-    write_text_atomic(out / "evaluation.md", markdown(evaluation))
+    log = folder / "training_log.json"
+    curves = training_curves(json.loads(log.read_text())) if log.is_file() else ""
+    write_text_atomic(out / "evaluation.md", markdown(evaluation) + ("\n" + curves if curves else ""))
     print(markdown(evaluation))
 
 

@@ -114,7 +114,9 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
                                       input_shape(operator, tuple(y.shape))[-2:]))
     objective = MeasurementFidelity(operator, y, space=space)
-    solver = get_method(method, **(options or {}))
+    recommended = model.recommended_options(method) if hasattr(model, "recommended_options") else {}
+    options = {**recommended, **(options or {})}  # the model's recommendations under the user's own options
+    solver = get_method(method, **options)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -327,7 +329,7 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
     from guidance.methods import method_options
 
     result.settings.update({
-        "operator": spec, "options": {**method_options(method), **options},
+        "operator": spec, "options": {**method_options(method), **result.settings["options"]},
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(net).__name__,
         "input": str(input), "reference": None if reference is None else str(reference), "out": str(out),
         "prompt": prompt, "guidance_scale": guidance_scale, "resize": resize, "input_size": list(original),

@@ -35,6 +35,8 @@ class FlowModel:
         default_size: (height, width) in pixels used when a caller gives none (the backbone's native size),
             or None when the model has no natural size.
         max_size: the largest height or width the model accepts (None: no limit beyond memory).
+        method_options: options its authors recommend per guidance method (``{"flair": {"data_steps": 5}}``),
+            applied by the tasks under the user's own options; None: the methods' defaults.
     """
 
     device: torch.device = torch.device("cpu")
@@ -44,6 +46,11 @@ class FlowModel:
     image_channels: int = 3
     default_size: tuple[int, int] | None = None
     max_size: int | None = None
+    method_options: dict[str, dict[str, Any]] | None = None
+
+    def recommended_options(self, method: str) -> dict[str, Any]:
+        """A copy of the options recommended for ``method`` (empty when none)."""
+        return dict((self.method_options or {}).get(method, {}))
 
     def velocity(
         self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None, grad: bool = False

@@ -60,6 +60,7 @@ class GenericFlowModel(FlowModel):
             network's own downsampling (2 ** (levels - 1) for a diffusers UNet).
         device, dtype: where and in which precision the network runs (default: its parameters', else CPU
             float32).
+        method_options: recommended options per guidance method (see :class:`FlowModel`).
     """
 
     def __init__(
@@ -76,12 +77,14 @@ class GenericFlowModel(FlowModel):
         size_multiple: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        method_options: dict[str, dict[str, Any]] | None = None,
     ):
         if not callable(network):
             raise TypeError(f"network must be callable as network(x, t), got {type(network).__name__}")
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.network = network
+        self.method_options = {str(k): dict(v) for k, v in (method_options or {}).items()}
         self.scheduler = scheduler
         self.shift = float(shift)
         self.timestep_scale = float(timestep_scale)
