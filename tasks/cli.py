@@ -22,6 +22,7 @@ COMMANDS = (
     "tasks.benchmark",
     "tasks.generate",
     "tasks.edit",
+    "tasks.speed",
 )
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130

@@ -7,6 +7,10 @@ For a diffusers autoencoder E / D with ``scaling_factor`` a and ``shift_factor``
 which is what the SD3 and Flux pipelines do (SD3: a = 1.5305, b = 0.0609; FLUX.1: a = 0.3611, b = 0.1159).
 A tiny autoencoder (``AutoencoderTiny``, e.g. TAESD3) used in place of the full VAE is applied with its own
 config's a and b, exactly as a pipeline whose ``vae`` was swapped for it would.
+
+Tiling (:meth:`LatentCodec.enable_tiling`, for large images) runs the autoencoder on overlapping tiles of
+``tile_size`` pixels (``tile_size / f`` latent pixels) and blends them linearly over the overlap, so that its
+activation memory stops growing with the image; the result differs from the untiled one only near the seams.
 """
 
 from __future__ import annotations
@@ -42,6 +46,30 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return module.device
 
 
+def set_tiling(autoencoder, tile_size: int | None = None, overlap: float | None = None) -> None:
+    """Turn on a diffusers autoencoder's tiled encode / decode with tiles of ``tile_size`` image pixels
+    (``tile_size / f`` latent pixels) overlapping by the fraction ``overlap`` (None keeps the autoencoder's own
+    values: its config's sample_size and 1/4 for AutoencoderKL, 512 and 1/8 for AutoencoderTiny)."""
+    if not hasattr(autoencoder, "enable_tiling") or not hasattr(autoencoder, "tile_sample_min_size"):
+        raise ValueError(f"{type(autoencoder).__name__} cannot tile; use a diffusers AutoencoderKL or AutoencoderTiny")
+    factor = autoencoder_spatial_factor(autoencoder)
+    size = autoencoder.tile_sample_min_size if tile_size is None else tile_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    fraction = autoencoder.tile_overlap_factor if overlap is None else overlap
+    if isinstance(size, bool) or not isinstance(size, int) or size < factor or size % factor:
+        raise ValueError(f"tile_size must be a positive multiple of the autoencoder's factor {factor} (pixels), "
+                         f"got {size!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
+        raise ValueError(f"the tile overlap must be a fraction in (0, 0.5], got {fraction!r}")
+    if int(size // factor * fraction) < 1:
+        raise ValueError(f"tiles of {size} pixels ({size // factor} latent pixels) overlapping by {fraction} share "
+                         f"less than one latent pixel; use a larger tile_size or overlap")
+    autoencoder.enable_tiling()
+    autoencoder.tile_sample_min_size = size
+    autoencoder.tile_latent_min_size = size // factor
+    autoencoder.tile_overlap_factor = float(fraction)
+
+
 class LatentCodec:
     """Encode images to model latents and decode them back, with the autoencoder's scale and shift.
 
@@ -71,6 +99,17 @@ class LatentCodec:
                     f"decoder upsamples by {autoencoder_spatial_factor(decoder)} but the model's autoencoder by "
                     f"{self.spatial_factor}; use a decoder made for this model"
                 )
+
+    def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
+        """Encode and decode on overlapping tiles (see :func:`set_tiling`), for the autoencoder and the decoder."""
+        for module in dict.fromkeys((self.autoencoder, self.decoder)):
+            set_tiling(module, tile_size, overlap)
+
+    def disable_tiling(self) -> None:
+        """Encode and decode whole images again."""
+        for module in dict.fromkeys((self.autoencoder, self.decoder)):
+            if hasattr(module, "disable_tiling"):
+                module.disable_tiling()
 
     def check_image(self, image: torch.Tensor) -> None:
         """Raise a ValueError unless ``image`` is (B, image_channels, H, W)."""

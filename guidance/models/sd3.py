@@ -8,7 +8,8 @@ Backbone conventions handled here and nowhere else:
 * text: CLIP-L and CLIP-G hidden states, zero-padded to T5's width and stacked with T5's tokens; pooled CLIP
   projections concatenated. T5 is optional (zeros in its place when the pipeline has none);
 * latents z = (E(x) - shift) * scale with the VAE config's factors; image sides are multiples of
-  ``vae factor * patch size`` (16 for the released models).
+  ``vae factor * patch size`` (16 for the released models) and at most ``pos_embed_max_size`` patches (SD3:
+  96 -> 1536 px; SD3.5: 384 -> 6144 px), the largest position embedding the transformer holds.
 
 SD3.5's dual-attention and qk-norm transformers take the same inputs and run through the same path.
 """
@@ -61,6 +62,9 @@ class SD3Model(PipelineFlowModel):
         self.size_multiple = self.spatial_factor * self.patch_size
         side = int(config.sample_size) * self.spatial_factor
         self.default_size = (side, side)
+        max_patches = getattr(config, "pos_embed_max_size", None)
+        if max_patches:
+            self.max_size = int(max_patches) * self.size_multiple
         if self.codec.latent_channels != int(config.in_channels):
             raise ValueError(
                 f"the VAE has {self.codec.latent_channels} latent channels but the transformer takes "

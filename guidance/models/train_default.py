@@ -48,6 +48,8 @@ HELD_OUT = ("chelsea", "coffee")
 #: Classifier classes: the kind of training photo a crop comes from.
 CLASSES = {"retina": ("retina",), "hubble": ("hubble_deep_field",), "tissue": ("immunohistochemistry",),
            "texture": ("brick", "grass", "gravel")}
+#: Method options recommended for this model (tuned on held-in photos only), applied by `flowsteer restore`.
+RECOMMENDED_OPTIONS: dict[str, dict] = {}
 CROP = 64
 LATENT_CHANNELS = 8
 
@@ -289,13 +291,19 @@ def train_flow(out: Path, steps: int, batch: int, seed: int, lr: float = 5e-4, n
                   f"{(time.time() - start) / 60:.1f} min", flush=True)
     ema.save_pretrained(out / "unet", safe_serialization=True)
     build_scheduler().save_pretrained(out / "scheduler")
+    write_index(out)
+    _log(out, "flow", {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "num_latents": num_latents,
+                       "ema_decay": ema_decay, "loss": curve, "minutes": round((time.time() - start) / 60, 2)})
+
+
+def write_index(out: Path) -> None:
+    """model_index.json: the components, and the adapter settings and recommended method options that
+    ``load_model`` reads from its ``flowsteer`` entry."""
     index = {"_class_name": "FlowsteerDefaultPipeline", "_diffusers_version": _diffusers_version(),
              "unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "flowsteer": {"timestep_scale": 1000.0}}
+             "flowsteer": {"timestep_scale": 1000.0, "method_options": RECOMMENDED_OPTIONS}}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    _log(out, "flow", {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "num_latents": num_latents,
-                       "ema_decay": ema_decay, "loss": curve, "minutes": round((time.time() - start) / 60, 2)})
 
 
 def _diffusers_version() -> str:
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the shipped weights used 2)")
     parser.add_argument("--autoencoder-steps", type=int, default=2500)
-    parser.add_argument("--flow-steps", type=int, default=5000)
+    parser.add_argument("--flow-steps", type=int, default=4000)
     parser.add_argument("--classifier-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--num-latents", type=int, default=24576, help="encoded crops the flow trains on")

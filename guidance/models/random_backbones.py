@@ -1,0 +1,518 @@
+"""Randomly initialised SD3 / SD3.5 / FLUX.1 components built from config, fully offline.
+
+Two families, built by the same code:
+
+* **tiny** backbones (``sd3_pipeline``, ``flux_pipeline``, ``tiny_vae``, ...): the real architectures in miniature
+  (VAE with 8x downsampling, CLIP-L/CLIP-G-like pair plus T5 for SD3, CLIP + T5 for Flux, schedulers configured
+  like the released models), so the adapters are checked against the diffusers pipelines on the same code paths
+  the full-size models take;
+* **full-size** architectures with random weights (``sd35_medium_components``, ``flux_dev_components``): the
+  SD3.5-medium and FLUX.1-dev transformers, their 16-channel VAEs (f = 8) and a TAESD-style tiny decoder, at the
+  released configs. The cost of a forward pass does not depend on the weights, so these give real time and memory
+  figures on a GPU without a checkpoint (their outputs mean nothing). Their text encoders are small (one layer)
+  but have the real output widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096): embeddings are computed once per prompt,
+  so the encoders' size does not enter a sampling loop. ``scale`` < 1 builds a miniature of the same
+  architecture (layers, heads and widths times ``scale``) that runs on a CPU; scale 1 is built on a CUDA device
+  only (or on "meta", for counting parameters), directly in the requested dtype.
+
+Nothing is downloaded: tokenizers are word-level vocabularies built with the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UNet2DModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
+
+__all__ = [
+    "CLIP_G_WIDTH", "CLIP_L_WIDTH", "FLUX_DEV_TRANSFORMER", "FLUX_VAE_SCALE", "FLUX_VAE_SHIFT",
+    "FULL_SIZE_PARAMETERS", "NEGATIVE", "PROMPT", "SD35_MEDIUM_TRANSFORMER", "SD3_VAE_SCALE", "SD3_VAE_SHIFT",
+    "T5_WIDTH", "TAESD16", "VAE16", "buffers_to", "building", "check_scale", "flux_components",
+    "flux_dev_components", "flux_dev_config", "flux_dev_transformer", "flux_pipeline", "flux_scheduler",
+    "parameter_count", "scaled_count", "scaled_width", "sd35_medium_components", "sd35_medium_config",
+    "sd35_medium_transformer", "sd3_components", "sd3_pipeline", "taesd16", "text_widths", "tiny_t5", "tiny_taesd",
+    "tiny_unet", "tiny_vae", "vae16", "word_tokenizer",
+]
+
+PROMPT = "a photo of a red fox sitting in the snow"
+NEGATIVE = "blurry low quality painting"
+
+_WORDS = (
+    "a an the of in on at with and photo painting portrait picture image red green blue white black fox cat dog "
+    "sitting standing running snow grass forest city street high low quality blurry sharp detailed face bird "
+    "house tree sky sun night day beautiful ugly deformed"
+).split()
+
+# Real checkpoint VAE constants (SD3 and FLUX.1); the tiny VAEs use them so the (un)scaling is exercised.
+SD3_VAE_SCALE, SD3_VAE_SHIFT = 1.5305, 0.0609
+FLUX_VAE_SCALE, FLUX_VAE_SHIFT = 0.3611, 0.1159
+
+
+def word_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with CLIP (bos 0, pad 1, eos 2, 77 tokens) or T5 (pad 0, eos 1, 512) ids."""
+    if kind == "clip":
+        specials = ["<|startoftext|>", "<pad>", "<|endoftext|>", "<unk>"]
+        max_length = 77
+    elif kind == "t5":
+        specials = ["<pad>", "</s>", "<unk>"]
+        max_length = 512
+    else:
+        raise ValueError(f"kind must be 'clip' or 't5', got {kind!r}")
+    vocab = {token: i for i, token in enumerate(specials + list(dict.fromkeys(_WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "clip":
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>",
+            special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 2)],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            model_max_length=max_length,
+        )
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def tiny_vae(latent_channels: int = 4, scaling_factor: float = SD3_VAE_SCALE, shift_factor: float = SD3_VAE_SHIFT):
+    """AutoencoderKL with four levels (8x downsampling, like the real ones) and a few channels."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    ).eval()
+
+
+def tiny_taesd(latent_channels: int = 4, scaling_factor: float = SD3_VAE_SCALE, shift_factor: float = SD3_VAE_SHIFT):
+    """AutoencoderTiny (TAESD-style) with 8x downsampling, a cheap stand-in decoder."""
+    torch.manual_seed(0)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(4, 4, 4, 4),
+        decoder_block_out_channels=(4, 4, 4, 4),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=latent_channels,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    ).eval()
+
+
+def _eval(components: dict) -> dict:
+    """Modules built from config start in training mode (T5 has dropout); loaded checkpoints are in eval mode."""
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return components
+
+
+def _clip_config(hidden_size: int, heads: int, projection_dim: int, layers: int = 3) -> CLIPTextConfig:
+    """A CLIP text encoder of width ``hidden_size`` over the word tokenizer's ids (77 positions)."""
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        vocab_size=1000,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+        max_position_embeddings=77,
+    )
+
+
+def tiny_t5(d_model: int = 32, layers: int = 2) -> T5EncoderModel:
+    """A T5 encoder whose output width is ``d_model`` (all that the transformers it feeds depend on)."""
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=1000,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def sd3_components(t5: bool = True, sd35: bool = False, patch_size: int = 1) -> dict:
+    """Components of a tiny StableDiffusion3Pipeline.
+
+    CLIP-L-like (hidden 8) and CLIP-G-like (hidden 16) hidden states concatenate to 24 < 32 and are zero-padded
+    to T5's width (the transformer's joint_attention_dim), as 768 + 1280 are padded to 4096 in the real model;
+    their projections (24 + 40) concatenate to the pooled width 64. ``sd35`` adds the SD3.5 dual attention and
+    RMS qk-norm. The scheduler is configured like the released checkpoints (static shift 3).
+    """
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=patch_size,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        dual_attention_layers=(0,) if sd35 else (),
+        qk_norm="rms_norm" if sd35 else None,
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(8, 2, 24))
+    torch.manual_seed(2)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(16, 4, 40))
+    return _eval({
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "vae": tiny_vae(4, SD3_VAE_SCALE, SD3_VAE_SHIFT),
+        "text_encoder": text_encoder,
+        "tokenizer": word_tokenizer("clip"),
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": word_tokenizer("clip"),
+        "text_encoder_3": tiny_t5(32) if t5 else None,
+        "tokenizer_3": word_tokenizer("t5") if t5 else None,
+    })
+
+
+def sd3_pipeline(**kwargs) -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline(**sd3_components(**kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_scheduler(dev: bool) -> FlowMatchEulerDiscreteScheduler:
+    """The released FLUX.1 scheduler configs: dev shifts with the image size, schnell does not shift."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if dev else 1.0,
+        use_dynamic_shifting=dev,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+
+
+def flux_components(dev: bool = True) -> dict:
+    """Components of a tiny FluxPipeline: dev-like (guidance embedding, dynamic shift) or schnell-like.
+
+    The VAE has 4 latent channels, packed 2x2 into 16 transformer input channels (16 -> 64 in the real model).
+    """
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=dev,
+        axes_dims_rope=[4, 4, 8],
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_clip_config(32, 4, 32))
+    return _eval({
+        "transformer": transformer,
+        "scheduler": flux_scheduler(dev),
+        "vae": tiny_vae(4, FLUX_VAE_SCALE, FLUX_VAE_SHIFT),
+        "text_encoder": text_encoder,
+        "tokenizer": word_tokenizer("clip"),
+        "text_encoder_2": tiny_t5(32),
+        "tokenizer_2": word_tokenizer("t5"),
+    })
+
+
+def flux_pipeline(dev: bool = True) -> FluxPipeline:
+    pipe = FluxPipeline(**flux_components(dev))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_unet(channels: int = 4) -> UNet2DModel:
+    """A small unconditional UNet2DModel used as a generic velocity network."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+
+
+# -- full-size architectures with random weights ----------------------------------------------------------------
+#: SD3.5-medium's transformer (MMDiT-X: dual attention in the first 13 of 24 blocks, RMS qk-norm).
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+#: FLUX.1-dev's transformer (19 double-stream and 38 single-stream blocks, guidance embedding).
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+#: The 16-channel VAE of SD3 and FLUX.1 (f = 8); the two differ only in their scale and shift.
+VAE16 = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, act_fn="silu", use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+#: TAESD3 / TAEF1: the tiny autoencoder (AutoencoderTiny) for the 16-channel latents.
+TAESD16 = dict(
+    encoder_block_out_channels=(64,) * 4, decoder_block_out_channels=(64,) * 4, num_encoder_blocks=(1, 3, 3, 3),
+    num_decoder_blocks=(3, 3, 3, 1), latent_channels=16, act_fn="relu", upsample_fn="nearest",
+)
+#: Output widths of the text encoders: CLIP-L, CLIP-G (SD3 pools 768 + 1280 = 2048) and T5-XXL.
+CLIP_L_WIDTH, CLIP_G_WIDTH, T5_WIDTH = 768, 1280, 4096
+#: Parameters of the full-size transformers, for messages.
+FULL_SIZE_PARAMETERS = {"SD3.5-medium": "2.2B", "FLUX.1-dev": "11.9B"}
+
+
+def check_scale(scale: float) -> float:
+    """A miniature factor must be a number in (0, 1]; 1 is the full-size architecture."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise ValueError(f"scale must be a number in (0, 1] (1: the full-size architecture), got {scale!r}")
+    return float(scale)
+
+
+def scaled_count(n: int, scale: float) -> int:
+    """Layers or heads of a miniature: round(n * scale), at least 1 (n itself at scale 1)."""
+    return max(1, round(n * scale))
+
+
+def scaled_width(n: int, scale: float, multiple: int = 16) -> int:
+    """A channel width of a miniature: n * scale rounded to a multiple of ``multiple``, at least one multiple
+    (n itself at scale 1 when n is a multiple)."""
+    return max(multiple, round(n * scale / multiple) * multiple)
+
+
+def text_widths(scale: float = 1.0) -> tuple[int, int, int]:
+    """(CLIP-L, CLIP-G, T5) output widths at ``scale``: (768, 1280, 4096) at full size."""
+    return tuple(scaled_width(n, check_scale(scale)) for n in (CLIP_L_WIDTH, CLIP_G_WIDTH, T5_WIDTH))
+
+
+def _check_device(scale: float, device, what: str) -> torch.device:
+    device = torch.device(device)
+    if scale == 1 and device.type not in ("cuda", "meta"):
+        raise ValueError(
+            f"the full-size {what} architecture ({FULL_SIZE_PARAMETERS[what]} parameters) is built with random "
+            f"weights on a CUDA GPU only, not on {device.type!r}: run on a machine with a GPU, or pass scale < 1 "
+            f"for a miniature of the same architecture"
+        )
+    return device
+
+
+@contextlib.contextmanager
+def building(device, dtype: torch.dtype):
+    """Create modules' parameters directly on ``device`` in ``dtype`` (no float32 copy first): torch's default
+    device and dtype inside the block."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def buffers_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Floating buffers computed at construction in float32 (SD3's 384 x 384 position-embedding table) cast to
+    ``dtype``, as a checkpoint loaded in that dtype holds them."""
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                sub._buffers[name] = buffer.to(dtype)
+    return module
+
+
+def sd35_medium_config(scale: float = 1.0) -> dict:
+    """The SD3.5-medium transformer config at ``scale``: layers and heads times ``scale`` (head width 64 kept,
+    caption projection = heads x 64), dual attention in the first 13/24 of the blocks, text widths of
+    :func:`text_widths`."""
+    scale = check_scale(scale)
+    clip_l, clip_g, t5 = text_widths(scale)
+    layers = scaled_count(SD35_MEDIUM_TRANSFORMER["num_layers"], scale)
+    heads = scaled_count(SD35_MEDIUM_TRANSFORMER["num_attention_heads"], scale)
+    dual = min(layers, scaled_count(len(SD35_MEDIUM_TRANSFORMER["dual_attention_layers"]), scale))
+    return {**SD35_MEDIUM_TRANSFORMER, "num_layers": layers, "num_attention_heads": heads,
+            "caption_projection_dim": heads * SD35_MEDIUM_TRANSFORMER["attention_head_dim"],
+            "joint_attention_dim": t5, "pooled_projection_dim": clip_l + clip_g,
+            "dual_attention_layers": tuple(range(dual))}
+
+
+def flux_dev_config(scale: float = 1.0) -> dict:
+    """The FLUX.1-dev transformer config at ``scale``: both block counts and the heads times ``scale`` (head width
+    128 and its rotary axes kept), text widths of :func:`text_widths`."""
+    scale = check_scale(scale)
+    clip_l, _, t5 = text_widths(scale)
+    return {**FLUX_DEV_TRANSFORMER,
+            "num_layers": scaled_count(FLUX_DEV_TRANSFORMER["num_layers"], scale),
+            "num_single_layers": scaled_count(FLUX_DEV_TRANSFORMER["num_single_layers"], scale),
+            "num_attention_heads": scaled_count(FLUX_DEV_TRANSFORMER["num_attention_heads"], scale),
+            "joint_attention_dim": t5, "pooled_projection_dim": clip_l}
+
+
+def sd35_medium_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
+    """SD3Transformer2DModel with SD3.5-medium's architecture (:func:`sd35_medium_config`) and random weights."""
+    scale = check_scale(scale)
+    device = _check_device(scale, device, "SD3.5-medium")
+    torch.manual_seed(0)
+    with building(device, dtype):
+        return buffers_to(SD3Transformer2DModel(**sd35_medium_config(scale)).eval(), dtype)
+
+
+def flux_dev_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
+    """FluxTransformer2DModel with FLUX.1-dev's architecture (:func:`flux_dev_config`) and random weights."""
+    scale = check_scale(scale)
+    device = _check_device(scale, device, "FLUX.1-dev")
+    torch.manual_seed(0)
+    with building(device, dtype):
+        return buffers_to(FluxTransformer2DModel(**flux_dev_config(scale)).eval(), dtype)
+
+
+def vae16(scaling_factor: float, shift_factor: float, scale: float = 1.0, device="cpu",
+          dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The 16-channel AutoencoderKL of SD3 / FLUX.1 (f = 8) with random weights; at ``scale`` < 1 its widths and
+    norm groups shrink together (128-256-512-512 with 32 groups at full size)."""
+    scale = check_scale(scale)
+    groups = scaled_count(VAE16["norm_num_groups"], scale)
+    widths = tuple(max(groups, round(c * scale / groups) * groups) for c in VAE16["block_out_channels"])
+    torch.manual_seed(0)
+    with building(device, dtype):
+        return AutoencoderKL(**{**VAE16, "block_out_channels": widths, "norm_num_groups": groups},
+                             scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
+
+
+def taesd16(scaling_factor: float, shift_factor: float, scale: float = 1.0, device="cpu",
+            dtype: torch.dtype = torch.float32, latent_channels: int = 16, spatial_factor: int = 8) -> AutoencoderTiny:
+    """A TAESD3 / TAEF1-style tiny autoencoder (64 channels at full size) with random weights, applied with the
+    full VAE's scale and shift so that it reads the same latents. ``spatial_factor`` f (a power of two) sets the
+    levels, log2(f) + 1, with TAESD's block counts (encoder 1, 3, ..., 3; decoder 3, ..., 3, 1)."""
+    scale = check_scale(scale)
+    levels = spatial_factor.bit_length()
+    if isinstance(spatial_factor, bool) or not isinstance(spatial_factor, int) or spatial_factor < 2 \
+            or spatial_factor != 1 << (levels - 1):
+        raise ValueError(f"spatial_factor must be a power of two >= 2, got {spatial_factor!r}")
+    width = scaled_width(64, scale, 4)
+    torch.manual_seed(0)
+    with building(device, dtype):
+        return AutoencoderTiny(**{**TAESD16, "encoder_block_out_channels": (width,) * levels,
+                                  "decoder_block_out_channels": (width,) * levels,
+                                  "num_encoder_blocks": (1,) + (3,) * (levels - 1),
+                                  "num_decoder_blocks": (3,) * (levels - 1) + (1,), "latent_channels": latent_channels},
+                               scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
+
+
+def _clip_heads(width: int) -> int:
+    """Heads of 64 channels where the width allows it (12 for CLIP-L, 20 for CLIP-G), else one."""
+    heads = max(1, width // 64)
+    return heads if width % heads == 0 else 1
+
+
+def _text_encoders(kinds, scale: float, device, dtype) -> list:
+    """One-layer CLIP ("clip_l", "clip_g": with projection; "clip": pooled only) and T5 encoders with the real
+    output widths at ``scale``."""
+    clip_l, clip_g, t5 = text_widths(scale)
+    built = []
+    with building(device, dtype):
+        for seed, kind in enumerate(kinds, start=1):
+            torch.manual_seed(seed)
+            if kind == "t5":
+                built.append(tiny_t5(t5, layers=1))
+                continue
+            width = clip_g if kind == "clip_g" else clip_l
+            config = _clip_config(width, _clip_heads(width), width, layers=1)
+            built.append((CLIPTextModel if kind == "clip" else CLIPTextModelWithProjection)(config))
+    return built
+
+
+def sd35_medium_components(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Components of a StableDiffusion3Pipeline with SD3.5-medium's transformer and VAE and small text encoders
+    of the real widths, random weights, the released scheduler (static shift 3)."""
+    scale = check_scale(scale)
+    transformer = sd35_medium_transformer(scale, device, dtype)
+    clip_l, clip_g, t5 = _text_encoders(("clip_l", "clip_g", "t5"), scale, device, dtype)
+    return _eval({
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "vae": vae16(SD3_VAE_SCALE, SD3_VAE_SHIFT, scale, device, dtype),
+        "text_encoder": clip_l,
+        "tokenizer": word_tokenizer("clip"),
+        "text_encoder_2": clip_g,
+        "tokenizer_2": word_tokenizer("clip"),
+        "text_encoder_3": t5,
+        "tokenizer_3": word_tokenizer("t5"),
+    })
+
+
+def flux_dev_components(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Components of a FluxPipeline with FLUX.1-dev's transformer and VAE and small text encoders of the real
+    widths, random weights, the released dev scheduler (dynamic shift)."""
+    scale = check_scale(scale)
+    transformer = flux_dev_transformer(scale, device, dtype)
+    clip, t5 = _text_encoders(("clip", "t5"), scale, device, dtype)
+    return _eval({
+        "transformer": transformer,
+        "scheduler": flux_scheduler(dev=True),
+        "vae": vae16(FLUX_VAE_SCALE, FLUX_VAE_SHIFT, scale, device, dtype),
+        "text_encoder": clip,
+        "tokenizer": word_tokenizer("clip"),
+        "text_encoder_2": t5,
+        "tokenizer_2": word_tokenizer("t5"),
+    })
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())
