@@ -44,6 +44,8 @@ OPERATORS = {
     "box inpainting (1/4)": (f"inpaint_box:fraction=0.25,noise_std={NOISE_STD}", "mean-colour fill"),
 }
 METHODS = ("flair", "flowchef", "pnp_flow", "dps")
+#: Scale of −log p(label) in classifier guidance (FlowChef, its step size from the model's recommendations).
+GUIDANCE_WEIGHT = 10.0
 
 
 def classical_floor(name: str, y: torch.Tensor, operator, size: tuple[int, int]) -> torch.Tensor:
@@ -121,14 +123,15 @@ def classifier_guidance(model, folder: Path, samples: int = 64, method: str = "f
     and the judge's class frequencies on as many unguided samples."""
     judge = load_classifier(str(folder / "judge"))
     names = list(CLASSES)
-    solver = get_method(method, **(options or {}))
+    options = {**model.recommended_options(method), **(options or {})}
+    solver = get_method(method, **options)
     unguided = get_method("unguided")
 
     def judged(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return judge.logits(images).argmax(1)
 
-    result = {"method": method, "options": options or {}, "weight": weight, "samples_per_class": samples,
+    result = {"method": method, "options": options, "weight": weight, "samples_per_class": samples,
               "size": size, "num_steps": num_steps, "per_class": {}}
     tiles = []
     for c, name in enumerate(names):
@@ -188,7 +191,7 @@ def markdown(evaluation: dict) -> str:
              f"({', '.join(HELD_OUT)}): **{evaluation['autoencoder_psnr']:.2f} dB** "
              f"(min {min(evaluation['autoencoder_psnr_each']):.2f}).", ""]
     lines += ["| task | method | PSNR (dB) | SSIM | s / image |", "|---|---|---:|---:|---:|"]
-    for op, methods in evaluation["restoration"].items():
+    for op, methods in evaluation.get("restoration", {}).items():
         for method, cell in methods.items():
             seconds = f"{cell['seconds']:.1f}" if "seconds" in cell else "—"
             lines.append(f"| {op} | {method} | {cell['psnr']:.2f} | {cell['ssim']:.3f} | {seconds} |")
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--samples", type=int, default=64, help="guided samples per class")
+    parser.add_argument("--weight", type=float, default=GUIDANCE_WEIGHT, help="classifier guidance weight")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: restoration,guidance,samples")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluation["restoration_rows"] = rows
         save_grid(out / "restorations.png", [r[0] for r in grid], [r[1] for r in grid])
     if "guidance" not in skip:
-        guidance = classifier_guidance(model, folder, args.samples, num_steps=args.steps)
+        guidance = classifier_guidance(model, folder, args.samples, num_steps=args.steps, weight=args.weight)
         tiles = guidance.pop("tiles")
         save_grid(out / "guided_samples.png", tiles, [[name] + [""] * (len(t) - 1) for name, t in zip(CLASSES, tiles)])
         evaluation["classifier_guidance"] = guidance

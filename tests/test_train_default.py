@@ -29,12 +29,12 @@ def test_crops_are_seeded_and_augmented():
 def test_every_stage_writes_a_loadable_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "model"
-    main(["--out", str(out), "--threads", "1", "--autoencoder-steps", "2", "--flow-steps", "2",
-          "--classifier-steps", "2", "--num-latents", "64", "--batch", "2", "--calibration-images", "2",
-          "--calibration-size", "64"])
+    main(["--out", str(out), "--threads", "1", "--autoencoder-steps", "2", "--decoder-steps", "2",
+          "--flow-steps", "2", "--classifier-steps", "2", "--num-latents", "64", "--batch", "2",
+          "--calibration-images", "2", "--calibration-size", "64"])
     check_default_model(out)  # every required file, hashes recorded
     log = json.loads((out / "training_log.json").read_text())
-    assert set(log) == {"autoencoder", "flow", "classifier", "judge", "calibration"}
+    assert set(log) == {"autoencoder", "decoder", "flow", "classifier", "judge", "calibration"}
     assert len(log["flow"]["loss"]) == 2 and log["autoencoder"]["evaluations"][-1]["step"] == 2
     model = load_model(str(out))
     vae = model.codec.autoencoder.config
