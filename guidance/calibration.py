@@ -248,9 +248,14 @@ def load_crw(model, cond=None, height: int | None = None, width: int | None = No
     for path in folder.glob(f"{_glob_escape(prefix)}-*.json"):
         match = re.fullmatch(r"(\d+)x(\d+)", path.stem[len(prefix) + 1:])
         if match and int(match[1]) * int(match[2]) > 0:
-            area = int(match[1]) * int(match[2])
-            candidates.append((abs(math.log(area / wanted)) if wanted else 0.0, path.name, path))
+            candidates.append((_area_distance(int(match[1]) * int(match[2]), wanted), path.name, path))
     return CRWTable.load(min(candidates)[2]) if candidates else None
+
+
+def _area_distance(area: int, wanted: int) -> float:
+    """|log(area / wanted)|: how far a table measured at ``area`` pixels is from the size asked for (0 when
+    either is unknown)."""
+    return abs(math.log(area / wanted)) if area and wanted else 0.0
 
 
 def shipped_crw(model, area: int = 0) -> CRWTable | None:
@@ -266,7 +271,7 @@ def shipped_crw(model, area: int = 0) -> CRWTable | None:
         if table.metadata.get("fingerprint") != fingerprint:
             continue
         size = int(table.metadata.get("height", 0)) * int(table.metadata.get("width", 0))
-        candidates.append((abs(math.log(size / area)) if size and area else 0.0, path.name, table))
+        candidates.append((_area_distance(size, area), path.name, table))
     return min(candidates, key=lambda c: c[:2])[2] if candidates else None
 
 

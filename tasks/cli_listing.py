@@ -64,9 +64,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def _cached(repo: str) -> str:
     if repo == "default":
         try:
-            from guidance.loading import load_model
+            from guidance.models.default import check_default_model
 
-            load_model("default")
+            check_default_model()  # every file there and every weight file intact; nothing is loaded
             return "available"
         except (OSError, ValueError) as error:
             return f"not available: {str(error).splitlines()[0]}"

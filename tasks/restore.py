@@ -60,14 +60,18 @@ class Restoration:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def max_rss_gib() -> float:
+    """The process's resident-set high-water mark in GiB (ru_maxrss: bytes on macOS, KiB elsewhere)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024) / 2**30
+
+
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """Peak memory: GPU bytes allocated by torch since the last reset on CUDA, else the process's resident-set
     high-water mark (covers the whole process so far)."""
     if device.type == "cuda":
         return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "peak_memory_kind": "cuda"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
-    return {"peak_memory_gib": rss_bytes / 2**30, "peak_memory_kind": "process RSS high-water mark"}
+    return {"peak_memory_gib": max_rss_gib(), "peak_memory_kind": "process RSS high-water mark"}
 
 
 def quality_metrics(restored: torch.Tensor, reference: torch.Tensor, lpips=None) -> dict[str, Any]:
@@ -114,8 +118,7 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
                                       input_shape(operator, tuple(y.shape))[-2:]))
     objective = MeasurementFidelity(operator, y, space=space)
-    recommended = model.recommended_options(method) if hasattr(model, "recommended_options") else {}
-    options = {**recommended, **(options or {})}  # the model's recommendations under the user's own options
+    options = {**model.recommended_options(method), **(options or {})}  # the user's options override the model's
     solver = get_method(method, **options)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

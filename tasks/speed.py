@@ -37,7 +37,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -48,6 +47,8 @@ from typing import Any
 import torch
 
 from guidance.files import write_text_atomic
+
+from .restore import max_rss_gib
 
 __all__ = ["BACKBONES", "FULL_SIZE", "METHODS", "TARGETS", "Settings", "open_backbone", "run_speed"]
 
@@ -284,11 +285,6 @@ def _run_once(model, cond, cell: Cell, settings: Settings, objective):
                   generator=generator, batch_size=settings.batch_size, progress=False)
 
 
-def _max_rss_gib() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024) / 2**30
-
-
 def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
     """Time one cell: a warm-up run, then ``repeats`` timed runs. On CUDA the peak is the allocator's over the
     timed runs; on the CPU the process's RSS high-water mark (meaningful per cell in a fresh process only)."""
@@ -299,7 +295,7 @@ def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
     objective = _objective(METHODS[cell.method][1], model, cell.size, settings.seed + 1000)
     device = torch.device(model.device)
     cuda = device.type == "cuda"
-    baseline = _max_rss_gib()
+    baseline = max_rss_gib()
     begin = time.perf_counter()
     result = _run_once(model, cond, cell, settings, objective)
     warmup = time.perf_counter() - begin
@@ -321,7 +317,7 @@ def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - begin)
         del result
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else _max_rss_gib()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else max_rss_gib()
     return {**asdict(cell), "status": "measured", "batch_size": settings.batch_size, "seconds": seconds,
             "seconds_per_image": statistics.median(seconds) / settings.batch_size, "warmup_seconds": warmup,
             "nfe": nfe, "peak_memory_gib": peak, "memory_above_load_gib": max(0.0, peak - baseline),

@@ -25,10 +25,14 @@ class DivergenceError(ValueError):
     """The solver state became NaN or infinite."""
 
 
+def _diverged(method: str, step: int, hint: str) -> DivergenceError:
+    return DivergenceError(f"{method} diverged: the state became NaN or infinite at step {step}; {hint}")
+
+
 def check_finite_state(x: torch.Tensor, step: int, method: str, hint: str = "use a smaller step size") -> None:
     """Stop with a clear error when the state diverged (one host-device synchronisation)."""
     if not bool(torch.isfinite(x).all()):
-        raise DivergenceError(f"{method} diverged: the state became NaN or infinite at step {step}; {hint}")
+        raise _diverged(method, step, hint)
 
 
 class DivergenceMonitor:
@@ -46,16 +50,14 @@ class DivergenceMonitor:
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
         bad = ~torch.isfinite(x).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
-                                     self.first_bad)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
     def check(self) -> None:
         if self.first_bad is None:
             return
         step = int(self.first_bad)  # the one host-device synchronisation, after the loop
         if step >= 0:
-            raise DivergenceError(f"{self.method} diverged: the state became NaN or infinite at step {step}; "
-                                  f"{self.hint}")
+            raise _diverged(self.method, step, self.hint)
 
 
 def check_nonnegative(value, name: str) -> float:
