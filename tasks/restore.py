@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance import MeasurementFidelity, get_method
+from guidance.consistency import pixel_consistency
 from guidance.files import write_text_atomic
 from operators import Operator, make_operator
 
@@ -89,7 +90,7 @@ def quality_metrics(restored: torch.Tensor, reference: torch.Tensor, lpips=None)
 def restore(model, image: torch.Tensor, operator: str | Operator, method: str = "flair", *, simulate: bool = False,
             reference: torch.Tensor | None = None, num_steps: int = 28, seed: int = 0, noise_std: float | None = None,
             cond: Any = None, space: str = "pixel", options: dict | None = None, progress: bool = True,
-            lpips=None) -> Restoration:
+            lpips=None, samples: int = 1, consistency_steps: int | None = None) -> Restoration:
     """Restore ``image`` (1, C, H, W) in [-1, 1] with ``method`` over the flow ``model``.
 
     Args:
@@ -100,6 +101,12 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
         cond: the model's conditioning (default ``model.condition()``: an empty prompt for text models).
         space: where the measurement objective lives, ``"pixel"`` or ``"latent"``.
         options: the method's own options (``flowsteer methods`` lists them).
+        samples: K restorations from seeds ``seed + 1 .. seed + K`` in one batched call; the result is their mean,
+            an estimate of the posterior mean E[x | y] (lower MSE than any single sample: the fidelity setting),
+            and ``metrics["sample_std"]`` their mean per-pixel standard deviation.
+        consistency_steps: the most projected Landweber iterations that make the result consistent with y in
+            pixel space, stopped at the noise level (:func:`guidance.consistency.pixel_consistency`); None: the
+            model's recommendation (``model.restore_options``), else 0 (off).
     """
     if isinstance(operator, str):
         spec = operator
@@ -120,23 +127,49 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
     objective = MeasurementFidelity(operator, y, space=space)
     options = {**model.recommended_options(method), **(options or {})}  # the user's options override the model's
     solver = get_method(method, **options)
+    check_sampling(samples, consistency_steps, operator, spec)
+    if consistency_steps is None:
+        consistency_steps = int((model.restore_options or {}).get("consistency_steps", 0))
+        if not getattr(operator, "is_linear", False):
+            consistency_steps = 0  # a recommendation, not a request: skipped where it cannot apply
+    seeds = [torch.Generator(device="cpu").manual_seed(seed + 1 + k) for k in range(samples)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     begin = time.perf_counter()
     result = solver(model, objective, num_steps=num_steps, cond=cond, height=height, width=width, progress=progress,
-                    generator=torch.Generator(device="cpu").manual_seed(seed + 1))
+                    generator=seeds[0] if samples == 1 else seeds, batch_size=samples)
+    images = result.image.float().clamp(-1, 1)
+    restored = images.mean(0, keepdim=True)
+    metrics: dict[str, Any] = {"samples": samples}
+    if samples > 1:
+        metrics["sample_std"] = float(images.std(0).mean())
+    if consistency_steps:
+        restored, taken = pixel_consistency(restored, operator, y, max_steps=consistency_steps)
+        metrics["consistency_steps_taken"] = int(taken[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - begin
-    restored = result.image.clamp(-1, 1)
-    metrics: dict[str, Any] = {"seconds": seconds, "nfe": result.nfe, **peak_memory(device)}
+    metrics = {"seconds": time.perf_counter() - begin, "nfe": result.nfe, **metrics, **peak_memory(device)}
     if reference is not None:
         metrics.update(quality_metrics(restored, reference.to(restored.device), lpips))
     settings = {"operator": spec, "noise_std": float(operator.noise_std), "method": method,
                 "options": dict(options or {}), "num_steps": num_steps, "seed": seed, "simulate": simulate,
-                "space": space, "height": height, "width": width}
+                "space": space, "height": height, "width": width, "samples": samples,
+                "consistency_steps": consistency_steps}
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings)
+
+
+def check_sampling(samples: int, consistency_steps: int | None, operator: Operator, spec: str) -> None:
+    """Refuse a sample count below 1, negative consistency steps, or consistency steps for a nonlinear operator."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    if consistency_steps is None:
+        return
+    if isinstance(consistency_steps, bool) or not isinstance(consistency_steps, int) or consistency_steps < 0:
+        raise ValueError(f"consistency steps must be an integer >= 0, got {consistency_steps!r}")
+    if consistency_steps and not getattr(operator, "is_linear", False):
+        raise ValueError(f"consistency steps need a linear operator with an adjoint; {spec!r} is not linear: "
+                         f"set them to 0 (--consistency-steps 0)")
 
 
 # -- from files ----------------------------------------------------------------------------------------------
@@ -276,7 +309,8 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
                  simulate: bool = False, seed: int = 0, num_steps: int = 28, noise_std: float | None = None,
                  space: str = "pixel", options: dict | None = None, prompt: str | None = None,
                  guidance_scale: float | None = None, resize: bool = False, overwrite: bool = False,
-                 progress: bool = True, device: str | None = None, dtype: Any = None) -> Restoration:
+                 progress: bool = True, device: str | None = None, dtype: Any = None, samples: int = 1,
+                 consistency_steps: int | None = None) -> Restoration:
     """Restore the image file ``input`` (the clean image with ``simulate``, else the measurement) and write
     ``restored.png``, ``measurement.png``, ``grid.png`` and ``metrics.json`` into ``out`` (default
     ``<input stem>_restored``), each atomically. Everything cheap (files, operator, method, output folder) is
@@ -293,6 +327,7 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
     op = make_operator(operator, **({} if noise_std is None else {"noise_std": noise_std}))
     options = dict(options or {})
     get_method(method, **options)  # unknown methods and options fail now, before the model loads
+    check_sampling(samples, consistency_steps, op, spec)
     out = Path(out) if out is not None else Path(f"{Path(input).stem}_restored")
     inputs = [input, *([reference] if reference is not None else []), *([op.path] if hasattr(op, "path") else [])]
     out = prepare_output_dir(out, OUTPUT_NAMES, overwrite=overwrite, inputs=inputs)
@@ -328,7 +363,8 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
         clean = None if clean is None else resize_image(clean, size)
     cond = make_condition(net, prompt, guidance_scale)
     result = restore(net, image, op, method, simulate=simulate, reference=clean, num_steps=num_steps, seed=seed,
-                     cond=cond, space=space, options=options, progress=progress)
+                     cond=cond, space=space, options=options, progress=progress, samples=samples,
+                     consistency_steps=consistency_steps)
     from guidance.methods import method_options
 
     result.settings.update({
@@ -390,7 +426,8 @@ def run(args) -> int:
             simulate=args.simulate, seed=args.seed, num_steps=args.steps, noise_std=args.noise_std,
             space=args.space, options=parse_options(args.option), prompt=args.prompt,
             guidance_scale=args.guidance_scale, resize=args.resize, overwrite=args.overwrite,
-            progress=not args.quiet, device=args.device, dtype=args.dtype)
+            progress=not args.quiet, device=args.device, dtype=args.dtype, samples=args.samples,
+            consistency_steps=args.consistency_steps)
     metrics = result.metrics
     quality = ", ".join(f"{k.upper()} {_format_metric(metrics[k])}" for k in ("psnr", "ssim", "lpips") if k in metrics)
     print(f"{args.method}: {metrics['nfe']} NFE, {metrics['seconds']:.1f} s" + (f"; {quality}" if quality else ""))
@@ -415,6 +452,12 @@ def add_parser(commands) -> None:
                         help="INPUT is clean: degrade it with the operator (seeded), restore, compare")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated noise and the sampler (default 0)")
     parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
+    parser.add_argument("--samples", type=int, default=1, metavar="K",
+                        help="restore K times (seeds batched in one call) and keep the mean: an estimate of the "
+                             "posterior mean, sharper in PSNR, softer in detail (default 1)")
+    parser.add_argument("--consistency-steps", type=int, metavar="N",
+                        help="at most N pixel-space Landweber iterations making the result consistent with the "
+                             "measurement, stopped at the noise level (default: the model's recommendation, else 0)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: <INPUT stem>_restored)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     parser.add_argument("--resize", action="store_true",

@@ -37,6 +37,8 @@ class FlowModel:
         max_size: the largest height or width the model accepts (None: no limit beyond memory).
         method_options: options its authors recommend per guidance method (``{"flair": {"data_steps": 5}}``),
             applied by the tasks under the user's own options; None: the methods' defaults.
+        restore_options: restoration settings its authors recommend (``{"consistency_steps": 20}``, see
+            :func:`tasks.restore.restore`), applied when the user sets none; None: the task's defaults.
     """
 
     device: torch.device = torch.device("cpu")
@@ -47,6 +49,7 @@ class FlowModel:
     default_size: tuple[int, int] | None = None
     max_size: int | None = None
     method_options: dict[str, dict[str, Any]] | None = None
+    restore_options: dict[str, Any] | None = None
 
     def recommended_options(self, method: str) -> dict[str, Any]:
         """A copy of the options recommended for ``method`` (empty when none)."""

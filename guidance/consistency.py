@@ -1,0 +1,65 @@
+"""Pixel-space data consistency for a finished restoration: projected Landweber iteration stopped by the
+discrepancy principle.
+
+A latent restoration x = D(mu) carries the decoder's own error, also in the directions the operator sees. The
+Landweber iteration on ½‖A x − y‖², kept inside the image range [-1, 1],
+
+    x ← clip(x − τ Aᵀ(A x − y)),   τ = 1 / ‖A‖²
+
+removes that error along the directions A sees best first, and stops as soon as ‖A x − y‖² ≤ σ_n² · numel(y)
+(Morozov's discrepancy principle), before it starts fitting the noise. What A does not see (its null space) is
+left as the prior made it. References: L. Landweber, "An iteration formula for Fredholm integral equations of
+the first kind", 1951; Engl, Hanke & Neubauer, "Regularization of Inverse Problems", 1996, chapter 6.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from operators.base import check_finite
+
+__all__ = ["pixel_consistency"]
+
+
+def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: float | None = None,
+                      max_steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make the images ``x`` (B, C, H, W) in [-1, 1] consistent with the measurement ``y = A x + n``.
+
+    Args:
+        operator: a linear operator (``operators``) with an adjoint.
+        y: the measurement, batch 1 (shared) or B.
+        noise_std: σ_n of the measurement noise (default: the operator's own); the iteration stops per image once
+            ‖A x − y‖² ≤ σ_n² · numel(y). With σ_n = 0 it runs ``max_steps`` iterations.
+        max_steps: the most iterations (0: return ``x`` unchanged).
+
+    Returns:
+        (x, steps): the corrected images and the number of iterations each took (B,).
+    """
+    if not getattr(operator, "is_linear", False):
+        raise ValueError(f"pixel consistency needs a linear operator with an adjoint; {type(operator).__name__} is "
+                         f"not linear: set the consistency steps to 0")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"the consistency steps must be an integer >= 0, got {max_steps!r}")
+    check_finite(x, "the restored image")
+    check_finite(y, "the measurement")
+    y = y.to(device=x.device, dtype=x.dtype)
+    expected = tuple(operator(x[:1]).shape[1:])
+    if tuple(y.shape[1:]) != expected or y.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"the measurement has shape {tuple(y.shape)} but the operator maps the {x.shape[-2]}x"
+                         f"{x.shape[-1]} restoration to (B, {', '.join(map(str, expected))}); use the measurement "
+                         f"and the operator the image was restored from")
+    from .methods.flair import operator_gain
+
+    sigma = float(operator.noise_std if noise_std is None else noise_std)
+    threshold = sigma**2 * y[0].numel()
+    step = 1.0 / operator_gain(operator, tuple(x.shape), x.device)
+    steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for _ in range(max_steps):
+        residual = operator(x) - y
+        active = residual.square().flatten(1).sum(1) > threshold
+        if not bool(active.any()):
+            break
+        mask = active.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(mask > 0, (x - step * operator.adjoint(residual)).clamp(-1, 1), x)
+        steps += active.long()
+    return x, steps
