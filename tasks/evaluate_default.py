@@ -2,13 +2,15 @@
 
     python -m tasks.evaluate_default                       # the installed model; writes into its folder
     python -m tasks.evaluate_default --model DIR --out DIR --images 2 --samples 16   # a quicker look
+    python -m tasks.evaluate_default --images 2 --sr-images 6 --skip guidance,samples   # the restoration table
 
 Figures (held-out photos of :data:`guidance.models.train_default.HELD_OUT` only, 256x256):
 
 * autoencoder reconstruction PSNR;
 * restoration PSNR / SSIM for SR x4, Gaussian deblurring (sigma 2) and box inpainting (a quarter of the image),
   noise std 0.01, with FLAIR, FlowChef, PnP-Flow and DPS against the classical floors (bicubic upsampling, the
-  degraded input, a mean-colour fill);
+  degraded input, a mean-colour fill); each method as it comes, made consistent with the measurement in pixel
+  space, and as the consistent mean of several samples; each floor as it is and made consistent;
 * classifier guidance: accuracy of the independent ``judge`` classifier on guided samples of each class, against
   unguided samples;
 * grids of unconditional samples and of restorations (``samples.png``, ``restorations.png``).
@@ -26,13 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from guidance.consistency import pixel_consistency
 from guidance.files import write_text_atomic
 from guidance.methods import get_method
 from guidance.models.default import default_model_dir
 from guidance.models.train_default import CLASSES, HELD_OUT, held_out_images
 
 from .grid import save_grid
-from .metrics import psnr, ssim
+from .metrics import LpipsUnavailable, psnr, ssim
 from .restore import restore
 from .rewards import load_classifier, make_guide
 
@@ -44,8 +47,13 @@ OPERATORS = {
     "box inpainting (1/4)": (f"inpaint_box:fraction=0.25,noise_std={NOISE_STD}", "mean-colour fill"),
 }
 METHODS = ("flair", "flowchef", "pnp_flow", "dps")
-#: Scale of −log p(label) in classifier guidance (FlowChef, its step size from the model's recommendations).
+#: Most pixel-consistency iterations (the discrepancy principle stops them earlier: 1-3 for SR x4 and inpainting,
+#: tens for deblurring).
+CONSISTENCY_STEPS = 100
+#: Classifier guidance: scale of −log p(label) and FlowChef's options (the model's restoration recommendations
+#: are tuned for measurements, not for classifiers).
 GUIDANCE_WEIGHT = 10.0
+GUIDANCE_OPTIONS = {"step_size": 2.0}
 
 
 def classical_floor(name: str, y: torch.Tensor, operator, size: tuple[int, int]) -> torch.Tensor:
@@ -71,28 +79,51 @@ def autoencoder_psnr(model, images: torch.Tensor) -> list[float]:
         return [float(psnr(model.decode(model.encode(x[None])).clamp(-1, 1), x[None])) for x in images]
 
 
-def restoration_table(model, images: torch.Tensor, methods=METHODS, num_steps: int = 28, seed: int = 0,
-                      options: dict | None = None) -> tuple[list[dict], list]:
-    """One row per image x operator x (method or floor); and grid rows for the first image."""
+def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, methods=METHODS, num_steps: int = 28,
+                      seed: int = 0, options: dict | None = None, samples: int = 1,
+                      consistency_steps: int = CONSISTENCY_STEPS) -> tuple[list[dict], list]:
+    """One row per image x operator x setting, and grid rows for the first image. ``images``: one stack for every
+    operator, or a stack per operator name.
+
+    Settings of each method: its first sample as it comes (``method``), the same made consistent with y in pixel
+    space (``method + consistency``) and, with ``samples`` > 1, the mean of the samples made consistent
+    (``method, mean of K + consistency``: the posterior-mean estimate). Each floor appears as it is and made
+    consistent the same way (for SR, bicubic + consistency is iterative back-projection)."""
     rows, grid = [], []
     for op_name, (spec, floor) in OPERATORS.items():
-        for i, image in enumerate(images):
+        stack = images[op_name] if isinstance(images, dict) else images
+        operator = _operator(spec)
+        for i, image in enumerate(stack):
             x = image[None]
+
+            def add(setting: str, restored: torch.Tensor, **extra) -> None:
+                rows.append({"operator": op_name, "image": i, "method": setting, **_scores(restored, x), **extra})
+                print(f"{op_name:28s} image {i} {setting:34s} PSNR {rows[-1]['psnr']:6.2f} "
+                      f"SSIM {rows[-1]['ssim']:.3f}", flush=True)
+
+            def consistent(image: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return pixel_consistency(image, operator, y, max_steps=consistency_steps)[0]
+
             for method in methods:
                 result = restore(model, x, spec, method, simulate=True, num_steps=num_steps, seed=seed + i,
-                                 options=(options or {}).get(method), progress=False)
-                rows.append({"operator": op_name, "image": i, "method": method,
-                             **_scores(result.restored, x), "seconds": result.metrics["seconds"],
-                             "nfe": result.metrics["nfe"]})
-                print(f"{op_name:28s} image {i} {method:9s} PSNR {rows[-1]['psnr']:6.2f} SSIM {rows[-1]['ssim']:.3f}"
-                      f" {rows[-1]['seconds']:6.1f} s", flush=True)
+                                 options=(options or {}).get(method), progress=False, samples=samples,
+                                 consistency_steps=0, lpips=LpipsUnavailable("not measured here"))
+                timing = {"seconds": result.metrics["seconds"] / samples, "nfe": result.metrics["nfe"]}
+                first = result.samples[:1]
+                add(method, first, **timing)
+                add(f"{method} + consistency", consistent(first, result.measurement), **timing)
+                if samples > 1:
+                    mean = consistent(result.samples.mean(0, keepdim=True), result.measurement)
+                    add(f"{method}, mean of {samples} + consistency", mean, seconds=result.metrics["seconds"],
+                        nfe=result.metrics["nfe"])
                 if i == 0:
                     if method == methods[0]:
                         grid.append(([result.measurement], [op_name]))
-                    grid[-1][0].append(result.restored)
-                    grid[-1][1].append(method)
-            baseline = classical_floor(floor, result.measurement, _operator(spec), tuple(x.shape[-2:]))
-            rows.append({"operator": op_name, "image": i, "method": floor, **_scores(baseline, x)})
+                    grid[-1][0].append(consistent(first, result.measurement))
+                    grid[-1][1].append(f"{method} + cons.")
+            baseline = classical_floor(floor, result.measurement, operator, tuple(x.shape[-2:]))
+            add(floor, baseline)
+            add(f"{floor} + consistency", consistent(baseline, result.measurement))
             if i == 0:
                 grid[-1][0].extend([baseline, x])
                 grid[-1][1].extend([floor, "reference"])
@@ -190,8 +221,11 @@ def markdown(evaluation: dict) -> str:
     lines = [f"Autoencoder reconstruction PSNR on {evaluation['num_images']} held-out 256x256 images "
              f"({', '.join(HELD_OUT)}): **{evaluation['autoencoder_psnr']:.2f} dB** "
              f"(min {min(evaluation['autoencoder_psnr_each']):.2f}).", ""]
+    counts = evaluation.get("restoration_images", {})
     lines += ["| task | method | PSNR (dB) | SSIM | s / image |", "|---|---|---:|---:|---:|"]
     for op, methods in evaluation.get("restoration", {}).items():
+        if op in counts:
+            lines.append(f"| {op} ({counts[op]} image{'' if counts[op] == 1 else 's'}) | | | | |")
         for method, cell in methods.items():
             seconds = f"{cell['seconds']:.1f}" if "seconds" in cell else "—"
             lines.append(f"| {op} | {method} | {cell['psnr']:.2f} | {cell['ssim']:.3f} | {seconds} |")
@@ -210,7 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.evaluate_default", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the installed default model)")
     parser.add_argument("--out", default=None, help="where the figures go (default: the model folder)")
-    parser.add_argument("--images", type=int, default=None, help="use only the first N held-out images")
+    parser.add_argument("--images", type=int, default=None,
+                        help="restore only the first N held-out images for deblurring and inpainting")
+    parser.add_argument("--sr-images", type=int, default=None,
+                        help="restore only the first N held-out images for SR x4 (default: as --images)")
+    parser.add_argument("--restore-samples", type=int, default=4,
+                        help="samples per restoration, for the posterior-mean rows (1: none)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--samples", type=int, default=64, help="guided samples per class")
@@ -226,24 +265,33 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     model = load_model("default") if args.model is None else load_model(str(folder))
-    images = held_out_images()[: args.images]
+    images = held_out_images()
     begin = time.time()
     each = autoencoder_psnr(model, images)
-    evaluation = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
-                  "num_images": int(images.shape[0]), "autoencoder_psnr": sum(each) / len(each),
-                  "autoencoder_psnr_each": each, "noise_std": NOISE_STD, "num_steps": args.steps}
+    previous = out / "evaluation.json"  # parts skipped now keep their last figures
+    evaluation = json.loads(previous.read_text()) if previous.is_file() else {}
+    evaluation.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
+                       "num_images": int(images.shape[0]), "autoencoder_psnr": sum(each) / len(each),
+                       "autoencoder_psnr_each": each, "noise_std": NOISE_STD, "num_steps": args.steps})
     print(f"autoencoder PSNR {evaluation['autoencoder_psnr']:.2f} dB", flush=True)
     if "samples" not in skip:
         samples = get_method("unguided")(model, None, num_steps=args.steps, height=128, width=128, batch_size=16,
                                          generator=torch.Generator().manual_seed(0), progress=False).image
         save_grid(out / "samples.png", [[samples[r * 8 + c:r * 8 + c + 1] for c in range(8)] for r in range(2)])
     if "restoration" not in skip:
-        rows, grid = restoration_table(model, images, tuple(args.methods.split(",")), args.steps)
+        counts = {op: args.sr_images or args.images if op.startswith("SR") else args.images for op in OPERATORS}
+        stacks = {op: images[:n] for op, n in counts.items()}
+        rows, grid = restoration_table(model, stacks, tuple(args.methods.split(",")), args.steps,
+                                       samples=args.restore_samples)
+        evaluation["restoration_images"] = {op: int(stack.shape[0]) for op, stack in stacks.items()}
+        evaluation["restore_samples"] = args.restore_samples
+        evaluation["consistency_steps"] = CONSISTENCY_STEPS
         evaluation["restoration"] = summarise(rows)
         evaluation["restoration_rows"] = rows
         save_grid(out / "restorations.png", [r[0] for r in grid], [r[1] for r in grid])
     if "guidance" not in skip:
-        guidance = classifier_guidance(model, folder, args.samples, num_steps=args.steps, weight=args.weight)
+        guidance = classifier_guidance(model, folder, args.samples, num_steps=args.steps, weight=args.weight,
+                                       options=GUIDANCE_OPTIONS)
         tiles = guidance.pop("tiles")
         save_grid(out / "guided_samples.png", tiles, [[name] + [""] * (len(t) - 1) for name, t in zip(CLASSES, tiles)])
         evaluation["classifier_guidance"] = guidance

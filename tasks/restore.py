@@ -51,14 +51,15 @@ OUTPUT_NAMES = ("restored.png", "measurement.png", "grid.png", "metrics.json")
 @dataclass
 class Restoration:
     """The ``restored`` image (1, 3, H, W) in [-1, 1], the ``measurement`` y as measured (its own shape), the
-    ``reference`` when known, ``metrics`` (PSNR, SSIM, LPIPS against the reference; time, peak memory, NFE) and
-    every ``settings`` value used."""
+    ``reference`` when known, ``metrics`` (PSNR, SSIM, LPIPS against the reference; time, peak memory, NFE),
+    every ``settings`` value used, and the method's ``samples`` (K, 3, H, W) before averaging and consistency."""
 
     restored: torch.Tensor
     measurement: torch.Tensor
     reference: torch.Tensor | None
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    samples: torch.Tensor | None = None
 
 
 def max_rss_gib() -> float:
@@ -156,7 +157,8 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
                 "options": dict(options or {}), "num_steps": num_steps, "seed": seed, "simulate": simulate,
                 "space": space, "height": height, "width": width, "samples": samples,
                 "consistency_steps": consistency_steps}
-    return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings)
+    return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings,
+                       samples=images)
 
 
 def check_sampling(samples: int, consistency_steps: int | None, operator: Operator, spec: str) -> None:

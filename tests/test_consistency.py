@@ -78,7 +78,8 @@ def test_samples_average_the_batched_seeds(default_model):
     run = dict(num_steps=4, options={"step_size": 0.5}, progress=False, consistency_steps=0)
     mean = restore(default_model, y, op, "flowchef", seed=3, samples=3, **run)
     singles = torch.cat([restore(default_model, y, op, "flowchef", seed=3 + k, **run).restored for k in range(3)])
-    assert torch.allclose(mean.restored, singles.mean(0, keepdim=True), atol=1e-4)  # sample k: seed + 1 + k
+    assert torch.allclose(mean.samples, singles, atol=1e-4)  # sample k of the batch: seed + 1 + k
+    assert torch.allclose(mean.restored, singles.mean(0, keepdim=True), atol=1e-4)
     assert mean.metrics["sample_std"] == pytest.approx(float(singles.std(0).mean()), abs=1e-4)
     assert mean.settings["samples"] == 3 and mean.metrics["samples"] == 3
     assert float(singles.std(0).mean()) > 1e-3  # the seeds differ: the mean is not one of them

@@ -25,12 +25,30 @@ def crops(tmp_path):
 
 
 def test_restore_on_the_default_model(crops, tmp_path, cli):
-    code, out, err = cli("restore", crops / "chelsea.png", "--simulate", "--operator", "sr:factor=4",
+    code, out, err = cli("restore", crops / "chelsea.png", "--simulate", "--operator", "sr:factor=4,noise_std=0.01",
                          "--method", "flair", "--steps", 8, "--out", tmp_path / "out", "--quiet")
     assert code == 0, err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["settings"]["model"] == "default" and metrics["psnr"] > 22
     assert load_image(tmp_path / "out" / "restored.png").shape[-2:] == (64, 64)
+    # the model's recommendation: pixel consistency on, stopped at the noise level (discrepancy principle)
+    assert metrics["settings"]["consistency_steps"] == 100 and 0 < metrics["consistency_steps_taken"] < 100
+    assert metrics["settings"]["options"]["data_steps"] == 3 and metrics["samples"] == 1
+
+
+def test_restore_posterior_mean_without_consistency(crops, tmp_path, cli):
+    code, out, err = cli("restore", crops / "coffee.png", "--simulate", "--operator", "sr:factor=4",
+                         "--method", "pnp_flow", "--steps", 4, "--samples", 2, "--consistency-steps", 0,
+                         "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["settings"]["samples"] == 2 and metrics["sample_std"] > 0
+    assert metrics["settings"]["consistency_steps"] == 0 and "consistency_steps_taken" not in metrics
+    code, out, err = cli("restore", crops / "coffee.png", "--simulate", "--operator", "jpeg:quality=30",
+                         "--consistency-steps", 5, "--out", tmp_path / "jpeg", "--quiet")
+    assert code != 0 and err.startswith("flowsteer: error: ") and len(err.strip().splitlines()) == 1
+    assert "linear operator" in err and "--consistency-steps 0" in err
+    assert not (tmp_path / "jpeg").exists()
 
 
 def test_benchmark_and_calibrate_on_the_default_model(crops, tmp_path, cli):

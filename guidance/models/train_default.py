@@ -50,11 +50,19 @@ HELD_OUT = ("chelsea", "coffee")
 CLASSES = {"retina": ("retina",), "hubble": ("hubble_deep_field",), "tissue": ("immunohistochemistry",),
            "texture": ("brick", "grass", "gravel")}
 #: Method options recommended for this model (tuned on held-in photos only), applied by `flowsteer restore`.
-#: SR x4 of the held-in astronaut photo at 256x256 (noise 0.01, 28 steps): FlowChef step 0.5 / 2 / 5 gave 21.4 /
-#: 22.2 / 18.5 dB, PnP-Flow 0.5 / 2 / 5: 15.3 / 21.7 / 18.3 dB, DPS 0.5 / 5 / 30: 10.0 / 16.4 / 22.3 dB, FLAIR with
-#: 2 / 3 / 4 data steps: 20.4 / 21.2 / 21.6 dB in 105 / 39 / 52 s (3 keeps the README's command within a minute).
-RECOMMENDED_OPTIONS: dict[str, dict] = {"flair": {"data_steps": 3}, "flowchef": {"step_size": 2.0},
-                                        "pnp_flow": {"step_size": 2.0}, "dps": {"step_size": 30.0}}
+#: Held-in astronaut and rocket at 256x256, noise 0.01, 28 steps, PSNR after pixel consistency (mean of the two):
+#: FlowChef step 2 / 0.5 / 0.125 / 0.03 / 0.01: SR x4 25.78 / 25.85 / 25.87 / 25.99 / -, box inpainting
+#: 14.18 / 14.09 / 17.20 / 22.13 / 21.88, deblurring (sigma 2) step 2 / 0.03: 27.55 / 27.29; PnP-Flow step 2 /
+#: 0.5 / 0.125 / 0.03: inpainting - / 18.33 / 21.29 / 20.04, SR x4 26.30 / - / 26.09, deblurring 27.69 / - / 27.74;
+#: DPS step 30 / 10 / 3: SR x4 25.98 / - / 25.99, inpainting - / 14.04 / 22.49 (floors: bicubic 25.89, mean-colour
+#: fill 20.87, degraded input 25.54). Steps tuned for SR x4 alone (its ‖A‖² is 1/16) are far too large for
+#: inpainting and deblurring (‖A‖² = 1). FLAIR with 2 / 3 / 4 data steps: SR x4 of astronaut 20.4 / 21.2 / 21.6 dB
+#: before consistency, in 105 / 39 / 52 s (3 keeps the README's command within a minute).
+RECOMMENDED_OPTIONS: dict[str, dict] = {"flair": {"data_steps": 3}, "flowchef": {"step_size": 0.03},
+                                        "pnp_flow": {"step_size": 0.125}, "dps": {"step_size": 3.0}}
+#: Restoration settings recommended for this model: its autoencoder (about 28 dB) loses detail the measurement
+#: still holds, so the result is made consistent with y in pixel space (the discrepancy principle stops it).
+RESTORE_OPTIONS: dict = {"consistency_steps": 100}
 CROP = 64
 LATENT_CHANNELS = 8
 
@@ -342,7 +350,8 @@ def write_index(out: Path) -> None:
     index = {"_class_name": "FlowsteerDefaultPipeline", "_diffusers_version": _diffusers_version(),
              "unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "flowsteer": {"timestep_scale": 1000.0, "method_options": RECOMMENDED_OPTIONS}}
+             "flowsteer": {"timestep_scale": 1000.0, "method_options": RECOMMENDED_OPTIONS,
+                           "restore_options": RESTORE_OPTIONS}}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
