@@ -281,7 +281,7 @@ def _read_item(out: Path, item: _Item, fingerprint: str, since: float | None = N
 
 
 def _run_item(net, item: _Item, image: torch.Tensor, options: dict, num_steps: int, lpips, out: Path,
-              fingerprint: str, image_file: str) -> dict:
+              fingerprint: str, image_file: str, samples: int = 1, consistency_steps: int | None = None) -> dict:
     from guidance import DivergenceError
     from tasks.image_io import save_image
 
@@ -292,7 +292,8 @@ def _run_item(net, item: _Item, image: torch.Tensor, options: dict, num_steps: i
                               "operator": item.operator, "method": item.method, "seed": item.seed}
     try:
         result = restore(net, image, item.operator, item.method, simulate=True, num_steps=num_steps, seed=item.seed,
-                         options=options, progress=False, lpips=lpips)
+                         options=options, progress=False, lpips=lpips, samples=samples,
+                         consistency_steps=consistency_steps)
     except DivergenceError as error:
         record.update(status="diverged", error=str(error).strip().splitlines()[0], restored=None, measurement=None,
                       fingerprint=fingerprint)
@@ -482,7 +483,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
                   size: int | None = None, limit: int | None = None, options: dict[str, dict] | None = None,
                   overwrite: bool = False, device: str | None = None, dtype: Any = None, rank: int | None = None,
                   world_size: int | None = None, progress: bool = True,
-                  on_item: Callable[[dict], None] | None = None) -> BenchmarkResult:
+                  on_item: Callable[[dict], None] | None = None, samples: int = 1,
+                  consistency_steps: int | None = None) -> BenchmarkResult:
     """Restore every image in the folder ``images`` with every operator and method, and write the results.
 
     Args:
@@ -495,11 +497,13 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         overwrite: recompute everything, even over a benchmark with other settings.
         rank, world_size: this process's shard (default: the RANK / WORLD_SIZE environment variables).
         on_item: called with each newly computed item's record (e.g. for progress).
+        samples, consistency_steps: as in :func:`tasks.restore.restore` (the mean of K seeds; pixel consistency,
+            None: the model's recommendation).
     """
     from guidance import get_method
     from operators import make_operator
 
-    from .restore import allowed_size, open_model
+    from .restore import allowed_size, check_sampling, open_model
 
     started = _process_start()
     rank, world_size = _shard(rank, world_size)
@@ -521,7 +525,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
             raise ValueError(f"the {kind} {twice[0]!r} is listed twice")
     slugs: dict[str, str] = {}
     for spec in operators:  # unknown operators and parameters fail now, before any work
-        make_operator(spec)
+        check_sampling(samples, consistency_steps, make_operator(spec), spec)
         if _slug(spec) in slugs:
             raise ValueError(f"the operators {slugs[_slug(spec)]!r} and {spec!r} would share the result name "
                              f"{_slug(spec)!r}; write one of them differently")
@@ -540,7 +544,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         "format": FORMAT, "model": model_label,
         "images": [{"name": key, "file": path.name, "sha256": _sha(path)} for key, path in found],
         "operators": operators, "methods": methods, "options": {m: options.get(m, {}) for m in methods},
-        "steps": num_steps, "seed": seed, "limit": limit})
+        "steps": num_steps, "seed": seed, "limit": limit, "samples": samples,
+        "consistency_steps": "the model's recommendation" if consistency_steps is None else consistency_steps})
     early = {**settings, **({"size": size} if size is not None else {})}
     _check_out(out, early, overwrite, [k for k in early if k != "format"])
 
@@ -574,7 +579,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         fingerprints = {it.name: _fingerprint({
             "model": model_label, "dtype": settings["dtype"], "device": settings["device"], "steps": num_steps,
             "size": size, "image": shas[it.image], "seed": it.seed, "operator": it.operator, "method": it.method,
-            "options": settings["options"][it.method]}) for it in items}
+            "options": settings["options"][it.method], "samples": samples,
+            "consistency_steps": settings["consistency_steps"]}) for it in items}
         paths = dict(found)
 
         out.mkdir(parents=True, exist_ok=True)
@@ -600,7 +606,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
             if item.image not in cache:
                 cache = {item.image: _load_square(paths[item.image], size)}
             record = _run_item(net, item, cache[item.image], options.get(item.method, {}), num_steps, lpips, out,
-                               fingerprints[item.name], paths[item.image].name)
+                               fingerprints[item.name], paths[item.image].name, samples, consistency_steps)
             computed += 1
             if progress:
                 if record["status"] == "ok":
@@ -644,7 +650,8 @@ def run(args) -> int:
             args.images, split_operators(args.operators), split_methods(args.methods), out=args.out,
             model=args.model, num_steps=args.steps, seed=args.seed, size=args.size, limit=args.limit,
             options=parse_method_options(args.option), overwrite=args.overwrite, device=args.device,
-            dtype=args.dtype, progress=not args.quiet)
+            dtype=args.dtype, progress=not args.quiet, samples=args.samples,
+            consistency_steps=args.consistency_steps)
     done = f"{result.computed} item(s) computed, {result.skipped} already done"
     if result.summary is None:
         print(f"process {result.rank} of {result.world_size}: {done}; process 0 writes the summary")
@@ -675,6 +682,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                         help="a method option, e.g. --option flowchef.step_size=0.3 (repeatable)")
+    parser.add_argument("--samples", type=int, default=1, metavar="K",
+                        help="the mean of K seeds per item (posterior-mean estimate; default 1)")
+    parser.add_argument("--consistency-steps", type=int, metavar="N",
+                        help="at most N pixel-space Landweber iterations toward A(x) = y per item, stopped at the "
+                             "noise level (default: the model's recommendation, else 0)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="skip the items already done (the default; settings must match the earlier run)")

@@ -57,6 +57,17 @@ def test_benchmark_and_calibrate_on_the_default_model(crops, tmp_path, cli):
     assert code == 0, err
     assert len(list((tmp_path / "bench" / "items").glob("*.json"))) == 4  # 2 images x 1 operator x 2 methods
     assert "flowchef" in (tmp_path / "bench" / "summary.md").read_text()
+    item = json.loads(next((tmp_path / "bench" / "items").glob("*flowchef*.json")).read_text())
+    assert item["settings"]["consistency_steps"] == 100 and item["settings"]["samples"] == 1  # the model's advice
+    code, out, err = cli("benchmark", "--images", crops, "--operators", "inpaint_box:fraction=0.25", "--methods",
+                         "pnp_flow", "--steps", 2, "--limit", 1, "--samples", 2, "--consistency-steps", 0,
+                         "--out", tmp_path / "mean", "--quiet")
+    assert code == 0, err
+    item = json.loads(next((tmp_path / "mean" / "items").glob("*.json")).read_text())
+    assert item["settings"]["consistency_steps"] == 0 and item["settings"]["samples"] == 2
+    code, out, err = cli("benchmark", "--images", crops, "--operators", "jpeg:quality=30", "--methods", "pnp_flow",
+                         "--consistency-steps", 3, "--out", tmp_path / "jpeg", "--quiet")
+    assert code != 0 and "linear operator" in err and not (tmp_path / "jpeg").exists()
     code, out, err = cli("calibrate", "--images", crops, "--points", 4, "--cache-dir", tmp_path / "crw",
                          "--quiet")
     assert code == 0, err
