@@ -1,8 +1,7 @@
 """Measure the embedded default model on held-out photos: the figures of its model card.
 
-    python -m tasks.evaluate_default                       # the installed model; writes into its folder
-    python -m tasks.evaluate_default --model DIR --out DIR --images 2 --samples 16   # a quicker look
-    python -m tasks.evaluate_default --images 2 --sr-images 6 --skip guidance,samples   # the restoration table
+    python -m tasks.evaluate_default --images 2 --sr-images 6   # the model card's figures, into the model folder
+    python -m tasks.evaluate_default --model DIR --out DIR --images 1 --restore-samples 1 --samples 16  # a quick look
 
 Figures (held-out photos of :data:`guidance.models.train_default.HELD_OUT` only, 256x256):
 
