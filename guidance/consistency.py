@@ -16,9 +16,20 @@ from __future__ import annotations
 
 import torch
 
-from operators.base import check_finite
+from operators.base import check_finite, operator_gain
 
-__all__ = ["pixel_consistency"]
+__all__ = ["check_consistency_steps", "pixel_consistency"]
+
+
+def check_consistency_steps(steps, operator, fix: str = "set the consistency steps to 0") -> int:
+    """``steps`` when it is an integer >= 0 that ``operator`` can take (any number of steps needs a linear
+    operator with an adjoint); else a ValueError ending with ``fix``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"the consistency steps must be an integer >= 0, got {steps!r}")
+    if steps and not getattr(operator, "is_linear", False):
+        raise ValueError(f"pixel consistency needs a linear operator with an adjoint; {type(operator).__name__} is "
+                         f"not linear: {fix}")
+    return steps
 
 
 def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: float | None = None,
@@ -35,11 +46,7 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
     Returns:
         (x, steps): the corrected images and the number of iterations each took (B,).
     """
-    if not getattr(operator, "is_linear", False):
-        raise ValueError(f"pixel consistency needs a linear operator with an adjoint; {type(operator).__name__} is "
-                         f"not linear: set the consistency steps to 0")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"the consistency steps must be an integer >= 0, got {max_steps!r}")
+    check_consistency_steps(max_steps, operator)
     check_finite(x, "the restored image")
     check_finite(y, "the measurement")
     y = y.to(device=x.device, dtype=x.dtype)
@@ -48,8 +55,6 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
         raise ValueError(f"the measurement has shape {tuple(y.shape)} but the operator maps the {x.shape[-2]}x"
                          f"{x.shape[-1]} restoration to (B, {', '.join(map(str, expected))}); use the measurement "
                          f"and the operator the image was restored from")
-    from .methods.flair import operator_gain
-
     sigma = float(operator.noise_std if noise_std is None else noise_std)
     threshold = sigma**2 * y[0].numel()
     step = 1.0 / operator_gain(operator, tuple(x.shape), x.device)
@@ -59,7 +64,7 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
         active = residual.square().flatten(1).sum(1) > threshold
         if not bool(active.any()):
             break
-        mask = active.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        x = torch.where(mask > 0, (x - step * operator.adjoint(residual)).clamp(-1, 1), x)
+        moving = active.reshape(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(moving, (x - step * operator.adjoint(residual)).clamp(-1, 1), x)
         steps += active.long()
     return x, steps

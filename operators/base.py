@@ -171,3 +171,20 @@ class LinearOperator(Operator):
             p = r + (rr_new / rr.clamp_min(torch.finfo(y.dtype).tiny)) * p
             rr = rr_new
         return self.A_adjoint(u)
+
+
+def operator_gain(operator, image_shape: tuple[int, ...], device: torch.device | str = "cpu", iters: int = 10) -> float:
+    """‖A‖² = the largest eigenvalue of AᵀA (power iteration from a constant image, which is already the top
+    eigenvector of blurs and downsamplers): 1 for masks and normalised blurs, about 1/f² for SR×f."""
+    if not getattr(operator, "is_linear", False):
+        return 1.0
+    x = torch.ones((1, *tuple(image_shape)[1:]), device=device)
+    gain = 1.0
+    for _ in range(iters):
+        ax = operator.adjoint(operator(x))
+        gain = float((ax * x).sum() / (x * x).sum())
+        norm = ax.norm()
+        if not norm > 0:
+            return 1.0
+        x = ax / norm
+    return gain if gain > 0 else 1.0

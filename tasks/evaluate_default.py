@@ -109,8 +109,9 @@ def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, met
                                  consistency_steps=0, lpips=LpipsUnavailable("not measured here"))
                 timing = {"seconds": result.metrics["seconds"] / samples, "nfe": result.metrics["nfe"]}
                 first = result.samples[:1]
+                first_consistent = consistent(first, result.measurement)
                 add(method, first, **timing)
-                add(f"{method} + consistency", consistent(first, result.measurement), **timing)
+                add(f"{method} + consistency", first_consistent, **timing)
                 if samples > 1:
                     mean = consistent(result.samples.mean(0, keepdim=True), result.measurement)
                     add(f"{method}, mean of {samples} + consistency", mean, seconds=result.metrics["seconds"],
@@ -118,7 +119,7 @@ def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, met
                 if i == 0:
                     if method == methods[0]:
                         grid.append(([result.measurement], [op_name]))
-                    grid[-1][0].append(consistent(first, result.measurement))
+                    grid[-1][0].append(first_consistent)
                     grid[-1][1].append(f"{method} + cons.")
             baseline = classical_floor(floor, result.measurement, operator, tuple(x.shape[-2:]))
             add(floor, baseline)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance import MeasurementFidelity, get_method
-from guidance.consistency import pixel_consistency
+from guidance.consistency import check_consistency_steps, pixel_consistency
 from guidance.files import write_text_atomic
 from operators import Operator, make_operator
 
@@ -165,13 +165,9 @@ def check_sampling(samples: int, consistency_steps: int | None, operator: Operat
     """Refuse a sample count below 1, negative consistency steps, or consistency steps for a nonlinear operator."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    if consistency_steps is None:
-        return
-    if isinstance(consistency_steps, bool) or not isinstance(consistency_steps, int) or consistency_steps < 0:
-        raise ValueError(f"consistency steps must be an integer >= 0, got {consistency_steps!r}")
-    if consistency_steps and not getattr(operator, "is_linear", False):
-        raise ValueError(f"consistency steps need a linear operator with an adjoint; {spec!r} is not linear: "
-                         f"set them to 0 (--consistency-steps 0)")
+    if consistency_steps is not None:
+        check_consistency_steps(consistency_steps, operator,
+                                f"set the consistency steps to 0 for {spec!r} (--consistency-steps 0)")
 
 
 # -- from files ----------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from operators.base import operator_gain
+
 from ..calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
@@ -58,23 +60,6 @@ def regularizer_step(mu: torch.Tensor, v: torch.Tensor, eps: torch.Tensor, weigh
     velocity held fixed: mu − w (v − (eps − mu)), which equals mu + (w / s)(x0_hat − mu) for
     x_s = s eps + (1 − s) mu and x0_hat = x_s − s v."""
     return mu - weight * (v - (eps - mu))
-
-
-def operator_gain(operator, image_shape: tuple[int, ...], device: torch.device | str = "cpu", iters: int = 10) -> float:
-    """‖A‖² = the largest eigenvalue of AᵀA (power iteration from a constant image, which is already the top
-    eigenvector of blurs and downsamplers): 1 for masks and normalised blurs, about 1/f² for SR×f."""
-    if not getattr(operator, "is_linear", False):
-        return 1.0
-    x = torch.ones((1, *tuple(image_shape)[1:]), device=device)
-    gain = 1.0
-    for _ in range(iters):
-        ax = operator.adjoint(operator(x))
-        gain = float((ax * x).sum() / (x * x).sum())
-        norm = ax.norm()
-        if not norm > 0:
-            return 1.0
-        x = ax / norm
-    return gain if gain > 0 else 1.0
 
 
 def default_data_lr(operator, image_shape: tuple[int, ...], pixel_space: bool, max_weight: float,
