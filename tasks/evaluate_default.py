@@ -80,14 +80,17 @@ def autoencoder_psnr(model, images: torch.Tensor) -> list[float]:
 
 def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, methods=METHODS, num_steps: int = 28,
                       seed: int = 0, options: dict | None = None, samples: int = 1,
-                      consistency_steps: int = CONSISTENCY_STEPS) -> tuple[list[dict], list]:
+                      consistency_steps: int = CONSISTENCY_STEPS, grid_only: tuple[str, ...] = ()
+                      ) -> tuple[list[dict], list]:
     """One row per image x operator x setting, and grid rows for the first image. ``images``: one stack for every
     operator, or a stack per operator name.
 
     Settings of each method: its first sample as it comes (``method``), the same made consistent with y in pixel
     space (``method + consistency``) and, with ``samples`` > 1, the mean of the samples made consistent
     (``method, mean of K + consistency``: the posterior-mean estimate). Each floor appears as it is and made
-    consistent the same way (for SR, bicubic + consistency is iterative back-projection)."""
+    consistent the same way (for SR, bicubic + consistency is iterative back-projection). Methods in ``grid_only``
+    (a subset of ``methods``) run on the first image only, one sample (the same first sample a full run draws),
+    for the grid: their rows come from an earlier run (:func:`merge_rows`)."""
     rows, grid = [], []
     for op_name, (spec, floor) in OPERATORS.items():
         stack = images[op_name] if isinstance(images, dict) else images
@@ -104,15 +107,19 @@ def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, met
                 return pixel_consistency(image, operator, y, max_steps=consistency_steps)[0]
 
             for method in methods:
+                if method in grid_only and i > 0:
+                    continue
+                count = 1 if method in grid_only else samples
                 result = restore(model, x, spec, method, simulate=True, num_steps=num_steps, seed=seed + i,
-                                 options=(options or {}).get(method), progress=False, samples=samples,
+                                 options=(options or {}).get(method), progress=False, samples=count,
                                  consistency_steps=0, lpips=LpipsUnavailable("not measured here"))
-                timing = {"seconds": result.metrics["seconds"] / samples, "nfe": result.metrics["nfe"]}
+                timing = {"seconds": result.metrics["seconds"] / count, "nfe": result.metrics["nfe"]}
                 first = result.samples[:1]
                 first_consistent = consistent(first, result.measurement)
-                add(method, first, **timing)
-                add(f"{method} + consistency", first_consistent, **timing)
-                if samples > 1:
+                if method not in grid_only:
+                    add(method, first, **timing)
+                    add(f"{method} + consistency", first_consistent, **timing)
+                if count > 1:
                     mean = consistent(result.samples.mean(0, keepdim=True), result.measurement)
                     add(f"{method}, mean of {samples} + consistency", mean, seconds=result.metrics["seconds"],
                         nfe=result.metrics["nfe"])
@@ -128,6 +135,20 @@ def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, met
                 grid[-1][0].extend([baseline, x])
                 grid[-1][1].extend([floor, "reference"])
     return rows, grid
+
+
+def row_method(row: dict) -> str:
+    """The method (or floor) a table row belongs to: ``"pnp_flow, mean of 4 + consistency"`` -> ``"pnp_flow"``."""
+    return row["method"].split(",")[0].split(" + ")[0]
+
+
+def merge_rows(rows: list[dict], previous: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """``rows`` of the methods just run, with the ``previous`` rows of every other guided method (floors are always
+    measured anew), ordered by operator, image, then :data:`METHODS` and the floors."""
+    kept = [row for row in previous if row_method(row) in METHODS and row_method(row) not in methods]
+    operators, order = list(OPERATORS), {name: k for k, name in enumerate(METHODS)}
+    return sorted(kept + rows, key=lambda row: (operators.index(row["operator"]), row["image"],
+                                                 order.get(row_method(row), len(METHODS))))
 
 
 def _operator(spec: str):
@@ -270,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     each = autoencoder_psnr(model, images)
     previous = out / "evaluation.json"  # parts skipped now keep their last figures
     evaluation = json.loads(previous.read_text()) if previous.is_file() else {}
+    previous_steps = evaluation.get("num_steps")
     evaluation.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
                        "num_images": int(images.shape[0]), "autoencoder_psnr": sum(each) / len(each),
                        "autoencoder_psnr_each": each, "noise_std": NOISE_STD, "num_steps": args.steps})
@@ -281,11 +303,19 @@ def main(argv: list[str] | None = None) -> None:
     if "restoration" not in skip:
         counts = {op: args.sr_images or args.images if op.startswith("SR") else args.images for op in OPERATORS}
         stacks = {op: images[:n] for op, n in counts.items()}
-        rows, grid = restoration_table(model, stacks, tuple(args.methods.split(",")), args.steps,
-                                       samples=args.restore_samples)
-        evaluation["restoration_images"] = {op: int(stack.shape[0]) for op, stack in stacks.items()}
-        evaluation["restore_samples"] = args.restore_samples
-        evaluation["consistency_steps"] = CONSISTENCY_STEPS
+        methods = tuple(args.methods.split(","))
+        settings = {"restoration_images": {op: int(stack.shape[0]) for op, stack in stacks.items()},
+                    "restore_samples": args.restore_samples, "consistency_steps": CONSISTENCY_STEPS}
+        # a subset of the methods, under the same settings: the others keep their rows and join the grid anew
+        kept = [m for m in METHODS if m not in methods] if all(
+            evaluation.get(key) == value for key, value in settings.items()) and previous_steps == args.steps else []
+        run = tuple(m for m in METHODS if m in methods or m in kept) + tuple(m for m in methods if m not in METHODS)
+        rows, grid = restoration_table(model, stacks, run, args.steps, samples=args.restore_samples,
+                                       grid_only=tuple(kept))
+        if kept:
+            rows = merge_rows(rows, evaluation.get("restoration_rows", []), methods)
+            print(f"kept the earlier rows of {', '.join(kept)}", flush=True)
+        evaluation.update(settings)
         evaluation["restoration"] = summarise(rows)
         evaluation["restoration_rows"] = rows
         save_grid(out / "restorations.png", [r[0] for r in grid], [r[1] for r in grid])

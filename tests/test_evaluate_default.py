@@ -1,8 +1,9 @@
 """The default model's evaluation table: each method as it comes, made consistent, as a consistent mean; floors."""
 
 import pytest
+import torch
 from tasks import evaluate_default
-from tasks.evaluate_default import markdown, restoration_table, summarise
+from tasks.evaluate_default import markdown, merge_rows, restoration_table, row_method, summarise
 
 pytestmark = pytest.mark.usefixtures("offline_cache")
 
@@ -30,3 +31,39 @@ def test_restoration_table_rows_and_grid(monkeypatch):
     text = markdown({"num_images": 1, "autoencoder_psnr": 28.0, "autoencoder_psnr_each": [28.0],
                      "restoration": table, "restoration_images": {"SR x4": 1}})
     assert "| SR x4 (1 image) |" in text and "| SR x4 | bicubic + consistency |" in text
+
+
+def test_grid_only_methods_join_the_grid_with_their_first_sample_but_add_no_rows(monkeypatch):
+    from guidance import load_model
+    from guidance.models.train_default import held_out_images
+
+    monkeypatch.setattr(evaluate_default, "OPERATORS", {"SR x4": ("sr:factor=4,noise_std=0.01", "bicubic")})
+    crops = held_out_images(64)[:2]
+    model = load_model("default")
+    common = dict(methods=("flowchef", "pnp_flow"), num_steps=2, samples=2)
+    full_rows, full_grid = restoration_table(model, {"SR x4": crops}, **common)
+    rows, grid = restoration_table(model, {"SR x4": crops}, grid_only=("flowchef",), **common)
+    assert {row_method(row) for row in rows} == {"pnp_flow", "bicubic"}
+    def scores(table):
+        return [(r["image"], r["method"], r["psnr"], r["ssim"]) for r in table if row_method(r) == "pnp_flow"]
+
+    assert len(scores(rows)) == 6 and scores(rows) == scores(full_rows)
+    assert grid[0][1] == full_grid[0][1] == ["SR x4", "flowchef + cons.", "pnp_flow + cons.", "bicubic", "reference"]
+    for cell, full_cell in zip(grid[0][0], full_grid[0][0]):
+        torch.testing.assert_close(cell, full_cell)  # one sample of seed + 1 is the first of a batched run
+
+
+def test_merged_rows_keep_other_methods_measure_floors_anew_and_follow_the_table_order():
+    def row(method, image=0, operator="SR x4", psnr=1.0):
+        return {"operator": operator, "image": image, "method": method, "psnr": psnr}
+
+    previous = [row("flair"), row("flair + consistency"), row("pnp_flow", psnr=0.0), row("bicubic", psnr=0.0),
+                row("dps, mean of 4 + consistency"), row("flair", image=1)]
+    new = [row("pnp_flow", psnr=2.0), row("pnp_flow, mean of 4 + consistency"), row("bicubic", psnr=3.0),
+           row("pnp_flow", image=1)]
+    merged = merge_rows(new, previous, ("pnp_flow",))
+    assert [(r["image"], r["method"], r["psnr"]) for r in merged] == [
+        (0, "flair", 1.0), (0, "flair + consistency", 1.0), (0, "pnp_flow", 2.0),
+        (0, "pnp_flow, mean of 4 + consistency", 1.0), (0, "dps, mean of 4 + consistency", 1.0),
+        (0, "bicubic", 3.0), (1, "flair", 1.0), (1, "pnp_flow", 1.0)]
+    assert row_method(row("mean-colour fill + consistency")) == "mean-colour fill"

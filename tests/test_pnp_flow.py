@@ -7,8 +7,10 @@ from tiny_models import measured_fidelity as _fidelity
 from tiny_models import text_case as _text_case
 
 from guidance import DivergenceError, MeasurementFidelity, get_method
+from guidance.methods.common import data_term_gain
 from guidance.methods.pnp_flow import pnp_flow
 from operators import make_operator
+from operators.base import operator_gain
 from tasks.analytic_benchmark import smooth_image_prior
 from tasks.posterior_scores import mse_over_mmse
 
@@ -63,6 +65,27 @@ def test_one_iteration_is_gradient_step_then_averaged_renoised_clean_estimates()
         assert steps[i]["step"] == i and float(steps[i]["sigma"]) == pytest.approx(s)
     torch.testing.assert_close(out.x, x, rtol=1e-5, atol=1e-5)
     assert out.nfe == 9
+
+
+@pytest.mark.parametrize("spec", ["sr:factor=2", "inpaint_box:fraction=0.25"])
+def test_a_normalised_step_is_the_step_divided_by_the_operator_gain(spec):
+    op, _, y = _problem(spec)
+    gain = operator_gain(op, (1, 1, 8, 8))
+    assert gain == pytest.approx(0.25 if spec.startswith("sr") else 1.0, rel=0.1)
+    common = dict(num_steps=3, num_draws=2, generator=None, progress=False)
+    normalised = pnp_flow(FLOW, MeasurementFidelity(op, y), step_size=0.1, normalize_step=True,
+                          latents=torch.randn(4, 1, 8, 8, generator=_gen(3)), **{**common, "generator": _gen(5)})
+    scaled = pnp_flow(FLOW, MeasurementFidelity(op, y), step_size=0.1 / gain,
+                      latents=torch.randn(4, 1, 8, 8, generator=_gen(3)), **{**common, "generator": _gen(5)})
+    torch.testing.assert_close(normalised.x, scaled.x)
+
+
+def test_the_gain_is_one_for_objectives_the_operator_does_not_scale():
+    op, _, y = _problem("sr:factor=2")
+    assert data_term_gain(MeasurementFidelity(op, y), (1, 1, 8, 8)) == pytest.approx(0.25, rel=0.1)
+    assert data_term_gain(MeasurementFidelity(op, y, space="latent"), (1, 1, 8, 8)) == 1.0
+    with pytest.raises(ValueError, match="normalize_step must be True or False"):
+        pnp_flow(FLOW, MeasurementFidelity(op, y), normalize_step="yes", progress=False)
 
 
 # -- end to end on the tiny text models ----------------------------------------------------------------------

@@ -115,6 +115,20 @@ def measurement_batch_size(objective, batch_size: int | None, latents) -> int | 
     return batch_size
 
 
+def data_term_gain(objective, image_shape: tuple[int, ...], device: torch.device | str = "cpu") -> float:
+    """L = ‖A‖² (:func:`operators.base.operator_gain`) of a pixel-space :class:`MeasurementFidelity` with a linear
+    operator: its gradient 2 Aᵀ(A x − y) is 2L-Lipschitz, so a step γ / L suits masks (L = 1) and SR×f (L ≈ 1/f²)
+    alike, as the 1/L step of proximal-gradient methods. 1 for every other objective (latent-space fidelity,
+    nonlinear operators, classifiers, rewards), whose gradient A does not scale."""
+    from operators.base import operator_gain
+
+    from ..objectives import MeasurementFidelity
+
+    if isinstance(objective, MeasurementFidelity) and objective.space == "pixel":
+        return operator_gain(objective.operator, tuple(image_shape), device)
+    return 1.0
+
+
 def initial_image(operator, y: torch.Tensor, image_shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """A data-consistent starting image A⁺y (FLAIR's initialisation, the pseudo-inverse floor): the operator's
     pseudo-inverse when it has a cheap one (SR, inpainting's zero fill); else y itself when A keeps the image

@@ -59,7 +59,7 @@ CLASSES = {"retina": ("retina",), "hubble": ("hubble_deep_field",), "tissue": ("
 #: inpainting and deblurring (‖A‖² = 1). FLAIR with 2 / 3 / 4 data steps: SR x4 of astronaut 20.4 / 21.2 / 21.6 dB
 #: before consistency, in 105 / 39 / 52 s (3 keeps the README's command within a minute).
 RECOMMENDED_OPTIONS: dict[str, dict] = {"flair": {"data_steps": 3}, "flowchef": {"step_size": 0.03},
-                                        "pnp_flow": {"step_size": 0.125}, "dps": {"step_size": 3.0}}
+                                        "pnp_flow": {"step_size": 0.125, "normalize_step": True}, "dps": {"step_size": 3.0}}
 #: Restoration settings recommended for this model: its autoencoder (about 28 dB) loses detail the measurement
 #: still holds, so the result is made consistent with y in pixel space (the discrepancy principle stops it).
 RESTORE_OPTIONS: dict = {"consistency_steps": 100}
