@@ -110,6 +110,12 @@ def get_entry(name: str) -> OperatorEntry:
     raise ValueError(f"unknown operator {name!r}{hint} Available: {', '.join(REGISTRY)}")
 
 
+def operator_name(operator: Operator) -> str | None:
+    """The registry name of an operator's class (``"sr"`` for a :class:`BicubicDownsampling`); None for a class
+    the registry does not hold (a user's own operator, a subclass)."""
+    return next((name for name, entry in REGISTRY.items() if type(operator) is entry.cls), None)
+
+
 def make_operator(spec: str | Operator, **kwargs) -> Operator:
     """Build an operator from a spec string (``"sr:factor=4"``, ``"gaussian_blur | sr:factor=2"``) or a name
     plus keyword arguments; keyword arguments override those in the spec. An Operator is returned as is."""

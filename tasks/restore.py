@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from guidance import MeasurementFidelity, get_method
 from guidance.consistency import check_consistency_steps, pixel_consistency
 from guidance.files import write_text_atomic
-from operators import Operator, make_operator
+from operators import Operator, make_operator, operator_name
 
 from .grid import save_grid
 from .image_io import load_image, save_image
@@ -126,7 +126,8 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
                                       input_shape(operator, tuple(y.shape))[-2:]))
     objective = MeasurementFidelity(operator, y, space=space)
-    options = {**model.recommended_options(method), **(options or {})}  # the user's options override the model's
+    # the user's options override the model's recommendation for this method on this operator
+    options = {**model.recommended_options(method, operator_name(operator)), **(options or {})}
     solver = get_method(method, **options)
     check_sampling(samples, consistency_steps, operator, spec)
     if consistency_steps is None:

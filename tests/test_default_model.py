@@ -152,3 +152,35 @@ def test_manifest_covers_every_weight_file():
     shipped = {str(p.relative_to(DEFAULT_MODEL_DIR)).replace("\\", "/") for p in DEFAULT_MODEL_DIR.rglob("*.safetensors")}
     assert set(recorded) == shipped and {"unet/diffusion_pytorch_model.safetensors",
                                          "vae/diffusion_pytorch_model.safetensors"} <= shipped
+
+
+def test_recommended_options_per_method_and_operator_match_the_training_script(model):
+    from guidance.models.train_default import OPERATOR_OPTIONS, RECOMMENDED_OPTIONS, RESTORE_OPTIONS
+
+    assert (model.method_options, model.operator_options, model.restore_options) == (
+        RECOMMENDED_OPTIONS, OPERATOR_OPTIONS, RESTORE_OPTIONS)
+    early = {"step_size": 1.0, "normalize_step": True, "stop_sigma": 0.75}
+    assert model.recommended_options("flowchef", "sr") == early
+    assert model.recommended_options("flowchef", "gaussian_blur") == early
+    assert model.recommended_options("flowchef", "inpaint_box") == {"step_size": 0.03}
+    assert model.recommended_options("flowchef") == {"step_size": 0.03}
+    assert model.recommended_options("pnp_flow", "sr") == {"step_size": 0.125, "normalize_step": True}
+    assert model.recommended_options("unguided", "sr") == {}
+
+
+def test_restore_applies_the_operators_recommendation_under_the_users_options(model):
+    from operators import BicubicDownsampling, Composition
+    from tasks.restore import restore
+
+    crop = held_out(32)
+    run = dict(simulate=True, num_steps=4, progress=False, consistency_steps=0)
+    by_spec = restore(model, crop, "sr:factor=4", "flowchef", **run)
+    assert by_spec.settings["options"] == {"step_size": 1.0, "normalize_step": True, "stop_sigma": 0.75}
+    by_object = restore(model, crop, BicubicDownsampling(factor=4), "flowchef", **run)
+    torch.testing.assert_close(by_object.restored, by_spec.restored)
+    user = restore(model, crop, "sr:factor=4", "flowchef", options={"step_size": 0.5}, **run)
+    assert user.settings["options"]["step_size"] == 0.5 and user.settings["options"]["stop_sigma"] == 0.75
+    inpaint = restore(model, crop, "inpaint_box", "flowchef", **run)
+    assert inpaint.settings["options"] == {"step_size": 0.03}
+    composed = restore(model, crop, Composition(["gaussian_blur", "sr:factor=2"]), "flowchef", **run)
+    assert composed.settings["options"] == {"step_size": 0.03}  # nothing for "compose": the method's own

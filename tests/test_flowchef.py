@@ -10,6 +10,7 @@ from guidance.flow import euler_step
 from guidance.methods.flowchef import PRESETS, flowchef
 from guidance.methods.flowchef_edit import flowchef_edit
 from operators import make_operator
+from operators.base import operator_gain
 
 EDIT_PROMPT = "a white cat in the city"
 
@@ -213,6 +214,40 @@ def _analytic_run(objective=None, **options):
     op, _, y = _inpainting_problem(batch=2)
     objective = objective or MeasurementFidelity(op, y)
     return flowchef(FLOW, objective, num_steps=5, generator=_gen(), batch_size=2, progress=False, **options)
+
+
+def test_a_normalised_step_is_the_step_divided_by_the_operator_gain():
+    op = make_operator("sr:factor=2", noise_std=0.05)
+    y = op.measure(FLOW.sample_prior(8, _gen(1)), _gen(2))
+    gain = operator_gain(op, (1, 1, 4, 4))
+    assert 0.2 < gain < 0.3  # about 1/f²
+    common = dict(num_steps=10, latents=_noise(8, 3), progress=False, window=(0, 5))
+    normalised = flowchef(FLOW, MeasurementFidelity(op, y), step_size=0.1, normalize_step=True, **common)
+    scaled = flowchef(FLOW, MeasurementFidelity(op, y), step_size=0.1 / gain, **common)
+    plain = flowchef(FLOW, MeasurementFidelity(op, y), step_size=0.1, **common)
+    torch.testing.assert_close(normalised.x, scaled.x)
+    assert not torch.allclose(normalised.x, plain.x)
+
+
+def test_stop_sigma_guides_the_steps_above_that_noise_level_as_a_window_would():
+    op, _, y = _inpainting_problem(batch=4)
+    sigmas = FLOW.sigmas(10)
+    above = [i for i in range(10) if float(sigmas[i]) > 0.55]
+    assert 0 < len(above) < 10
+    common = dict(num_steps=10, latents=_noise(4, 3), progress=False, step_size=0.3)
+    by_sigma = flowchef(FLOW, MeasurementFidelity(op, y), stop_sigma=0.55, **common)
+    by_window = flowchef(FLOW, MeasurementFidelity(op, y), window=(0, len(above)), **common)
+    assert by_sigma.info["guided_steps"] == above
+    torch.testing.assert_close(by_sigma.x, by_window.x)
+    with pytest.raises(ValueError, match="stop_sigma must be a number >= 0"):
+        _analytic_run(stop_sigma=-0.5)
+
+
+def test_normalize_step_is_refused_with_adam_and_must_be_a_bool():
+    with pytest.raises(ValueError, match="Adam's step already ignores the scale"):
+        _analytic_run(optimizer="adam", normalize_step=True)
+    with pytest.raises(ValueError, match="normalize_step must be True or False"):
+        _analytic_run(normalize_step=1)
 
 
 def test_negative_step_size_is_refused():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from operators import list_operators, make_operator
+from operators import Composition, list_operators, make_operator, operator_name
 
 ENTRIES = list_operators()
 IDS = [entry.name for entry in ENTRIES]
@@ -22,6 +22,18 @@ def images(shape=(2, 3, 64, 64), dtype=torch.float32, seed=0):
 def test_registry_has_at_least_ten_operators():
     assert len(ENTRIES) >= 10
     assert len(set(IDS)) == len(IDS)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
+def test_an_operator_knows_its_registry_name(entry):
+    assert operator_name(build(entry)) == entry.name
+
+
+def test_an_operator_class_outside_the_registry_has_no_name():
+    class Halving(Composition):
+        pass
+
+    assert operator_name(Halving(["sr:factor=2"])) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

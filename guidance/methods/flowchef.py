@@ -9,7 +9,7 @@ objectives)::
     x ~ N(0, I)                                   (no inversion)
     for i in 0 .. N-1:
         v = v_theta(x, s_i, c)                    no grad, held fixed
-        if i is in the guided window:
+        if i is in the guided window and s_i > stop_sigma:
             repeat K times:
                 x0_hat = x - s_i v
                 x = optimizer_step(x, ∇_{x0_hat} L(x0_hat))
@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import start_state
-from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps,
-                     measurement_batch_size)
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative,
+                     data_term_gain, guided_steps, measurement_batch_size)
 
 __all__ = ["DEFAULT_STEP_SIZE", "OPTIMIZERS", "InnerOptimizer", "PRESETS", "flowchef", "loss_history"]
 
@@ -122,6 +122,8 @@ def flowchef(
     optimizer: str = "gd",
     momentum: float = 0.0,
     window: tuple[int, int] | None = None,
+    stop_sigma: float = 0.0,
+    normalize_step: bool = False,
     check_divergence: bool = True,
 ) -> MethodResult:
     """Guide a frozen flow model toward low ``objective`` with FlowChef's gradient skipping (ICCV 2025).
@@ -145,6 +147,12 @@ def flowchef(
         optimizer: ``"gd"``, ``"sgd"`` or ``"adam"`` (see :class:`InnerOptimizer`).
         momentum: momentum of ``"sgd"``.
         window: ``(start, stop)`` step indices to guide (None: every step; see ``guided_steps``).
+        stop_sigma: guide only the steps of the window whose noise level s_i is above it (0: all of them). A
+            window in noise levels rather than step indices, so it means the same at any number of steps.
+        normalize_step: divide the step by ‖A‖² (:func:`~guidance.methods.common.data_term_gain`, computed once),
+            so that one step suits masks and blurs (‖A‖² = 1) and SR×f (about 1/f²) alike. "gd" and "sgd" only:
+            Adam's step already ignores the scale of the loss. No effect on objectives without a linear
+            pixel-space operator.
         check_divergence: stop with a :class:`~guidance.methods.common.DivergenceError` naming the step when
             the state becomes NaN or infinite.
 
@@ -158,14 +166,24 @@ def flowchef(
     check_nonnegative(step_size, "step_size")
     check_count(inner_steps, "inner_steps", minimum=0)
     check_optimizer(optimizer, momentum)
+    if not isinstance(normalize_step, bool):
+        raise ValueError(f"normalize_step must be True or False, got {normalize_step!r}")
+    if normalize_step and optimizer == "adam":
+        raise ValueError("normalize_step applies to optimizer 'gd' or 'sgd': Adam's step already ignores the scale "
+                         "of the loss; drop normalize_step or use 'gd'")
     guided = guided_steps(window, num_steps)
+    stop_sigma = check_nonnegative(stop_sigma, "stop_sigma")
 
     batch_size = measurement_batch_size(objective, batch_size, latents)
 
     model = CountingModel(model)
     state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas
+    if stop_sigma:
+        guided = [i for i in guided if float(sigmas[i]) > stop_sigma]
     objective.bind(model, state.height, state.width)
+    image_shape = (1, model.image_channels, state.height, state.width)
+    lr = step_size / data_term_gain(objective, image_shape, x.device) if normalize_step else step_size
 
     losses: list[list[torch.Tensor]] = []
     monitor = DivergenceMonitor("flowchef", f"use a smaller step_size than {step_size}", check_divergence)
@@ -175,7 +193,7 @@ def flowchef(
         loss = None
         if i in guided:
             step_losses = []
-            opt = InnerOptimizer(optimizer, x, step_size, momentum)  # fresh optimizer state every step
+            opt = InnerOptimizer(optimizer, x, lr, momentum)  # fresh optimizer state every step
             for _ in range(inner_steps):
                 x0_hat = x0_from_velocity(x, v, s_i)
                 loss, grad = objective_gradient(objective, model, x0_hat)  # = ∇_x L(x - s_i v)

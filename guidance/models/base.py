@@ -37,6 +37,8 @@ class FlowModel:
         max_size: the largest height or width the model accepts (None: no limit beyond memory).
         method_options: options its authors recommend per guidance method (``{"flair": {"data_steps": 5}}``),
             applied by the tasks under the user's own options; None: the methods' defaults.
+        operator_options: options its authors recommend for one operator (by registry name) and method, over
+            ``method_options`` (``{"sr": {"flowchef": {"step_size": 16.0}}}``); None: none.
         restore_options: restoration settings its authors recommend (``{"consistency_steps": 20}``, see
             :func:`tasks.restore.restore`), applied when the user sets none; None: the task's defaults.
     """
@@ -49,11 +51,14 @@ class FlowModel:
     default_size: tuple[int, int] | None = None
     max_size: int | None = None
     method_options: dict[str, dict[str, Any]] | None = None
+    operator_options: dict[str, dict[str, dict[str, Any]]] | None = None
     restore_options: dict[str, Any] | None = None
 
-    def recommended_options(self, method: str) -> dict[str, Any]:
-        """A copy of the options recommended for ``method`` (empty when none)."""
-        return dict((self.method_options or {}).get(method, {}))
+    def recommended_options(self, method: str, operator: str | None = None) -> dict[str, Any]:
+        """A copy of the options recommended for ``method`` (empty when none), with those for ``method`` on the
+        operator registered as ``operator`` (``"sr"``, see :func:`operators.operator_name`) on top."""
+        for_operator = (self.operator_options or {}).get(operator, {}) if operator is not None else {}
+        return {**(self.method_options or {}).get(method, {}), **for_operator.get(method, {})}
 
     def velocity(
         self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None, grad: bool = False

@@ -61,6 +61,7 @@ class GenericFlowModel(FlowModel):
         device, dtype: where and in which precision the network runs (default: its parameters', else CPU
             float32).
         method_options: recommended options per guidance method (see :class:`FlowModel`).
+        operator_options: recommended options per operator and method (see :class:`FlowModel`).
         restore_options: recommended restoration settings (see :class:`FlowModel`).
     """
 
@@ -79,6 +80,7 @@ class GenericFlowModel(FlowModel):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         method_options: dict[str, dict[str, Any]] | None = None,
+        operator_options: dict[str, dict[str, dict[str, Any]]] | None = None,
         restore_options: dict[str, Any] | None = None,
     ):
         if not callable(network):
@@ -87,6 +89,8 @@ class GenericFlowModel(FlowModel):
             raise ValueError(f"shift must be > 0, got {shift}")
         self.network = network
         self.method_options = {str(k): dict(v) for k, v in (method_options or {}).items()}
+        self.operator_options = {str(op): {str(m): dict(o) for m, o in methods.items()}
+                                 for op, methods in (operator_options or {}).items()}
         self.restore_options = dict(restore_options or {})
         self.scheduler = scheduler
         self.shift = float(shift)
