@@ -2,6 +2,10 @@
 
     python -m tasks.evaluate_default --images 2 --sr-images 6   # the model card's figures, into the model folder
     python -m tasks.evaluate_default --model DIR --out DIR --images 1 --restore-samples 1 --samples 16  # a quick look
+    python -m tasks.evaluate_default --images 2 --sr-images 6 --skip guidance,samples --methods pnp_flow  # one method
+
+With ``--methods`` naming some of the four under unchanged settings, the others keep their earlier rows and run
+once more on each operator's first image, one sample, for the grid.
 
 Figures (held-out photos of :data:`guidance.models.train_default.HELD_OUT` only, 256x256):
 

@@ -101,7 +101,8 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
         noise_std: measurement noise when building the operator from a spec (default: the operator's own).
         cond: the model's conditioning (default ``model.condition()``: an empty prompt for text models).
         space: where the measurement objective lives, ``"pixel"`` or ``"latent"``.
-        options: the method's own options (``flowsteer methods`` lists them).
+        options: the method's own options (``flowsteer methods`` lists them), over those the model recommends for
+            this method on this operator (``model.recommended_options(method, operator_name(operator))``).
         samples: K restorations from seeds ``seed + 1 .. seed + K`` in one batched call; the result is their mean,
             an estimate of the posterior mean E[x | y] (lower MSE than any single sample: the fidelity setting),
             and ``metrics["sample_std"]`` their mean per-pixel standard deviation.
