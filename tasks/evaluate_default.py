@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = {"restoration_images": {op: int(stack.shape[0]) for op, stack in stacks.items()},
                     "restore_samples": args.restore_samples, "consistency_steps": CONSISTENCY_STEPS}
         # a subset of the methods, under the same settings: the others keep their rows and join the grid anew
-        kept = [m for m in METHODS if m not in methods] if all(
-            evaluation.get(key) == value for key, value in settings.items()) and previous_steps == args.steps else []
+        measured = {row_method(row) for row in evaluation.get("restoration_rows", [])}
+        same = all(evaluation.get(key) == value for key, value in settings.items()) and previous_steps == args.steps
+        kept = [m for m in METHODS if m not in methods and m in measured] if same else []
         run = tuple(m for m in METHODS if m in methods or m in kept) + tuple(m for m in methods if m not in METHODS)
         rows, grid = restoration_table(model, stacks, run, args.steps, samples=args.restore_samples,
                                        grid_only=tuple(kept))

@@ -67,3 +67,24 @@ def test_merged_rows_keep_other_methods_measure_floors_anew_and_follow_the_table
         (0, "pnp_flow, mean of 4 + consistency", 1.0), (0, "dps, mean of 4 + consistency", 1.0),
         (0, "bicubic", 3.0), (1, "flair", 1.0), (1, "pnp_flow", 1.0)]
     assert row_method(row("mean-colour fill + consistency")) == "mean-colour fill"
+
+
+def test_a_run_of_some_methods_keeps_the_other_rows_of_the_same_settings(monkeypatch, tmp_path, capsys):
+    import json
+
+    from guidance.models.train_default import held_out_images
+
+    monkeypatch.setattr(evaluate_default, "OPERATORS", {"SR x4": ("sr:factor=4,noise_std=0.01", "bicubic")})
+    monkeypatch.setattr(evaluate_default, "held_out_images", lambda: held_out_images(64)[:2])
+    common = ["--out", str(tmp_path), "--images", "2", "--steps", "2", "--restore-samples", "1",
+              "--skip", "guidance,samples"]
+    evaluate_default.main([*common, "--methods", "flowchef,pnp_flow"])
+    first = json.loads((tmp_path / "evaluation.json").read_text())["restoration_rows"]
+    evaluate_default.main([*common, "--methods", "pnp_flow"])
+    assert "kept the earlier rows of flowchef" in capsys.readouterr().out
+    second = json.loads((tmp_path / "evaluation.json").read_text())["restoration_rows"]
+    assert [r["method"] for r in second] == [r["method"] for r in first]
+    assert [r["psnr"] for r in second] == pytest.approx([r["psnr"] for r in first])
+    evaluate_default.main([*common, "--methods", "pnp_flow", "--steps", "3"])  # other settings: nothing is kept
+    third = json.loads((tmp_path / "evaluation.json").read_text())["restoration_rows"]
+    assert {row_method(r) for r in third} == {"pnp_flow", "bicubic"}

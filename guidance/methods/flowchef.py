@@ -170,7 +170,7 @@ def flowchef(
         raise ValueError(f"normalize_step must be True or False, got {normalize_step!r}")
     if normalize_step and optimizer == "adam":
         raise ValueError("normalize_step applies to optimizer 'gd' or 'sgd': Adam's step already ignores the scale "
-                         "of the loss; drop normalize_step or use 'gd'")
+                         "of the loss; set normalize_step=False (a model may recommend it) or use 'gd'")
     guided = guided_steps(window, num_steps)
     stop_sigma = check_nonnegative(stop_sigma, "stop_sigma")
 
