@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     begin = time.time()
     each = autoencoder_psnr(model, images)
     previous = out / "evaluation.json"  # parts skipped now keep their last figures
-    evaluation = json.loads(previous.read_text()) if previous.is_file() else {}
-    previous_steps = evaluation.get("num_steps")
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    evaluation = {**earlier}
     evaluation.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
                        "num_images": int(images.shape[0]), "autoencoder_psnr": sum(each) / len(each),
                        "autoencoder_psnr_each": each, "noise_std": NOISE_STD, "num_steps": args.steps})
@@ -311,14 +311,14 @@ def main(argv: list[str] | None = None) -> None:
         settings = {"restoration_images": {op: int(stack.shape[0]) for op, stack in stacks.items()},
                     "restore_samples": args.restore_samples, "consistency_steps": CONSISTENCY_STEPS}
         # a subset of the methods, under the same settings: the others keep their rows and join the grid anew
-        measured = {row_method(row) for row in evaluation.get("restoration_rows", [])}
-        same = all(evaluation.get(key) == value for key, value in settings.items()) and previous_steps == args.steps
+        measured = {row_method(row) for row in earlier.get("restoration_rows", [])}
+        same = all(earlier.get(key) == value for key, value in {**settings, "num_steps": args.steps}.items())
         kept = [m for m in METHODS if m not in methods and m in measured] if same else []
         run = tuple(m for m in METHODS if m in methods or m in kept) + tuple(m for m in methods if m not in METHODS)
         rows, grid = restoration_table(model, stacks, run, args.steps, samples=args.restore_samples,
                                        grid_only=tuple(kept))
         if kept:
-            rows = merge_rows(rows, evaluation.get("restoration_rows", []), methods)
+            rows = merge_rows(rows, earlier["restoration_rows"], methods)
             print(f"kept the earlier rows of {', '.join(kept)}", flush=True)
         evaluation.update(settings)
         evaluation["restoration"] = summarise(rows)

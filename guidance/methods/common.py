@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from operators.base import operator_gain
+
 
 @dataclass
 class MethodResult:
@@ -66,6 +68,12 @@ def check_nonnegative(value, name: str) -> float:
     return value
 
 
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_count(value, name: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -120,8 +128,6 @@ def data_term_gain(objective, image_shape: tuple[int, ...], device: torch.device
     operator: its gradient 2 Aᵀ(A x − y) is 2L-Lipschitz, so a step γ / L suits masks (L = 1) and SR×f (L ≈ 1/f²)
     alike, as the 1/L step of proximal-gradient methods. 1 for every other objective (latent-space fidelity,
     nonlinear operators, classifiers, rewards), whose gradient A does not scale."""
-    from operators.base import operator_gain
-
     from ..objectives import MeasurementFidelity
 
     if isinstance(objective, MeasurementFidelity) and objective.space == "pixel":

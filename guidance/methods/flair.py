@@ -33,7 +33,7 @@ from ..calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
 from ..sampler import initial_noise, start_state
-from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_nonnegative,
+from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_flag, check_nonnegative,
                      initial_image)
 
 __all__ = ["flair", "flair_grid", "dta_noise", "regularizer_step", "data_consistency", "initial_image",
@@ -170,8 +170,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     check_count(data_steps, "data_steps")
     if data_lr is not None:
         check_nonnegative(data_lr, "data_lr")
-    if not isinstance(dta, bool):
-        raise ValueError(f"dta must be True or False, got {dta!r}")
+    check_flag(dta, "dta")
     operator = objective.operator
     y_batch = objective.y.shape[0]
     if height is None and width is None and latents is None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import start_state
-from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative,
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
                      data_term_gain, guided_steps, measurement_batch_size)
 
 __all__ = ["DEFAULT_STEP_SIZE", "OPTIMIZERS", "InnerOptimizer", "PRESETS", "flowchef", "loss_history"]
@@ -166,9 +166,7 @@ def flowchef(
     check_nonnegative(step_size, "step_size")
     check_count(inner_steps, "inner_steps", minimum=0)
     check_optimizer(optimizer, momentum)
-    if not isinstance(normalize_step, bool):
-        raise ValueError(f"normalize_step must be True or False, got {normalize_step!r}")
-    if normalize_step and optimizer == "adam":
+    if check_flag(normalize_step, "normalize_step") and optimizer == "adam":
         raise ValueError("normalize_step applies to optimizer 'gd' or 'sgd': Adam's step already ignores the scale "
                          "of the loss; set normalize_step=False (a model may recommend it) or use 'gd'")
     guided = guided_steps(window, num_steps)

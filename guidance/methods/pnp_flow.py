@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..flow import interpolate, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import initial_noise, start_state
-from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative,
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
                      data_term_gain, measurement_batch_size)
 
 __all__ = ["pnp_flow"]
@@ -66,8 +66,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     step_size = check_nonnegative(step_size, "step_size")
     step_exponent = check_nonnegative(step_exponent, "step_exponent")
     num_draws = check_count(num_draws, "num_draws", minimum=1)
-    if not isinstance(normalize_step, bool):
-        raise ValueError(f"normalize_step must be True or False, got {normalize_step!r}")
+    check_flag(normalize_step, "normalize_step")
     if not isinstance(objective, Objective):
         raise ValueError(f"pnp_flow needs an Objective (e.g. MeasurementFidelity), got {type(objective).__name__}")
     batch_size = measurement_batch_size(objective, batch_size, latents)
