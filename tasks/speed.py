@@ -16,14 +16,17 @@ Rows (``METHODS``), all on the SR x4 measurement y of a smooth random image:
   a TAESD-style AutoencoderTiny, ``full``: the model's VAE);
 * ``dps``: the contrast, which backpropagates through the transformer at every step.
 
-Protocol. Every cell (backbone x size x steps x method) runs once as a warm-up (compilation, allocator, caches),
-then ``repeats`` timed runs; the time per image is the median run time over the batch. Text embeddings are
+Protocol. Every cell (backbone x size x steps x method) runs once as a warm-up of ``WARMUP_STEPS`` steps (the same
+shapes and kernels as the timed runs: compilation, allocator, caches), then ``repeats`` timed runs; the time per
+image is the median run time over the batch. Text embeddings are
 computed once per prompt before any timing and reused (the adapters cache them). On CUDA the timed region is
 bracketed by ``torch.cuda.synchronize`` and the peak is ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on the CPU each cell runs in a fresh process (multiprocessing spawn), so that the
-resident-set high-water mark (``ru_maxrss``) is that cell's peak. "Above load" is the peak minus the memory held
-after the model, condition and objective were built. Outputs: ``table.md`` and ``results.json`` (written
-atomically), with the environment, per-step scaling and the performance targets met or missed.
+resident-set high-water mark (``ru_maxrss``) is that cell's peak (``isolate=False`` measures CPU cells in this
+process, as on CUDA). "Above load" is the peak minus the memory held after the model, condition and objective were
+built. Outputs: ``table.md`` and ``results.json``, written atomically again after every row, so that a run stopped
+part-way keeps what it measured; a ``time_budget`` leaves the cells it has no time for "not measured". The
+full-size random-weight backbones run without the methods' divergence checks (their outputs mean nothing).
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -79,6 +82,12 @@ TARGETS = (
     (("flowchef-latent",), "peak_memory", 1.05, "FlowChef with a latent loss: peak memory <= 1.05x unguided"),
     (("flowchef-pixel", "flair"), "time", 1.5, "pixel loss through the tiny decoder: time <= 1.5x unguided"),
 )
+#: (backbone, row, size, limit in seconds per image, what): absolute times the GPU run aims for.
+SECONDS_TARGETS = (
+    ("sd3.5-medium", "flair", 768, 4.0,
+     "FLAIR on SD3.5-medium at 768², tiny decoder: <= 4 s per image (the paper: about 22 s on an RTX 4090)"),
+)
+WARMUP_STEPS = 2          # steps of each cell's warm-up run (at most the cell's own)
 STEP_MEMORY_LIMIT = 1.05  # peak(most steps) / peak(fewest steps) for "memory independent of steps"
 LINEAR_LIMIT = 0.05       # largest residual of t = a + b N, relative to the largest time, for "linear in steps"
 
@@ -96,6 +105,9 @@ class Settings:
     repeats: int = 3
     seed: int = 0
     threads: int = 1
+    isolate: bool = True
+    compile_backend: str | None = None
+    options: dict = field(default_factory=dict)
 
     @property
     def cuda(self) -> bool:
@@ -218,7 +230,7 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         condition = "no text (unconditional)"
     else:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-    compiled = _compile(model, settings.compile)
+    compiled = _compile(model, settings.compile, settings.compile_backend)
     if settings.vae_tiling:
         if not hasattr(model, "enable_vae_tiling"):
             raise CellSkipped(f"{type(model).__name__} has no VAE tiling switch; drop --vae-tiling", "backbone")
@@ -235,17 +247,20 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
     return model, cond, info
 
 
-def _compile(model, mode: str) -> str:
-    """Apply ``--compile`` and say what was compiled."""
+def _compile(model, mode: str, backend: str | None = None) -> str:
+    """Apply ``--compile`` (with ``--compile-backend``, torch.compile's default inductor when None) and say what
+    was compiled."""
     if mode == "off":
         return "off"
+    options = {} if backend is None else {"backend": backend}
+    suffix = "" if backend is None else f", backend {backend}"
     if hasattr(model, "compile"):
-        model.compile(regional=mode == "regional")
-        return f"{mode} (torch.compile)"
+        model.compile(regional=mode == "regional", **options)
+        return f"{mode} (torch.compile{suffix})"
     network = getattr(model, "network", None)
     if isinstance(network, torch.nn.Module):
-        network.compile()
-        return "full network (torch.compile; no repeated blocks to compile one by one)"
+        network.compile(**options)
+        return f"full network (torch.compile{suffix}; no repeated blocks to compile one by one)"
     raise CellSkipped(f"{type(model).__name__} has nothing torch.compile can take; drop --compile", "backbone")
 
 
@@ -266,28 +281,37 @@ def _objective(space: str | None, model, size: int, seed: int):
     return MeasurementFidelity(operator.to(device), y.to(device), space=space)
 
 
-def _method_options(method: str) -> dict:
+def cell_options(cell: Cell, settings: Settings) -> dict:
+    """The options a cell's method runs with: FLAIR gets the default CRW table (no calibration lookup, no
+    warning), the full-size random-weight backbones run without divergence checks, then the row's own
+    ``settings.options[cell.method]`` (``--option ROW.KEY=VALUE``) on top."""
+    from guidance.methods import method_options
+
+    method = METHODS[cell.method][0]
+    options = {}
     if method == "flair":
         from guidance.calibration import DEFAULT_CRW
 
-        return {"crw": DEFAULT_CRW}  # given: no calibration lookup, no warning
-    return {}
+        options["crw"] = DEFAULT_CRW
+    if cell.backbone in FULL_SIZE and "check_divergence" in method_options(method):
+        options["check_divergence"] = False
+    return {**options, **settings.options.get(cell.method, {})}
 
 
-def _run_once(model, cond, cell: Cell, settings: Settings, objective):
+def _run_once(model, cond, cell: Cell, settings: Settings, objective, num_steps: int | None = None):
     from guidance import get_method
 
-    method = METHODS[cell.method][0]
-    solver = get_method(method, **_method_options(method))
+    solver = get_method(METHODS[cell.method][0], **cell_options(cell, settings))
     seeds = range(settings.seed, settings.seed + settings.batch_size)
     generator = [torch.Generator().manual_seed(s) for s in seeds]
-    return solver(model, objective, num_steps=cell.steps, cond=cond, height=cell.size, width=cell.size,
-                  generator=generator, batch_size=settings.batch_size, progress=False)
+    return solver(model, objective, num_steps=num_steps or cell.steps, cond=cond, height=cell.size,
+                  width=cell.size, generator=generator, batch_size=settings.batch_size, progress=False)
 
 
 def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
-    """Time one cell: a warm-up run, then ``repeats`` timed runs. On CUDA the peak is the allocator's over the
-    timed runs; on the CPU the process's RSS high-water mark (meaningful per cell in a fresh process only)."""
+    """Time one cell: a warm-up run of ``WARMUP_STEPS`` steps, then ``repeats`` timed runs (the NFE is the first
+    timed run's). On CUDA the peak is the allocator's over the timed runs; on the CPU the process's RSS high-water
+    mark (meaningful per cell in a fresh process only)."""
     try:
         model.check_size(cell.size, cell.size)
     except ValueError as error:
@@ -297,17 +321,15 @@ def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
     cuda = device.type == "cuda"
     baseline = max_rss_gib()
     begin = time.perf_counter()
-    result = _run_once(model, cond, cell, settings, objective)
+    _run_once(model, cond, cell, settings, objective, min(cell.steps, WARMUP_STEPS))  # result dropped at once
     warmup = time.perf_counter() - begin
-    nfe = int(result.nfe)
-    del result
     if cuda:
         gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device) / 2**30
-    seconds = []
+    seconds, nfe = [], None
     for _ in range(settings.repeats):
         if cuda:
             torch.cuda.synchronize(device)
@@ -316,10 +338,12 @@ def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - begin)
+        nfe = int(result.nfe) if nfe is None else nfe
         del result
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else max_rss_gib()
     return {**asdict(cell), "status": "measured", "batch_size": settings.batch_size, "seconds": seconds,
             "seconds_per_image": statistics.median(seconds) / settings.batch_size, "warmup_seconds": warmup,
+            "warmup_steps": min(cell.steps, WARMUP_STEPS),
             "nfe": nfe, "peak_memory_gib": peak, "memory_above_load_gib": max(0.0, peak - baseline),
             "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process RSS high-water mark"}
 
@@ -372,7 +396,8 @@ def _positive_ints(values, option: str) -> list[int]:
     return out
 
 
-def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed) -> Settings:
+def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate=True,
+              compile_backend=None, options=None) -> Settings:
     device = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
@@ -386,8 +411,12 @@ def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, 
         raise ValueError(f"--compile takes off, regional or full, got {compile!r}")
     (batch_size,) = _positive_ints([batch_size], "--batch-size")
     (repeats,) = _positive_ints([repeats], "--repeats")
+    if compile_backend is not None and not (isinstance(compile_backend, str) and compile_backend.strip()):
+        raise ValueError(f"--compile-backend takes a torch.compile backend name (e.g. inductor, eager), "
+                         f"got {compile_backend!r}")
+    options = {str(row): dict(values) for row, values in (options or {}).items()}
     return Settings(device, dtype, decoder, compile, bool(vae_tiling), batch_size, repeats, int(seed),
-                    torch.get_num_threads())
+                    torch.get_num_threads(), bool(isolate), compile_backend, options)
 
 
 def _environment(settings: Settings) -> dict:
@@ -456,10 +485,22 @@ def steps_scaling(rows: list[dict]) -> list[dict]:
     return out
 
 
-def check_targets(rows: list[dict], scaling: list[dict], decoder: str) -> list[dict]:
+def check_targets(rows: list[dict], scaling: list[dict], settings: Settings) -> list[dict]:
     """Every target that the measured rows can check, met or missed."""
+    decoder = settings.decoder
     out = []
     for row in rows:
+        for backbone, method, size, limit, what in SECONDS_TARGETS:
+            if (row["backbone"], row["method"], row["size"]) != (backbone, method, size) \
+                    or row["status"] != "measured":
+                continue
+            data_steps = cell_options(Cell(backbone, method, size, row["steps"]), settings).get("data_steps")
+            note = "; ".join(part for part in (
+                f"data_steps {data_steps}" if data_steps is not None else "data_steps 15 (the default)",
+                "" if decoder == "tiny" else "measured with the full VAE") if part)
+            out.append({"target": what, "backbone": backbone, "method": method, "size": size,
+                        "steps": row["steps"], "value": row["seconds_per_image"], "limit": limit,
+                        "met": row["seconds_per_image"] <= limit, "note": note})
         for methods, quantity, limit, what in TARGETS:
             if row["method"] not in methods or row["status"] != "measured":
                 continue
@@ -486,9 +527,11 @@ def check_targets(rows: list[dict], scaling: list[dict], decoder: str) -> list[d
 def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 20), *, decoder: str = "tiny",
               device: str | None = None, dtype: str | None = None, compile: str = "off", vae_tiling: bool = False,
               batch_size: int = 1, repeats: int = 3, seed: int = 0, out: str | os.PathLike = "speed",
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, progress: bool = True, options: dict[str, dict] | None = None,
+              isolate: bool = True, compile_backend: str | None = None, time_budget: float | None = None,
+              on_row: Callable[[dict], None] | None = None) -> dict:
     """Measure every backbone x size x steps x method cell and write ``table.md`` and ``results.json`` into
-    ``out``; returns the contents of results.json.
+    ``out`` (again after every row); returns the contents of results.json.
 
     Args:
         backbones: names from ``BACKBONES`` (default: all; the full-size ones are then "not measured" without a
@@ -501,8 +544,16 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
         vae_tiling: encode and decode on tiles.
         batch_size: images per call (seeds seed, seed + 1, ...); times are per image.
         repeats: timed runs per cell after the warm-up (the median counts).
+        options: method options per row name, ``{"flair": {"data_steps": 5}}`` (``--option flair.data_steps=5``).
+        isolate: on the CPU, measure each cell in a fresh process (False: in this process, as on CUDA).
+        compile_backend: torch.compile's backend (default: inductor).
+        time_budget: seconds; cells that would start later than this after the start are "not measured".
+        on_row: called with the results so far (the contents results.json then has) after every row.
     """
-    settings = _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed)
+    settings = _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate,
+                         compile_backend, options)
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"--time-budget takes a positive number of seconds, got {time_budget!r}")
     explicit = backbones is not None
     backbones = _choose(list(BACKBONES) if backbones is None else list(backbones), list(BACKBONES), "backbone",
                         "--backbones")
@@ -514,25 +565,45 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
                                  f"a GPU or drop {name} from --backbones")
     methods = _choose(list(METHODS) if methods is None else list(methods), list(METHODS), "method", "--methods")
     methods = ["unguided", *(m for m in methods if m != "unguided")]
+    stray = sorted(set(settings.options) - set(methods))
+    if stray:
+        raise ValueError(f"--option given for {stray[0]!r}, which is not among the rows {methods}; write "
+                         f"ROW.KEY=VALUE with a row from --methods")
+    from guidance import get_method
+
+    for row, values in settings.options.items():  # a bad option is refused before anything is written
+        get_method(METHODS[row][0], **values)
     sizes, steps = _positive_ints(list(sizes), "--sizes"), _positive_ints(list(steps), "--steps")
     from .outputs import prepare_output_dir
 
     out = prepare_output_dir(out, OUTPUT_NAMES, overwrite)
-
+    environment = _environment(settings)
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     rows: list[dict] = []
     described: dict[str, Any] = {}
+
+    def results() -> dict:
+        measured = [dict(row) for row in rows]
+        add_ratios(measured)
+        scaling = steps_scaling(measured)
+        return {"format": FORMAT, "environment": environment, "settings": asdict(settings),
+                "time_budget_seconds": time_budget, "operator": OPERATOR,
+                "methods": {m: METHODS[m][2] for m in methods}, "backbones": dict(described),
+                "notes": _notes(settings), "rows": measured, "steps_scaling": scaling,
+                "targets": check_targets(measured, scaling, settings)}
+
+    def write(row: dict) -> None:
+        rows.append(row)
+        current = results()
+        write_text_atomic(out / "results.json", json.dumps(current, indent=1) + "\n")
+        write_text_atomic(out / "table.md", markdown(current))
+        if on_row is not None:
+            on_row(current)
+
     for backbone in backbones:
         cells = [Cell(backbone, m, size, n) for size in sizes for n in steps for m in methods]
-        rows += _measure_backbone(backbone, cells, settings, described, progress)
-    add_ratios(rows)
-    scaling = steps_scaling(rows)
-    results = {"format": FORMAT, "environment": _environment(settings), "settings": asdict(settings),
-               "operator": OPERATOR, "methods": {m: METHODS[m][2] for m in methods}, "backbones": described,
-               "notes": _notes(settings), "rows": rows, "steps_scaling": scaling,
-               "targets": check_targets(rows, scaling, settings.decoder)}
-    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
-    write_text_atomic(out / "table.md", markdown(results))
-    return results
+        _measure_backbone(backbone, cells, settings, described, progress, write, deadline, time_budget)
+    return results()
 
 
 def _report(row: dict, progress: bool) -> None:
@@ -561,28 +632,43 @@ def _measure_here(model, cond, cell: Cell, settings: Settings) -> tuple[dict, st
         torch.cuda.empty_cache()
 
 
-def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, described: dict,
-                      progress: bool) -> list[dict]:
-    """Every cell of one backbone: in this process on CUDA (one model for all cells), in a fresh process per cell
-    on the CPU. A skip whose scope is the backbone (or a size) skips the rest of it (of that size)."""
+def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, described: dict, progress: bool,
+                      write: Callable[[dict], None], deadline: float | None = None,
+                      time_budget: float | None = None) -> None:
+    """Every cell of one backbone, each row handed to ``write`` as it completes: in this process (one model for
+    all cells) on CUDA or without ``isolate``, else in a fresh process per cell. A skip whose scope is the
+    backbone (or a size) skips the rest of it (of that size); past the ``deadline`` every cell is skipped."""
+
+    def emit(row: dict) -> None:
+        write(row)
+        _report(row, progress)
+
     reason = unavailable(backbone, settings)
     if reason:
         described[backbone] = {"not measured": reason}
-        return [_not_measured(cell, reason) for cell in cells]
+        for cell in cells:
+            emit(_not_measured(cell, reason))
+        return
     model = cond = None
-    if settings.cuda:
+    here = settings.cuda or not settings.isolate
+    if here and not _past(deadline):
         try:
             model, cond, described[backbone] = open_backbone(backbone, settings)
         except Exception as error:
             reason = str(error) if isinstance(error, CellSkipped) else f"{type(error).__name__}: {_first_line(error)}"
             described[backbone] = {"not measured": reason}
-            return [_not_measured(cell, reason) for cell in cells]
-    rows, skipped = [], {}
+            for cell in cells:
+                emit(_not_measured(cell, reason))
+            return
+    skipped = {}
     for cell in cells:
         reason = skipped.get("backbone") or skipped.get(("size", cell.size))
+        if _past(deadline):
+            reason = f"the time budget of {time_budget:g} s was spent before this cell"
+            described.setdefault(backbone, {"not measured": reason})
         if reason:
             row, scope = _not_measured(cell, reason), "cell"
-        elif settings.cuda:
+        elif here:
             row, scope = _measure_here(model, cond, cell, settings)
         else:
             row, scope, info = _in_fresh_process(cell, settings)
@@ -593,9 +679,15 @@ def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, desc
             described.setdefault(backbone, {"not measured": row["reason"]})
         elif scope == "size":
             skipped[("size", cell.size)] = row["reason"]
-        rows.append(row)
-        _report(row, progress)
-    return rows
+        emit(row)
+    del model, cond
+    gc.collect()
+    if settings.cuda:
+        torch.cuda.empty_cache()
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
 
 
 # -- the table -----------------------------------------------------------------------------------------------
@@ -604,21 +696,29 @@ def _notes(settings: Settings) -> list[str]:
               "subtracts the memory allocated before them (weights, embeddings, objective)"
               if settings.cuda else
               "the resident-set high-water mark (ru_maxrss) of a fresh process per cell (multiprocessing spawn); "
-              "'above load' subtracts the mark reached once the model, condition and objective were built")
+              "'above load' subtracts the mark reached once the model, condition and objective were built"
+              if settings.isolate else
+              "the resident-set high-water mark (ru_maxrss) of this one process, which every cell shares (a mark "
+              "never falls: later cells show at least the earlier ones' peak)")
     return [
         "Text embeddings are computed once per prompt, before any timing, and reused across steps, images and "
         "repeats (cached by the adapter); their cost is not in the times. The full-size backbones' text encoders "
         "are one-layer stand-ins with the real output widths for that reason.",
-        f"Time: median of {settings.repeats} run(s) after one warm-up run, wall clock per image (batch "
+        f"Time: median of {settings.repeats} run(s) after one warm-up run of {WARMUP_STEPS} steps (the same shapes "
+        f"and kernels), wall clock per image (batch "
         f"{settings.batch_size}), including the final decode"
         + (", between torch.cuda.synchronize calls." if settings.cuda else "."),
         f"Peak memory: {memory}.",
         f"Measurement: {OPERATOR} of a smooth random image; pixel losses go through the "
         f"{'tiny (TAESD-style) decoder' if settings.decoder == 'tiny' else 'full VAE'}, which also decodes the "
-        "final latent. Method settings are each method's defaults; FLAIR uses the default CRW table.",
+        "final latent. Method settings are each method's defaults; FLAIR uses the default CRW table"
+        + "".join(f"; {row}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+                  for row, values in settings.options.items()) + ".",
         "Full-size backbones (sd3.5-medium, flux-dev) have random bf16 weights: their times and memory are real, "
-        "their images are not. Solver state is float32 whatever the backbone's dtype.",
-        f"Fast paths: compile {settings.compile}, VAE tiling {'on' if settings.vae_tiling else 'off'}, batch "
+        "their images are not, so they run without the methods' divergence checks. Solver state is float32 "
+        "whatever the backbone's dtype.",
+        f"Fast paths: compile {settings.compile}"
+        f"{'' if settings.compile_backend is None else f' (backend {settings.compile_backend})'}, VAE tiling {'on' if settings.vae_tiling else 'off'}, batch "
         f"{settings.batch_size}; ratios compare runs made in this one process tree on one machine.",
     ]
 
@@ -700,12 +800,15 @@ def _integers(value: str, option: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table and where it went."""
+    from .benchmark import parse_method_options
+
     results = run_speed(
         _names(args.backbones) if args.backbones else None, _names(args.methods) if args.methods else None,
         _integers(args.sizes, "--sizes"), _integers(args.steps, "--steps"), decoder=args.decoder,
         device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling,
         batch_size=args.batch_size, repeats=args.repeats, seed=args.seed, out=args.out, overwrite=args.overwrite,
-        progress=not args.quiet)
+        progress=not args.quiet, options=parse_method_options(args.option), isolate=not args.same_process,
+        compile_backend=args.compile_backend, time_budget=args.time_budget)
     print(markdown(results))
     print(f"wrote table.md and results.json to {args.out}")
     return 0
@@ -731,7 +834,17 @@ def add_parser(commands) -> None:
     parser.add_argument("--compile", nargs="?", const="regional", default="off", choices=("off", "regional", "full"),
                         help="torch.compile the transformer: regional (each repeated block; the default of a bare "
                              "--compile) or full")
+    parser.add_argument("--compile-backend", metavar="NAME",
+                        help="torch.compile backend (default inductor; eager checks the compiled path quickly)")
     parser.add_argument("--vae-tiling", action="store_true", help="encode and decode on tiles")
+    parser.add_argument("--option", action="append", metavar="ROW.KEY=VALUE",
+                        help="a method option for one row, e.g. --option flair.data_steps=5 (repeatable)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="on the CPU, measure every cell in this process (default: a fresh process per cell, "
+                             "so that each cell's peak memory is its own)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="leave the cells that would start later than this unmeasured (results so far are "
+                             "written after every row)")
     parser.add_argument("--batch-size", type=int, default=1, help="images (seeds) per call (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell after a warm-up (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")

@@ -1,10 +1,40 @@
-"""Shared fixtures: tiny text-conditioned backbones built once per test session."""
+"""Shared fixtures: tiny text-conditioned backbones built once per test session, and the device of the CUDA tests."""
+
+import os
 
 import pytest
+import torch
 from tiny_models import flux_pipeline, sd3_pipeline
 
 from guidance.models.flux import FluxModel
 from guidance.models.sd3 import SD3Model
+
+
+#: Set to a device name (``cpu``) to run the CUDA tests there: the GPU kit's dry run does, to check them without a GPU.
+CUDA_TESTS_DEVICE = "FLOWSTEER_CUDA_TESTS_DEVICE"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped without one); every test that takes the "
+                                       "cuda_device fixture has it, and the GPU kit selects exactly these (-m cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``cuda`` marker follows from the ``cuda_device`` fixture, so no GPU test can go unmarked."""
+    for item in items:
+        if "cuda_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> torch.device:
+    """The GPU of the CUDA tests; skipped without one, unless FLOWSTEER_CUDA_TESTS_DEVICE names another device."""
+    forced = os.environ.get(CUDA_TESTS_DEVICE)
+    if forced:
+        return torch.device(forced)
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the GPU kit, scripts/gpu_check.sh, runs these)")
+    return torch.device("cuda")
 
 
 @pytest.fixture(scope="session")

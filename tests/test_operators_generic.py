@@ -63,18 +63,18 @@ def test_tensors_are_registered_buffers_so_to_device_moves_them(entry):
     assert op(images(dtype=torch.float64)).dtype == torch.float64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
-def test_cuda_matches_cpu(entry):
+def test_cuda_matches_cpu(entry, cuda_device):
     op = build(entry, noise_std=0.1)
     x = images()
     y_cpu = op.measure(x, torch.Generator().manual_seed(3))
-    op_cuda = op.to("cuda")
-    y_cuda = op_cuda.measure(x.cuda(), torch.Generator().manual_seed(3))
-    assert y_cuda.device.type == "cuda"
+    adjoint_cpu = op.adjoint(y_cpu) if op.is_linear else None
+    op_cuda = op.to(cuda_device)
+    y_cuda = op_cuda.measure(x.to(cuda_device), torch.Generator().manual_seed(3))
+    assert y_cuda.device.type == cuda_device.type
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
     if op.is_linear:
-        torch.testing.assert_close(op_cuda.adjoint(y_cuda).cpu(), op.to("cpu").adjoint(y_cpu), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(op_cuda.adjoint(y_cuda).cpu(), adjoint_cpu, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)

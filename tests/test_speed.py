@@ -251,3 +251,51 @@ def test_miniatures_of_the_full_size_builders_run_through_the_adapters():
     v = flux.velocity(x, 0.5, cond)
     assert v.shape == x.shape and bool(torch.isfinite(v).all())
     assert flux.sigmas(4, 64, 64)[0] == 1.0 and flux.decode(x).shape == (1, 3, 64, 64)
+
+
+def test_rows_are_written_as_they_come_and_a_time_budget_leaves_the_rest_unmeasured(tmp_path):
+    """results.json is rewritten after every row (a run stopped part-way keeps what finished); once the budget is
+    spent the remaining cells say so; row options reach the method; in-process CPU cells share one RSS mark."""
+    from tasks.speed import run_speed
+
+    out = tmp_path / "speed"
+    seen = []
+
+    def on_row(results):
+        seen.append(len(results["rows"]))
+        assert len(json.loads((out / "results.json").read_text())["rows"]) == len(results["rows"])
+
+    results = run_speed(["tiny-sd3"], ["flair"], [32], [2], repeats=1, out=out, progress=False, isolate=False,
+                        options={"flair": {"data_steps": 1}}, on_row=on_row)
+    assert seen == [1, 2] and [r["status"] for r in results["rows"]] == ["measured", "measured"]
+    flair = results["rows"][1]
+    assert flair["warmup_steps"] == 2 and flair["nfe"] == 2
+    assert results["settings"]["options"] == {"flair": {"data_steps": 1}} and "flair: data_steps=1" in \
+        (out / "table.md").read_text()
+    assert "this one process" in " ".join(results["notes"])
+
+    late = run_speed(["tiny-sd3"], ["flowchef-latent"], [32], [2], repeats=1, out=tmp_path / "late", progress=False,
+                     isolate=False, time_budget=1e-9)
+    assert [r["status"] for r in late["rows"]] == ["not measured"] * 2
+    assert all("time budget of 1e-09 s was spent" in r["reason"] for r in late["rows"])
+    with pytest.raises(ValueError, match="--option given for 'dps', which is not among the rows"):
+        run_speed(["tiny-sd3"], ["flair"], [32], [2], out=tmp_path / "bad", options={"dps": {"step_size": 1.0}})
+    with pytest.raises(ValueError, match="--time-budget takes a positive number"):
+        run_speed(["tiny-sd3"], ["flair"], [32], [2], out=tmp_path / "bad", time_budget=0)
+    with pytest.raises(ValueError, match="method 'flair' has no option"):
+        run_speed(["tiny-sd3"], ["flair"], [32], [2], out=tmp_path / "bad2", isolate=False, repeats=1,
+                  options={"flair": {"nonsense": 1}})
+    assert not (tmp_path / "bad2").exists()  # refused before anything was written
+
+
+def test_full_size_backbones_run_without_divergence_checks_and_flair_has_an_absolute_target():
+    from tasks.speed import check_targets, cell_options
+
+    settings = Settings("cuda", "bfloat16", options={"flair": {"data_steps": 5}})
+    assert cell_options(Cell("sd3.5-medium", "dps", 768, 28), settings) == {"check_divergence": False}
+    assert cell_options(Cell("tiny-sd3", "dps", 32, 2), settings) == {}
+    assert cell_options(Cell("flux-dev", "flair", 768, 28), settings)["data_steps"] == 5
+    row = {"backbone": "sd3.5-medium", "method": "flair", "size": 768, "steps": 28, "status": "measured",
+           "seconds_per_image": 3.5, "ratios": {"time": 1.2}}
+    (target,) = [t for t in check_targets([row], [], settings) if "4 s per image" in t["target"]]
+    assert target["met"] and target["limit"] == 4.0 and target["note"] == "data_steps 5"
