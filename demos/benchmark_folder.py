@@ -1,4 +1,4 @@
-"""Benchmark guidance methods on a folder of photos with ``run_benchmark``: tables, grids and bar charts.
+"""Benchmark guidance methods on a folder of photos with run_benchmark: tables, grids and bar charts.
 
     python demos/benchmark_folder.py                                  # demos/images, a tiny random model, offline
     python demos/benchmark_folder.py --model stabilityai/stable-diffusion-3.5-medium --out results/sd35
@@ -30,7 +30,7 @@ def tiny_model(folder: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--images", default=str(ROOT / "demos" / "images"), help="folder of clean images")
     parser.add_argument("--model", default="tiny", help="'tiny' (offline, random weights), a hub id or a folder")
     parser.add_argument("--out", default="benchmark_results", help="output folder (rerun to resume)")

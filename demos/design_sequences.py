@@ -43,7 +43,7 @@ def carries(sequences: list[str], motif: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--target", type=int, default=2, choices=range(len(MOTIFS)), help="motif class to design")
     parser.add_argument("--train-steps", type=int, default=500)
     parser.add_argument("--num", type=int, default=256, help="sequences to generate")

@@ -26,7 +26,7 @@ from tasks.restore import resize_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="default", help="hub id or local folder of SD3 / Flux (default: default)")
     parser.add_argument("--image", default=str(ROOT / "demos/images/chelsea.png"))
     parser.add_argument("--mask", help="mask image, white = edit (default: a band across the eyes)")
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = edit(image, mask, args.source_prompt, args.edit_prompt, model=args.model, num_steps=args.steps,
                       resize=True, out=args.out, overwrite=True, progress=False)
-    except ModelNotFoundError as error:
-        sys.exit(f"error: {error}")
+    except (ModelNotFoundError, ValueError) as error:  # e.g. a text-free model: one line, no traceback
+        sys.exit(f"error: {str(error).strip().splitlines()[0]}")
     m = result.metrics
     print(f"mean change inside the mask {m['change_inside_mask']:.3f}, outside {m['change_outside_mask']:.3f} "
           f"(autoencoder round trip {m['autoencoder_error']:.3f}); wrote {args.out}/grid.png")

@@ -27,7 +27,7 @@ from tasks.restore import resize_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="default", help="hub id or local folder (default: default)")
     parser.add_argument("--image", default=str(ROOT / "demos/images/coffee.png"))
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")

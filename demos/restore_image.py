@@ -22,7 +22,7 @@ from tasks.restore import allowed_size, open_model, read_image, resize_image, re
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="default", help="hub id or local folder (default: default)")
     parser.add_argument("--image", default=str(ROOT / "demos/images/astronaut.png"), help="the clean photo")
     parser.add_argument("--operator", default="sr:factor=4", help="degradation (flowsteer operators)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from operators import as_operator
 from operators.base import check_finite, operator_gain
 
 __all__ = ["check_consistency_steps", "pixel_consistency"]
@@ -33,7 +34,7 @@ def check_consistency_steps(steps, operator, fix: str = "set the consistency ste
 
 
 def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: float | None = None,
-                      max_steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_steps: int = 50, return_steps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Make the images ``x`` (B, C, H, W) in [-1, 1] consistent with the measurement ``y = A x + n``.
 
     Args:
@@ -43,9 +44,12 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
             ‖A x − y‖² ≤ σ_n² · numel(y). With σ_n = 0 it runs ``max_steps`` iterations.
         max_steps: the most iterations (0: return ``x`` unchanged).
 
+        return_steps: also return the number of iterations each image took.
+
     Returns:
-        (x, steps): the corrected images and the number of iterations each took (B,).
+        The corrected images (B, C, H, W); with ``return_steps``, (images, steps (B,)).
     """
+    operator = as_operator(operator)  # a callable or nn.Module declared linear=True works too
     check_consistency_steps(max_steps, operator)
     check_finite(x, "the restored image")
     check_finite(y, "the measurement")
@@ -67,4 +71,4 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
         moving = active.reshape(-1, *([1] * (x.ndim - 1)))
         x = torch.where(moving, (x - step * operator.adjoint(residual)).clamp(-1, 1), x)
         steps += active.long()
-    return x, steps
+    return (x, steps) if return_steps else x

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
+from .devices import check_device, check_dtype
+from .manifest import DamagedModelError, verify_manifest
 from .models.base import FlowModel
 
-__all__ = ["ModelNotFoundError", "hub_offline", "load_decoder", "load_model"]
+__all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -114,7 +116,15 @@ def _read_index(source: str, local_files_only: bool) -> dict:
                 f"{str(path)!r} has no model_index.json; it is not a diffusers pipeline folder (save one with "
                 "pipeline.save_pretrained(folder), or wrap a single network with GenericFlowModel)"
             )
-        return json.loads(file.read_text())
+        try:
+            index = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise DamagedModelError(f"the model folder {path} is damaged: model_index.json is not valid JSON "
+                                    f"({error})") from None
+        if not isinstance(index, dict):
+            raise DamagedModelError(f"the model folder {path} is damaged: model_index.json holds "
+                                    f"{type(index).__name__}, not an object")
+        return index
     from huggingface_hub import hf_hub_download
 
     offline = local_files_only or hub_offline()
@@ -126,12 +136,26 @@ def _read_index(source: str, local_files_only: bool) -> dict:
 
 
 def _from_pretrained(cls, source: str, local_files_only: bool, **kwargs):
-    """``cls.from_pretrained`` with safetensors only, and missing weights turned into ModelNotFoundError."""
+    """``cls.from_pretrained`` with safetensors only; missing weights become a ModelNotFoundError, and a local
+    folder that fails to load a DamagedModelError naming the folder and the part."""
     offline = local_files_only or hub_offline()
     try:
-        return cls.from_pretrained(source, local_files_only=offline, use_safetensors=True, **kwargs)
-    except _hub_errors() as error:
-        raise _not_found(source, error, offline) from None
+        return cls.from_pretrained(source, local_files_only=offline, **kwargs)
+    except Exception as error:
+        if Path(source).is_dir():
+            raise _damaged(source, kwargs.get("subfolder"), error) from None
+        if isinstance(error, _hub_errors()):
+            raise _not_found(source, error, offline) from None
+        raise
+
+
+def _damaged(folder: str, subfolder: str | None, error: BaseException) -> DamagedModelError:
+    """A local folder whose files do not load: name the folder, the component and the loader's own first line."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    part = f" (component {subfolder!r})" if subfolder else ""
+    return DamagedModelError(f"the model folder {folder}{part} is damaged or incomplete: {type(error).__name__}: "
+                             f"{first}; restore the folder (save_pretrained or `hf download ID --local-dir "
+                             f"{folder}`)")
 
 
 def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, local_files_only: bool = False):
@@ -141,7 +165,8 @@ def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, loca
     if isinstance(decoder, (str, os.PathLike)):
         from diffusers import AutoencoderTiny
 
-        decoder = _from_pretrained(AutoencoderTiny, str(decoder), local_files_only, **_dtype_kwargs(dtype))
+        decoder = _from_pretrained(AutoencoderTiny, str(decoder), local_files_only, use_safetensors=True,
+                                   **_dtype_kwargs(dtype))
     elif not (hasattr(decoder, "decode") and hasattr(decoder, "config")):
         raise ValueError(
             f"decoder must be a hub id, a folder or a diffusers autoencoder, got {type(decoder).__name__}"
@@ -185,12 +210,9 @@ def _load_generic(source: str, index: dict, dtype, local_files_only: bool):
             )
         cls = getattr(diffusers, class_name)
         if is_model:
-            return _from_pretrained(cls, source, local_files_only, subfolder=name, **_dtype_kwargs(dtype))
-        offline = local_files_only or hub_offline()
-        try:
-            return cls.from_pretrained(source, subfolder=name, local_files_only=offline)
-        except _hub_errors() as error:
-            raise _not_found(source, error, offline) from None
+            return _from_pretrained(cls, source, local_files_only, subfolder=name, use_safetensors=True,
+                                    **_dtype_kwargs(dtype))
+        return _from_pretrained(cls, source, local_files_only, subfolder=name)
 
     network = component("transformer" if "transformer" in index else "unet", True).eval()
     vae = component("vae", True)
@@ -204,6 +226,7 @@ def load_model(
     device: torch.device | str | None = None,
     local_files_only: bool = False,
     decoder: Any = None,
+    torch_dtype: torch.dtype | str | None = None,
     **options,
 ) -> FlowModel:
     """Build a :class:`~guidance.models.base.FlowModel`.
@@ -212,7 +235,8 @@ def load_model(
         source: a hub id ("stabilityai/stable-diffusion-3.5-medium"), a local folder with a
             ``model_index.json``, a diffusers ``StableDiffusion3Pipeline`` / ``FluxPipeline`` object (its
             components are reused, nothing is reloaded), or a FlowModel (returned as is).
-        dtype: weights dtype when loading (e.g. ``torch.bfloat16``); for a pipeline object, a cast.
+        dtype: weights dtype when loading (e.g. ``torch.bfloat16``, or a name: ``"bf16"``); for a pipeline object, a
+            cast. ``torch_dtype`` is accepted for it, as diffusers names it.
         device: where to put the model; for a pipeline object left alone when None (keeps its offloading).
         local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
         decoder: None (the full VAE decodes) or a tiny autoencoder (``AutoencoderTiny``: id, folder or object)
@@ -227,6 +251,13 @@ def load_model(
     """
     from diffusers import DiffusionPipeline
 
+    if torch_dtype is not None:
+        if dtype is not None and check_dtype(dtype) != check_dtype(torch_dtype):
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
+        dtype = torch_dtype
+    dtype, device = check_dtype(dtype), check_device(device)
+    if isinstance(source, str) and not source.strip():
+        raise ValueError("the model source is empty: give a hub id, a local folder or 'default'")
     if isinstance(source, FlowModel):
         if decoder is not None or options:
             raise ValueError("a FlowModel is returned as it is; decoder and options apply only when loading")
@@ -249,10 +280,14 @@ def load_model(
         )
     source = os.fspath(source)
     if source == "default":
-        from .models.default import check_default_model
+        from .models.default import DefaultModelError, _restore_hint, check_default_model
 
-        model = load_model(str(check_default_model()), dtype=dtype, device=device, local_files_only=True,
-                           decoder=decoder, **options)
+        folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
+        try:
+            model = load_model(str(folder), dtype=dtype, device=device, local_files_only=True, decoder=decoder,
+                               **options)
+        except DamagedModelError as error:
+            raise DefaultModelError(f"the default model: {error}. " + _restore_hint(folder)) from None
         model.name_or_path = "default"
         return model
     path = Path(source).expanduser()
@@ -262,14 +297,16 @@ def load_model(
             "StableDiffusion3Pipeline.from_single_file / FluxPipeline.from_single_file and pass that object"
         )
     if not path.is_dir():
-        looks_like_path = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+        looks_like_path = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1 \
+            or (len(path.parts) > 1 and path.parent.is_dir())  # "out/model" where out/ is a folder here
         if looks_like_path or "\\" in source or not _HUB_ID.match(source):
             raise ModelNotFoundError(
-                f"no model folder at {source!r}; pass an existing folder (written by save_pretrained or "
+                f"no such folder: {source!r}; pass an existing model folder (written by save_pretrained or "
                 "`hf download ID --local-dir FOLDER`) or a hub id like 'stabilityai/stable-diffusion-3.5-medium'"
             )
     else:
         source = str(path)
+        verify_manifest(path)  # a folder with a manifest.json has its weights checked before they load
 
     index = _read_index(source, local_files_only)
     kind = _classify(index)
@@ -295,7 +332,8 @@ def load_model(
         from diffusers import StableDiffusion3Pipeline as pipeline_class
     else:
         from diffusers import FluxPipeline as pipeline_class
-    pipe = _from_pretrained(pipeline_class, source, local_files_only, **_dtype_kwargs(dtype), **options)
+    pipe = _from_pretrained(pipeline_class, source, local_files_only, use_safetensors=True, **_dtype_kwargs(dtype),
+                            **options)
     if device is not None:
         pipe = pipe.to(device)
     decoder = load_decoder(

@@ -8,17 +8,19 @@ act on the decoded image D(x0_hat), so that latent models decode only when an ob
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
+from operator import index as as_index
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from operators import Operator, check_image
+from operators import Operator, as_operator, check_image
 
 __all__ = [
     "Objective", "MeasurementFidelity", "ClassifierObjective", "RewardObjective", "CallableObjective",
-    "objective_gradient", "transformers_preprocess",
+    "class_names", "objective_gradient", "resolve_labels", "transformers_preprocess",
 ]
 
 SPACES = ("latent", "pixel")
@@ -71,20 +73,20 @@ class MeasurementFidelity(Objective):
       latent-space loss; it needs a linear operator with a pseudo-inverse.
 
     Args:
-        operator: the forward model (from ``operators``).
+        operator: the forward model: an ``operators.Operator``, a spec string (``"sr:factor=4"``), or a callable
+            ``fn(x) -> y`` / ``nn.Module`` (wrapped as a function operator, see :func:`operators.as_operator`).
         y: the measurement, shaped like ``operator(x)``.
         noise_std: the measurement noise (default: the operator's own), used by methods that stop at the
             noise level (FLAIR's discrepancy principle).
     """
 
-    def __init__(self, operator: Operator, y: torch.Tensor, space: str = "pixel", weight: float = 1.0,
+    def __init__(self, operator: Operator | Any, y: torch.Tensor, space: str = "pixel", weight: float = 1.0,
                  reduction: str = "sum", noise_std: float | None = None):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        if not isinstance(operator, Operator):
-            raise ValueError(f"operator must be an operators.Operator, got {type(operator).__name__}")
+        operator = as_operator(operator)  # an Operator, a spec string, a callable fn(x) -> y or an nn.Module
         check_image(y, "y")
         if not bool(torch.isfinite(y).all()):
             raise ValueError("the measurement y contains NaN or infinite values")
@@ -168,6 +170,72 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def class_names(classifier: Any) -> list[str] | None:
+    """The class names a classifier carries: ``labels``, ``classes`` or ``names`` (a sequence), or an ``id2label``
+    mapping on it, on its ``config`` or on its ``model.config`` (transformers classifiers); None when it has none."""
+    for holder in (classifier, getattr(classifier, "model", None)):
+        if holder is None:
+            continue
+        for attribute in ("labels", "classes", "names"):
+            names = getattr(holder, attribute, None)
+            if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+                return list(names)
+        for owner in (holder, getattr(holder, "config", None)):
+            id2label = getattr(owner, "id2label", None)
+            if isinstance(id2label, dict) and id2label:
+                try:
+                    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+                except (TypeError, ValueError):
+                    continue
+    return None
+
+
+def class_index(label: Any, names: list[str] | None) -> int:
+    """One class index from an int or a class name (exact, then case-insensitive; a digit string is an index)."""
+    if not isinstance(label, str):
+        try:
+            if isinstance(label, bool):
+                raise TypeError
+            return as_index(label)
+        except TypeError:
+            raise ValueError(f"a label must be a class index or a class name, got {label!r}") from None
+    text = label.strip()
+    if names:
+        for candidates, key in ((names, text), ([n.lower() for n in names], text.lower())):
+            if key in candidates:
+                return candidates.index(key)
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if not names:
+        raise ValueError(f"the classifier has no class names (no labels, classes or config.id2label), so the "
+                         f"label {text!r} cannot be looked up: pass a class index (0, 1, ...) instead")
+    close = difflib.get_close_matches(text, names, n=5, cutoff=0.5)
+    ordered = close + [n for n in names if n not in close]
+    shown = ", ".join(map(repr, ordered[:12])) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
+    raise ValueError(f"unknown class name {text!r}{hint} The classifier's {len(names)} classes: {shown} (or pass "
+                     f"a class index)")
+
+
+def resolve_labels(label: Any, classifier: Any = None) -> torch.Tensor:
+    """The label(s) as a long tensor: an int, a tensor of ints, a class name or a list of names / indices,
+    names looked up in :func:`class_names` of ``classifier``."""
+    if isinstance(label, torch.Tensor):
+        if label.is_floating_point() or label.is_complex():
+            raise ValueError(f"label tensors must hold class indices (integers), got dtype {label.dtype}")
+        return label.to(torch.long)
+    if isinstance(label, str) or isinstance(label, (list, tuple)) and any(isinstance(x, str) for x in label):
+        names = class_names(classifier)
+        if isinstance(label, str):
+            return torch.tensor(class_index(label, names), dtype=torch.long)
+        return torch.tensor([class_index(x, names) for x in label], dtype=torch.long)
+    try:
+        return torch.as_tensor(label, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"the label must be a class index, a tensor of indices or a class name, got "
+                         f"{type(label).__name__} {label!r}") from None
+
+
 class ClassifierObjective(Objective):
     """L = −log p(label | D(z)) for a classifier returning logits (B, num_classes), e.g. a torchvision model
     or a transformers image classifier (its ``.logits`` are used; give ``preprocess`` such as
@@ -175,17 +243,19 @@ class ClassifierObjective(Objective):
 
     Args:
         classifier: callable images -> logits.
-        label: the target class (int, or a (B,) tensor of classes).
+        label: the target class: an int, a (B,) tensor of classes, a class name (``"hubble"``) or a list of
+            names, looked up in the classifier's ``labels`` / ``classes`` or ``config.id2label``.
         preprocess: torch function applied to the [-1, 1] image first (default: none).
         num_classes: the number of classes, when the classifier does not say (``config.num_labels``).
     """
 
-    def __init__(self, classifier: Callable, label: int | torch.Tensor, preprocess: Callable | None = None,
-                 space: str = "pixel", num_classes: int | None = None, weight: float = 1.0):
+    def __init__(self, classifier: Callable, label: int | str | list | torch.Tensor,
+                 preprocess: Callable | None = None, space: str = "pixel", num_classes: int | None = None,
+                 weight: float = 1.0):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         self.classifier, self.preprocess, self.space, self.weight = classifier, preprocess, space, float(weight)
-        self.label = torch.as_tensor(label, dtype=torch.long)
+        self.label = resolve_labels(label, classifier)
         config = getattr(classifier, "config", None)
         self.num_classes = num_classes or getattr(config, "num_labels", None)
         if self.num_classes is not None:

@@ -18,19 +18,48 @@ import torch
 from tqdm.auto import tqdm
 
 from .flow import euler_step, x0_from_velocity
+from .images import ImageOutput
 from .models.base import FlowModel, check_num_steps
 
-__all__ = ["SampleResult", "StartState", "initial_noise", "sample", "start_state"]
+__all__ = ["SampleResult", "StartState", "initial_noise", "sample", "start_state", "step_end"]
 
 
 @dataclass
-class SampleResult:
+class SampleResult(ImageOutput):
     """Output of :func:`sample`: the final latent ``x`` (float32), the decoded ``image`` (float32, about
-    [-1, 1]; None when ``decode=False``) and the ``sigmas`` that were used."""
+    [-1, 1]; None when ``decode=False``) and the ``sigmas`` that were used; ``images`` as diffusers returns them
+    (``output_type``: "pil", "np" or "pt")."""
 
     x: torch.Tensor
     image: torch.Tensor | None
     sigmas: torch.Tensor
+    output_type: str = "pil"
+
+
+def step_end(callback_on_step_end: Callable | None, step: int, sigma, state: dict[str, Any]) -> torch.Tensor:
+    """diffusers' ``callback_on_step_end``, in every loop: after step ``step`` (now at noise level ``sigma``) the
+    callback gets ``(step, sigma, state)`` with ``state["x"]`` the new state, and returns the state, changed or
+    not; its ``"x"`` is what the loop goes on from. Returns that x (the state's own without a callback)."""
+    x = state["x"]
+    if callback_on_step_end is None:
+        return x
+    returned = callback_on_step_end(step, sigma, state)
+    if not isinstance(returned, dict) or "x" not in returned:
+        raise ValueError(f"callback_on_step_end must return the state dict it was given (with its 'x'), changed or "
+                         f"not; it returned {type(returned).__name__}")
+    new = returned["x"]
+    if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(x.shape):
+        raise ValueError(f"callback_on_step_end returned an 'x' of shape "
+                         f"{tuple(getattr(new, 'shape', ()))}; the state has shape {tuple(x.shape)}")
+    return new.to(device=x.device, dtype=x.dtype)
+
+
+def check_generator(generator) -> None:
+    """None, a torch.Generator or a list of them; anything else is refused in one line."""
+    for g in generator if isinstance(generator, (list, tuple)) else [generator]:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator (torch.Generator().manual_seed(0)), a list of them "
+                             f"or None, got {type(g).__name__} {g!r}")
 
 
 def initial_noise(
@@ -46,6 +75,7 @@ def initial_noise(
     starting point as the diffusers pipeline. A list of generators seeds each batch element separately.
     """
     device = torch.device(device)
+    check_generator(generator)
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
     if isinstance(generator, (list, tuple)):
@@ -106,6 +136,8 @@ def start_state(
     n_cond = _condition_batch(cond)
     if latents is not None:
         batch_size = batch_size or latents.shape[0]
+    if batch_size is None and isinstance(generator, (list, tuple)) and len(generator) > 1:
+        batch_size = len(generator)  # one sample per generator, as in diffusers
     batch_size = batch_size or n_cond
     if batch_size < 1 or batch_size % n_cond:
         raise ValueError(f"batch_size={batch_size} must be a positive multiple of the condition's batch {n_cond}")
@@ -136,6 +168,7 @@ def sample(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
+    callback_on_step_end: Callable | None = None,
 ) -> SampleResult:
     """Generate with the Euler sampler.
 
@@ -153,6 +186,8 @@ def sample(
             multiple of that batch; each condition is used ``batch_size / cond_batch`` times in a row.
         latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
         decode: also decode the final latent to an image.
+        callback_on_step_end: ``(step, sigma, state) -> state`` after each step, which may change ``state["x"]``
+            (see :func:`step_end`).
     """
     state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas
@@ -162,5 +197,6 @@ def sample(
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_from_velocity(x, v, sigma)})
         x = euler_step(x, v, sigma, sigma_next)
+        x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
     image = model.decode(x) if decode else None
     return SampleResult(x=x, image=image, sigmas=sigmas)

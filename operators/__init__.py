@@ -12,14 +12,15 @@ from .inpainting import BoxInpainting, FileMaskInpainting, FreeformInpainting, I
 from .jpeg import JPEGCompression
 from .masks import box_mask, freeform_mask, mask_from_file, random_mask
 from .motion_blur import LineMotionBlur, MotionBlur, random_trajectory_kernel
-from .registry import OperatorEntry, get_entry, list_operators, make_operator, operator_name, parse_spec
+from .registry import (OperatorEntry, as_operator, get_entry, list_operators, make_operator, operator_name,
+                       operator_spec, parse_spec)
 from .super_resolution import AveragePoolDownsampling, BicubicDownsampling
 
 __all__ = [
     "AveragePoolDownsampling", "BicubicDownsampling", "BoxInpainting", "Colorization", "Composition",
     "Convolution", "Denoising", "FileMaskInpainting", "FreeformInpainting", "FunctionOperator", "GaussianBlur",
     "Inpainting", "JPEGCompression", "LineMotionBlur", "LinearOperator", "MotionBlur", "Operator",
-    "OperatorEntry", "RandomInpainting", "box_mask", "check_finite", "check_image", "freeform_mask",
-    "get_entry", "list_operators", "make_operator", "mask_from_file", "operator_name", "parse_spec", "random_mask",
-    "random_trajectory_kernel",
+    "OperatorEntry", "RandomInpainting", "as_operator", "box_mask", "check_finite", "check_image", "freeform_mask",
+    "get_entry", "list_operators", "make_operator", "mask_from_file", "operator_name", "operator_spec", "parse_spec",
+    "random_mask", "random_trajectory_kernel",
 ]

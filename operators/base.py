@@ -7,12 +7,15 @@ Linear operators add ``adjoint`` (A^T) and, where cheap, ``pseudo_inverse`` (A^+
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import nn
 
 from .noise import poisson, randn_like
+
+_MISSING = object()
 
 
 def check_finite(x: torch.Tensor, name: str = "x") -> None:
@@ -92,6 +95,19 @@ class Operator(nn.Module):
 
     def _check_size(self, height: int, width: int) -> None:
         """Raise a ValueError when an image of this size does not fit the operator."""
+
+    def spec_arguments(self) -> dict | None:
+        """The constructor arguments that rebuild this operator, read from its attributes of the same names;
+        None when one is not kept (see :func:`operators.operator_spec`)."""
+        arguments = {}
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or parameter.kind is not parameter.POSITIONAL_OR_KEYWORD:
+                continue
+            value = getattr(self, name, _MISSING)
+            if value is _MISSING:
+                return None
+            arguments[name] = value
+        return arguments
 
     def extra_repr(self) -> str:
         parts = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -14,22 +14,22 @@ class Composition(LinearOperator):
     """Apply ``operators`` in order (first to last). Linear when every part is; then Aᵀ = A_1ᵀ ∘ … ∘ A_nᵀ.
 
     The parts' own noise is ignored: the composition adds its own ``noise_std`` / ``poisson_rate`` once.
-    Parts may be operators or spec strings for :func:`operators.make_operator`.
+    Parts may be operators, spec strings for :func:`operators.make_operator`, or callables / ``nn.Module``s
+    (wrapped as function operators, see :func:`operators.as_operator`).
     """
 
     is_linear = False  # decided per instance
 
-    def __init__(self, operators: Sequence[Operator | str], noise_std: float = 0.0,
+    def __init__(self, operators: Sequence[Operator | str | Callable], noise_std: float = 0.0,
                  poisson_rate: float | None = None):
         super().__init__(noise_std=noise_std, poisson_rate=poisson_rate)
-        from .registry import make_operator
+        from .registry import as_operator
 
-        parts = [make_operator(op) if isinstance(op, str) else op for op in operators]
+        if isinstance(operators, (str, Operator)) or not hasattr(operators, "__iter__"):
+            raise ValueError(f"operators must be a list of operators or spec strings, got {type(operators).__name__}")
+        parts = [as_operator(op) for op in operators]
         if not parts:
             raise ValueError("a composition needs at least one operator")
-        for op in parts:
-            if not isinstance(op, Operator):
-                raise ValueError(f"every part of a composition must be an Operator or a spec string, got {op!r}")
         self.parts = nn.ModuleList(parts)
         self.is_linear = all(op.is_linear for op in parts)
         self.in_channels = parts[0].in_channels

@@ -1,8 +1,9 @@
-"""Inpainting: y = m ⊙ x with a 0/1 mask m (1 = observed)."""
+"""Inpainting: y = (1 − m) ⊙ x with a 0/1 mask m (1 = missing)."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -12,11 +13,20 @@ from .masks import as_mask, box_mask, check_box_args, freeform_mask, mask_from_f
 
 
 class Inpainting(LinearOperator):
-    """Masking, A x = m ⊙ x; self-adjoint (A^T = A) and its own pseudo-inverse (zero fill), A^+ = A.
+    """Masking, A x = (1 − m) ⊙ x: the missing pixels are zeroed; self-adjoint (A^T = A) and its own
+    pseudo-inverse (zero fill), A^+ = A.
+
+    Mask convention, the same everywhere in flowsteer (this class, :mod:`operators.masks`, mask files read by
+    ``inpaint_mask`` and ``flowsteer edit``): 1 (white) = missing, the pixels to fill; 0 (black) = kept.
+    :meth:`missing_for` gives the mask m for an image, :meth:`observed_for` the weights 1 − m that A applies.
 
     Args:
-        mask: a fixed mask tensor (H, W) / (B, C, H, W), 1 = observed, 0 = missing; or a function
-            ``(height, width) -> mask`` that makes the mask for each image size on first use (cached).
+        mask: a fixed mask tensor (H, W) / (B, C, H, W) in [0, 1], 1 = missing, 0 = kept; or a function
+            ``(height, width) -> mask`` (same convention) that makes the mask for each image size on first use
+            (cached).
+
+    A mask that marks every pixel missing (nothing is measured) or none (A is the identity) is allowed but warned
+    about, once per operator: when a tensor mask is given, or when a mask function first builds one.
     """
 
     def __init__(self, mask: torch.Tensor | Callable[[int, int], torch.Tensor], noise_std: float = 0.0,
@@ -25,6 +35,31 @@ class Inpainting(LinearOperator):
         self._make_mask = mask if callable(mask) and not isinstance(mask, torch.Tensor) else None
         self.register_buffer("fixed_mask", None if self._make_mask else as_mask(mask))
         self._cache: dict = {}
+        self._warned: set[str] = set()
+        if self.fixed_mask is not None:
+            self._warn_if_degenerate(self.fixed_mask)
+
+    def _mask_source(self) -> str:
+        """How the warnings name this operator's mask."""
+        return "a tensor mask" if self.fixed_mask is not None else "a generated mask"
+
+    def _warn_if_degenerate(self, mask: torch.Tensor) -> None:
+        """Warn (once per case and operator) when ``mask`` marks every pixel missing or none."""
+        if not mask.numel():
+            return
+        if bool((mask == 1).all()):
+            case = "every"
+            message = ("the mask marks every pixel missing: nothing is measured ({}); white / 1 = missing, "
+                       "black / 0 = kept, so invert the mask if white marks the pixels to keep")
+        elif bool((mask == 0).all()):
+            case = "none"
+            message = ("the mask marks no pixel missing: the operator is the identity ({}); white / 1 = missing, "
+                       "black / 0 = kept, so mark the pixels to fill in white")
+        else:
+            return
+        if case not in self._warned:
+            self._warned.add(case)
+            warnings.warn(message.format(self._mask_source()), UserWarning, stacklevel=3)
 
     def _check_size(self, height: int, width: int) -> None:
         if self.fixed_mask is not None and tuple(self.fixed_mask.shape[-2:]) != (height, width):
@@ -33,8 +68,8 @@ class Inpainting(LinearOperator):
                 f"resize the mask to the image (or the image to the mask)"
             )
 
-    def mask_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The mask for an image ``x``, on its device and in its dtype."""
+    def missing_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask m for an image ``x`` (1 = missing), on its device and in its dtype."""
         if self.fixed_mask is not None:
             mask = self.fixed_mask
             if mask.shape[0] not in (1, x.shape[0]) or mask.shape[1] not in (1, x.shape[1]):
@@ -42,17 +77,31 @@ class Inpainting(LinearOperator):
                     f"mask of shape {tuple(mask.shape)} does not broadcast to the image of shape {tuple(x.shape)}"
                 )
             return mask.to(device=x.device, dtype=x.dtype)
-        key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
+        key = ("missing", x.shape[-2], x.shape[-1], x.device, x.dtype)
         if key not in self._cache:
-            self._cache[key] = as_mask(self._make_mask(x.shape[-2], x.shape[-1])).to(device=x.device, dtype=x.dtype)
+            mask = as_mask(self._make_mask(x.shape[-2], x.shape[-1]))
+            self._warn_if_degenerate(mask)
+            self._cache[key] = mask.to(device=x.device, dtype=x.dtype)
         return self._cache[key]
 
+    def observed_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights 1 − m that A multiplies ``x`` by (1 = observed): the diagonal of A."""
+        if self.fixed_mask is not None:
+            return 1 - self.missing_for(x)
+        key = ("observed", x.shape[-2], x.shape[-1], x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = 1 - self.missing_for(x)
+        return self._cache[key]
+
+    #: The diagonal of A, 1 − m (1 = observed), under the name the latent-space fidelity weighting reads.
+    mask_for = observed_for
+
     def A(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mask_for(x) * x
+        return self.observed_for(x) * x
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         self._check_size(y.shape[-2], y.shape[-1])
-        return self.mask_for(y) * y
+        return self.observed_for(y) * y
 
     A_dagger = A_adjoint
 
@@ -93,10 +142,11 @@ class FreeformInpainting(Inpainting):
 
 
 class FileMaskInpainting(Inpainting):
-    """A mask read from an image file: white = missing, black = kept (``invert=True`` swaps)."""
+    """A mask read from an image file: white = missing (1), black = kept (0), pixels at or above ``threshold``
+    (in [0, 1]) count as white; ``invert=True`` swaps."""
 
     def __init__(self, path: str | os.PathLike, invert: bool = False, threshold: float = 0.5,
                  noise_std: float = 0.0, poisson_rate: float | None = None):
         super().__init__(mask_from_file(path, invert=invert, threshold=threshold), noise_std=noise_std,
                          poisson_rate=poisson_rate)
-        self.path = os.fspath(path)
+        self.path, self.invert, self.threshold = os.fspath(path), bool(invert), threshold

@@ -1,4 +1,6 @@
-"""Inpainting masks: (1, 1, H, W) float tensors with 1 where a pixel is observed and 0 where it is missing."""
+"""Inpainting masks: (1, 1, H, W) float tensors with 1 (white) where a pixel is missing, to be filled, and 0
+(black) where it is kept. This is the one mask convention of flowsteer: :class:`operators.Inpainting`, mask files
+(``inpaint_mask``) and ``flowsteer edit`` (white = edit) all read 1 / white as the region to fill or change."""
 
 from __future__ import annotations
 
@@ -6,11 +8,15 @@ import math
 import os
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 
-def _check_fraction(fraction, name: str = "fraction") -> float:
-    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+def _check_fraction(fraction, name: str = "fraction", closed: bool = False) -> float:
+    """``fraction`` as a float in (0, 1), or in [0, 1] when ``closed`` (a mask of none or all of the pixels)."""
+    number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+    if closed and not (number and 0 <= fraction <= 1):
+        raise ValueError(f"{name} must be a number in [0, 1], got {fraction!r}")
+    if not closed and not (number and 0 < fraction < 1):
         raise ValueError(f"{name} must be a number strictly between 0 and 1, got {fraction!r}")
     return float(fraction)
 
@@ -20,7 +26,7 @@ def check_box_args(size, fraction) -> tuple[tuple[int, int] | None, float | None
     if size is not None and fraction is not None:
         raise ValueError("give either size or fraction for a box mask, not both")
     if size is None:
-        return None, _check_fraction(0.25 if fraction is None else fraction)
+        return None, _check_fraction(0.25 if fraction is None else fraction, closed=True)
     sides = (size, size) if isinstance(size, int) else tuple(size)
     if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
         raise ValueError(f"size must be a positive integer or a pair of them, got {size!r}")
@@ -30,12 +36,13 @@ def check_box_args(size, fraction) -> tuple[tuple[int, int] | None, float | None
 def box_mask(height: int, width: int, size: int | tuple[int, int] | None = None, fraction: float | None = None,
              top: int | None = None, left: int | None = None) -> torch.Tensor:
     """A missing rectangle: ``size`` (side or (h, w)) or ``fraction`` of the image area (the box then has the
-    image's aspect ratio: sides sqrt(fraction)·H by sqrt(fraction)·W). Centred unless ``top``/``left`` are given.
+    image's aspect ratio: sides sqrt(fraction)·H by sqrt(fraction)·W). Centred unless ``top``/``left`` are given;
+    ``fraction=0`` is an empty box.
     """
     size, fraction = check_box_args(size, fraction)
     if size is None:
         f = math.sqrt(fraction)
-        box_h, box_w = max(1, round(f * height)), max(1, round(f * width))
+        box_h, box_w = (max(1, round(f * height)), max(1, round(f * width))) if fraction else (0, 0)
     else:
         box_h, box_w = size
     if box_h > height or box_w > width:
@@ -47,18 +54,18 @@ def box_mask(height: int, width: int, size: int | tuple[int, int] | None = None,
             f"box of {box_h}x{box_w} at top={top}, left={left} leaves the {height}x{width} image; "
             f"top must be in [0, {height - box_h}] and left in [0, {width - box_w}]"
         )
-    mask = torch.ones(1, 1, height, width)
-    mask[..., top:top + box_h, left:left + box_w] = 0
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., top:top + box_h, left:left + box_w] = 1
     return mask
 
 
 def random_mask(height: int, width: int, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
-    """Exactly round(fraction·H·W) missing pixels, chosen uniformly at random from ``seed``."""
-    _check_fraction(fraction)
+    """Exactly round(fraction·H·W) missing pixels (1), chosen uniformly at random from ``seed``."""
+    _check_fraction(fraction, closed=True)
     generator = torch.Generator().manual_seed(int(seed))
     missing = torch.randperm(height * width, generator=generator)[: round(fraction * height * width)]
-    mask = torch.ones(height * width)
-    mask[missing] = 0
+    mask = torch.zeros(height * width)
+    mask[missing] = 1
     return mask.reshape(1, 1, height, width)
 
 
@@ -66,7 +73,7 @@ def freeform_mask(height: int, width: int, strokes: int = 4, max_vertices: int =
                   seed: int = 0) -> torch.Tensor:
     """Free-form brush strokes (as in DeepFill v2 / LaMa training masks): ``strokes`` polylines of up to
     ``max_vertices`` random segments, each drawn with round joints and a brush up to ``max_width`` times the
-    shorter image side, all drawn from ``seed``. PIL draws the strokes (kornia has no stroke rasteriser).
+    shorter image side, all drawn from ``seed``; the strokes are the missing pixels (1). PIL draws the strokes (kornia has no stroke rasteriser).
     """
     if not isinstance(strokes, int) or strokes < 1:
         raise ValueError(f"strokes must be a positive integer, got {strokes!r}")
@@ -96,28 +103,42 @@ def freeform_mask(height: int, width: int, strokes: int = 4, max_vertices: int =
             r = brush / 2
             draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
     missing = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(height, width) > 0
-    return (~missing).float()[None, None]
+    return missing.float()[None, None]
 
 
 def mask_from_file(path: str | os.PathLike, invert: bool = False, threshold: float = 0.5) -> torch.Tensor:
-    """Load a mask image. Rule: WHITE marks pixels to fill (missing), BLACK pixels are kept — the convention
-    of diffusers' inpainting pipelines; ``invert=True`` swaps it. The image is converted to grayscale and
-    thresholded at ``threshold`` (in [0, 1]).
+    """Load a mask image as a mask (1 = missing). Rule: WHITE marks pixels to fill (missing, 1), BLACK pixels
+    are kept (0) — the convention of diffusers' inpainting pipelines; ``invert=True`` swaps it. The image is
+    converted to grayscale and thresholded at ``threshold`` (in [0, 1]).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"the mask file must be given as a path, got {type(path).__name__} {path!r}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"the mask file {path!r} is a directory; give the path of a mask image (white = missing)")
     if not os.path.isfile(path):
-        raise ValueError(f"mask file {path!r} does not exist")
-    with Image.open(path) as image:
-        gray = image.convert("L")
-        values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).reshape(gray.height, gray.width)
+        raise ValueError(f"the mask file {path!r} does not exist; check the path")
+    try:
+        with Image.open(path) as image:
+            gray = image.convert("L")
+    except UnidentifiedImageError as error:
+        raise ValueError(f"the mask file {path!r} is not an image (Pillow cannot identify its format); give a PNG "
+                         f"or JPEG mask, white = missing, black = kept") from error
+    except PermissionError as error:
+        raise ValueError(f"the mask file {path!r} cannot be read (permission denied); check its permissions") from error
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt image data
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"the mask file {path!r} is not an image ({reason}); give a PNG or JPEG mask, "
+                         f"white = missing, black = kept") from error
+    values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).reshape(gray.height, gray.width)
     missing = values.float() / 255 >= threshold
     if invert:
         missing = ~missing
-    return (~missing).float()[None, None]
+    return missing.float()[None, None]
 
 
 def as_mask(mask) -> torch.Tensor:
-    """Bring a user mask of shape (H, W), (1, H, W), (B, 1, H, W) or (B, C, H, W) to 4-D float (1 = observed)."""
+    """Bring a user mask of shape (H, W), (1, H, W), (B, 1, H, W) or (B, C, H, W) to 4-D float (1 = missing)."""
     mask = torch.as_tensor(mask)
     if mask.ndim == 2:
         mask = mask[None, None]
@@ -125,4 +146,7 @@ def as_mask(mask) -> torch.Tensor:
         mask = mask[None]
     if mask.ndim != 4:
         raise ValueError(f"mask must have shape (H, W), (1, H, W) or (B, C, H, W), got {tuple(mask.shape)}")
-    return mask.to(torch.get_default_dtype())
+    mask = mask.to(torch.get_default_dtype())
+    if mask.numel() and (not bool(torch.isfinite(mask).all()) or mask.min() < 0 or mask.max() > 1):
+        raise ValueError("mask values must lie in [0, 1] (1 = missing, to be filled; 0 = kept)")
+    return mask

@@ -173,6 +173,20 @@ def _shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def _model_label(model: Any) -> str:
+    """The model's source, for the settings and the summary title: the --model string (a hub id, 'default'), a
+    folder as its absolute path; for a loaded model or pipeline the source it was loaded from, else its class name
+    (never an object repr)."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model).expanduser()
+        return str(path.resolve()) if path.is_dir() else os.fspath(model)
+    for owner in (model, getattr(model, "pipeline", None)):
+        source = getattr(owner, "name_or_path", None)
+        if isinstance(source, (str, os.PathLike)) and str(source).strip():
+            return _model_label(source)
+    return type(model).__name__
+
+
 def _default_device(device: str | None) -> str:
     if device:
         return device
@@ -416,6 +430,16 @@ def _csv(rows: list[dict], keys: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+def _grid_caption(method: str, record: dict) -> str:
+    """A restored cell's caption: the method and, below it, its PSNR against the reference from ``record``."""
+    psnr = record.get("psnr")
+    if record.get("status") == "diverged":
+        return f"{method}\ndiverged"
+    if isinstance(psnr, (int, float)) and not isinstance(psnr, bool):
+        return f"{method}\n{psnr:.2f} dB" if math.isfinite(psnr) else f"{method}\n{psnr} dB"
+    return method
+
+
 def _write_grids(out: Path, settings: dict, images: list[tuple[str, Path]], items: list[_Item],
                  records: dict[str, dict], keep: set[str] | None = None) -> None:
     from .grid import save_grid
@@ -437,10 +461,10 @@ def _write_grids(out: Path, settings: dict, images: list[tuple[str, Path]], item
             first = by_key[(image_id, operator, methods[0])]
             measurement = next((records[by_key[(image_id, operator, m)].name].get("measurement") for m in methods
                                 if records[by_key[(image_id, operator, m)].name].get("measurement")), None)
-            cells = [picture(measurement)]
-            cells += [picture(records[by_key[(image_id, operator, m)].name].get("restored")) for m in methods]
-            rows.append(cells + [reference])
-            captions.append([first.slug, *methods, "reference"])
+            mine = [records[by_key[(image_id, operator, m)].name] for m in methods]
+            rows.append([picture(measurement), *(picture(record.get("restored")) for record in mine), reference])
+            captions.append([first.slug, *(_grid_caption(m, record) for m, record in zip(methods, mine)),
+                             "reference"])
         save_grid(out / "grids" / f"{image_id}.png", rows, captions)
 
 
@@ -537,9 +561,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         get_method(method, **options.get(method, {}))
     found = find_images(images, limit)
     out = Path(out)
-    model_label = (str(Path(model).expanduser().resolve()) if isinstance(model, (str, os.PathLike))
-                   and Path(model).expanduser().is_dir() else str(model) if isinstance(model, (str, os.PathLike))
-                   else f"<{type(model).__name__} object>")
+    model_label = _model_label(model)
     settings: dict[str, Any] = _jsonable({
         "format": FORMAT, "model": model_label,
         "images": [{"name": key, "file": path.name, "sha256": _sha(path)} for key, path in found],
@@ -705,3 +727,8 @@ if __name__ == "__main__":  # `python -m tasks.benchmark ...` / `accelerate laun
     arguments = sys.argv[1:]
     sys.exit(main([*(["--debug"] if "--debug" in arguments else []), "benchmark",
                    *(a for a in arguments if a != "--debug")]))
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.benchmark(...) runs run_benchmark

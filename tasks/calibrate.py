@@ -64,6 +64,11 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
         raise ValueError(f"--size must be a positive integer, got {size!r}")
     if not Path(images).is_dir():
         raise ValueError(f"the image folder {str(images)!r} does not exist (or is not a folder); check --images")
+    from guidance.calibration import crw_cache_dir
+
+    from .outputs import check_writable
+
+    check_writable(crw_cache_dir(cache_dir), "--cache-dir", "the calibration cache folder")  # before any work
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if size is None:
         if not getattr(net, "default_size", None):
@@ -120,3 +125,8 @@ def add_parser(commands) -> None:
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.calibrate(...) runs calibrate_folder

@@ -9,6 +9,7 @@ and since every output is written atomically no half-written file is left behind
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
@@ -26,6 +27,9 @@ COMMANDS = (
 )
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+#: Commands that load no transformers or diffusers weights, so need not import those libraries to silence them.
+NO_PRETRAINED = ("operators", "methods", "models", "design")
 
 
 def _version() -> str:
@@ -50,20 +54,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True):
+    """Switch transformers' and diffusers' weight-loading progress bars off and their logging to errors only
+    (flowsteer's own tqdm bars stay); the previous settings come back afterwards."""
+    saved = []
+    if enabled:
+        for name in ("transformers", "diffusers"):
+            try:
+                logging = import_module(f"{name}.utils.logging")
+            except ImportError:
+                continue
+            saved.append((logging, logging.is_progress_bar_enabled(), logging.get_verbosity()))
+            logging.disable_progress_bar()
+            logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for logging, bar, verbosity in saved:
+            if bar:
+                logging.enable_progress_bar()
+            logging.set_verbosity(verbosity)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
+    from .outputs import remove_empty_outputs
+
     try:
-        return args.run(args)
+        with quiet_loading(args.command not in NO_PRETRAINED):
+            return args.run(args)
     except KeyboardInterrupt:
+        remove_empty_outputs()
         print("flowsteer: interrupted; finished outputs are kept, no partial file was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
     except Exception as error:  # one line for the user; the traceback with --debug
+        remove_empty_outputs()  # no empty --out folder is left behind
         if args.debug:
             raise
         hint = "" if isinstance(error, ValueError) else " (run with --debug for the traceback)"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+import re
 
 from .cli import format_default, print_json
 
@@ -17,6 +20,27 @@ KNOWN_MODELS = (
 )
 
 
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")        # :func:`~a.b.c` -> c, :class:`a.B` -> a.B
+_LITERAL = re.compile(r"``([^`]*)``|`([^`]*)`")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
+
+
+def plain_text(doc: str | None, limit: int = 160) -> str:
+    """The first paragraph of a docstring as plain text (reST roles and literals unwrapped) in whole sentences:
+    the first sentence, then more while the text stays within ``limit`` characters; ends with a full stop."""
+    paragraph = " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
+    paragraph = _ROLE.sub(lambda m: m.group(1).rpartition(".")[2] if m.group(0).count("~") else m.group(1),
+                          paragraph)
+    paragraph = _LITERAL.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), paragraph)
+    sentences = _SENTENCE_END.split(paragraph.rstrip(":").strip())
+    text = sentences[0]
+    for sentence in sentences[1:]:
+        if len(text) + 1 + len(sentence) > limit:
+            break
+        text += " " + sentence
+    return text if not text or text[-1] in ".!?" else text + "."
+
+
 def cmd_operators(args: argparse.Namespace) -> int:
     """List the registered forward operators with their parameters and defaults."""
     from operators import list_operators
@@ -25,7 +49,7 @@ def cmd_operators(args: argparse.Namespace) -> int:
     for entry in list_operators():
         rows.append({
             "name": entry.name,
-            "summary": entry.summary,
+            "summary": plain_text(inspect.getdoc(entry.cls)),
             "linear": "yes" if entry.cls.is_linear else ("per instance" if hasattr(entry.cls, "adjoint") else "no"),
             "parameters": {k: format_default(v) for k, v in entry.parameters().items()},
         })
@@ -46,9 +70,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     rows = []
     for name in list_methods():
-        paragraph = " ".join((_load(name).__doc__ or "").strip().split("\n\n")[0].split())
-        summary = paragraph.split(": ")[0] if len(paragraph) > 110 else paragraph
-        rows.append({"name": name, "summary": summary,
+        rows.append({"name": name, "summary": plain_text(_load(name).__doc__),
                      "options": {k: format_default(v) for k, v in method_options(name).items()}})
     if args.json:
         print_json(rows)
@@ -79,17 +101,37 @@ def _cached(repo: str) -> str:
         return "unknown"
 
 
+def _classifier_labels(folder) -> tuple[list[str], str]:
+    """The class names in a bundled classifier's config.json (nothing is loaded) and its status."""
+    try:
+        id2label = json.loads((folder / "config.json").read_text()).get("id2label") or {}
+        return [str(id2label[k]) for k in sorted(id2label, key=int)], "available"
+    except (OSError, ValueError, AttributeError) as error:
+        return [], f"not available: {str(error).splitlines()[0]}"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    """List the flow models flowsteer knows, and whether each is on this machine (nothing is downloaded)."""
-    rows = [{"source": source, "family": family, "summary": summary, "status": _cached(source)}
+    """List the flow models flowsteer knows, and whether each is on this machine (nothing is downloaded), then
+    the bundled classifiers with their labels."""
+    from .generate import BUNDLED_CLASSIFIERS, bundled_classifier_dir
+
+    rows = [{"kind": "model", "source": source, "family": family, "summary": summary, "status": _cached(source)}
             for source, family, summary in KNOWN_MODELS]
+    classifiers = []
+    for name, (_, summary) in BUNDLED_CLASSIFIERS.items():
+        labels, status = _classifier_labels(bundled_classifier_dir(name))
+        classifiers.append({"kind": "classifier", "source": name, "family": "classifier", "summary": summary,
+                            "labels": labels, "status": status})
     if args.json:
-        print_json(rows)
+        print_json(rows + classifiers)
         return 0
     for row in rows:
         print(f"{row['source']}  [{row['family']}]  {row['summary']}\n    {row['status']}")
     print("\nAny local folder written by save_pretrained (SD3, Flux, or a generic transformer + scheduler + VAE) "
           "also works: --model path/to/folder.")
+    print("\nBundled classifiers (flowsteer generate --classifier NAME --label LABEL):")
+    for row in classifiers:
+        print(f"{row['source']}  {row['summary']}\n    labels: {', '.join(row['labels']) or 'none'}; {row['status']}")
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -130,7 +130,8 @@ def load_score(spec: str, alphabet: str) -> Callable[[torch.Tensor], torch.Tenso
 @dataclass
 class DesignResult:
     """Designed ``sequences`` (best first) with their ``scores``, the guided run's mean ``curve`` of hard-sample
-    scores per step, and the mean score of unguided and guided samples from the same seed."""
+    scores per step, the mean score of unguided and guided samples from the same seed, and the ``settings`` that
+    reproduce the run (`flowsteer design` adds the flow, score and alphabet)."""
 
     sequences: list[str]
     scores: list[float]
@@ -138,6 +139,7 @@ class DesignResult:
     unguided_mean: float
     guided_mean: float
     seconds: float
+    settings: dict = field(default_factory=dict)
 
 
 def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alphabet: str, *, num_sequences: int = 64,
@@ -166,7 +168,9 @@ def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alp
     curve = (-guided.info["loss"].mean(1)).tolist()
     return DesignResult(sequences=decode(guided.info["tokens"][order], alphabet), scores=values[order].tolist(),
                         curve=curve, unguided_mean=hard_scores(unguided.info["tokens"]).mean().item(),
-                        guided_mean=values.mean().item(), seconds=seconds)
+                        guided_mean=values.mean().item(), seconds=seconds,
+                        settings={"alphabet": alphabet, "num": num_sequences, "steps": num_steps, "gamma": gamma,
+                                  "samples": samples, "source": source, "draw": draw, "seed": seed})
 
 
 def save_result(result: DesignResult, path: str | Path, overwrite: bool = False) -> Path:
@@ -183,6 +187,17 @@ def _sparkline(values: list[float]) -> str:
     low, high = min(values), max(values)
     span = (high - low) or 1.0
     return "".join(bars[min(7, int((v - low) / span * 8))] for v in values)
+
+
+def _rerun_settings(args: argparse.Namespace) -> dict:
+    """What the saved result records besides :func:`design`'s settings, to rerun it: the flow (its spec, a folder
+    as an absolute path, or the training file and steps), the score spec and the alphabet."""
+    if args.train:
+        flow = {"flow": None, "train": str(Path(args.train).resolve()), "train_steps": args.train_steps,
+                "save_flow": str(Path(args.save_flow).resolve()) if args.save_flow else None}
+    else:
+        flow = {"flow": str(Path(args.flow).resolve()) if Path(args.flow).is_dir() else args.flow}
+    return {**flow, "score": args.score, "alphabet": args.alphabet}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     for sequence, value in list(zip(result.sequences, result.scores))[: args.top]:
         print(f"{value:8.3f}  {sequence}")
     if args.out:
+        result.settings.update(_rerun_settings(args))
         save_result(result, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}")
     return 0
@@ -241,7 +257,13 @@ def add_parser(commands) -> None:
     design.add_argument("--draw", choices=("sample", "argmax"), default="sample", help="categorical draws or argmax")
     design.add_argument("--seed", type=int, default=0)
     design.add_argument("--top", type=int, default=10, help="how many of the best sequences to print (default 10)")
-    design.add_argument("--out", help="also write all sequences, scores and the score curve to this JSON file")
+    design.add_argument("--out", help="also write all sequences, scores, the score curve and the settings (all "
+                                      "that reruns it) to this JSON file")
     design.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     design.add_argument("--quiet", action="store_true", help="no progress bars")
     design.set_defaults(run=run)
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.design(...) runs design

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from guidance import get_method
 from guidance.files import write_text_atomic
+from guidance.images import ImageOutput, check_output_type
 
 from .grid import save_grid
-from .image_io import save_image
+from .image_io import load_image, save_image
 from .outputs import prepare_output_dir
 
 __all__ = ["OUTPUT_NAMES", "Edit", "edit", "read_mask"]
@@ -41,20 +42,27 @@ DEFAULT_STEPS = 30  # the FlowChef Flux editing reference
 
 
 @dataclass
-class Edit:
+class Edit(ImageOutput):
     """The ``edited`` image and the ``source`` image (1, 3, H, W) in [-1, 1], the ``mask`` (1, 1, H, W) in [0, 1]
     (1 = edit), ``metrics`` (time, NFE, mean absolute change inside / outside the mask, and
-    the autoencoder's own round-trip error, the floor of the change outside) and every ``settings`` value."""
+    the autoencoder's own round-trip error, the floor of the change outside) and every ``settings`` value;
+    ``images`` is the edited image as diffusers returns images (``output_type``)."""
 
     edited: torch.Tensor
     source: torch.Tensor
     mask: torch.Tensor
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    output_type: str = "pil"
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self.edited
 
 
-def read_mask(mask: str | os.PathLike | torch.Tensor) -> torch.Tensor:
-    """A mask file (white = edit) or tensor (H, W) / (1, 1, H, W) in [0, 1] as a (1, 1, H, W) float tensor."""
+def read_mask(mask) -> torch.Tensor:
+    """A mask file, PIL image or NumPy array (white = edit) or tensor (H, W) / (1, 1, H, W) in [0, 1] (1 = edit) as a
+    (1, 1, H, W) float tensor."""
     from .restore import read_image
 
     if isinstance(mask, torch.Tensor):
@@ -66,17 +74,24 @@ def read_mask(mask: str | os.PathLike | torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(m).all()) or m.min() < 0 or m.max() > 1:
             raise ValueError("mask values must lie in [0, 1] (1 = region to edit, 0 = region to keep)")
         return m
+    if not isinstance(mask, (str, os.PathLike)):  # PIL or NumPy, as images are taken
+        m = (load_image(mask, channels=1) + 1) / 2
+        if m.shape[0] != 1:
+            raise ValueError(f"edit takes one mask, got a batch of {m.shape[0]}")
+        return m
     return (read_image(mask, "mask", channels=1) + 1) / 2
 
 
-def _read_source(image: str | os.PathLike | torch.Tensor) -> torch.Tensor:
+def _read_source(image) -> torch.Tensor:
+    """The input image from a path (errors name its role), a PIL image, a NumPy array or a tensor."""
     from .restore import read_image
 
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 4 or image.shape[:2] != (1, 3):
-            raise ValueError(f"the image tensor must have shape (1, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
-        return image.float()
-    return read_image(image, "input image")
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, "input image")
+    source = load_image(image)
+    if source.shape[0] != 1:
+        raise ValueError(f"edit takes one image, got a batch of {source.shape[0]}; edit them one at a time")
+    return source
 
 
 def _change(edited: torch.Tensor, source: torch.Tensor, weight: torch.Tensor) -> float | None:
@@ -87,11 +102,11 @@ def _change(edited: torch.Tensor, source: torch.Tensor, weight: torch.Tensor) ->
     return float(((edited - source).abs().mean(1, keepdim=True) * weight).sum() / total)
 
 
-def edit(image: str | os.PathLike | torch.Tensor, mask: str | os.PathLike | torch.Tensor, source_prompt: str,
-         edit_prompt: str, *, model: Any = "default", num_steps: int = DEFAULT_STEPS, seed: int = 0,
-         options: dict | None = None, guidance_scale: float | None = None, resize: bool = False,
-         out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
-         device: str | None = None, dtype: Any = None) -> Edit:
+def edit(image, mask, source_prompt: str, edit_prompt: str, *, model: Any = "default",
+         num_steps: int = DEFAULT_STEPS, seed: int = 0, options: dict | None = None,
+         guidance_scale: float | None = None, resize: bool = False, out: str | os.PathLike | None = None,
+         overwrite: bool = False, progress: bool = True, device: str | None = None, dtype: Any = None,
+         output_type: str = "pil") -> Edit:
     """Edit ``image`` inside ``mask`` (white = edit) from ``source_prompt`` toward ``edit_prompt`` with FlowChef.
 
     ``options`` are flowchef_edit's (step_size, inner_steps, source_steps, edit_guidance, source_weight, ...).
@@ -105,6 +120,7 @@ def edit(image: str | os.PathLike | torch.Tensor, mask: str | os.PathLike | torc
 
     from .restore import fit_size, open_model, peak_memory, resize_image
 
+    check_output_type(output_type)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
     for name, prompt in (("source prompt", source_prompt), ("edit prompt", edit_prompt)):
@@ -127,6 +143,11 @@ def edit(image: str | os.PathLike | torch.Tensor, mask: str | os.PathLike | torc
         out = prepare_output_dir(out, OUTPUT_NAMES, overwrite=overwrite, inputs=inputs)
 
     net = open_model(model, device=device, dtype=dtype, progress=progress)
+    if not getattr(net, "takes_text", False):
+        name = getattr(net, "name_or_path", None) or type(net).__name__
+        raise ValueError(f"editing follows the edit prompt, but the model {name!r} takes no text: use a "
+                         f"text-conditioned model (SD3 / SD3.5 or FLUX.1, e.g. --model "
+                         f"stabilityai/stable-diffusion-3.5-medium or a local folder of one)")
     target = fit_size(net, *size, resize, what="input image")
     source = resize_image(source, target)
     if target != size:
@@ -163,7 +184,8 @@ def edit(image: str | os.PathLike | torch.Tensor, mask: str | os.PathLike | torc
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(net).__name__,
         "device": str(net.device), "dtype": str(getattr(net, "dtype", "")).replace("torch.", ""),
         "out": None if out is None else str(out)}
-    result = Edit(edited=edited, source=source, mask=pixel_mask, metrics=metrics, settings=settings)
+    result = Edit(edited=edited, source=source, mask=pixel_mask, metrics=metrics, settings=settings,
+                  output_type=output_type)
     if out is not None:
         save_edit(result, out)
     return result
@@ -227,3 +249,8 @@ def add_parser(commands) -> None:
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.edit(...) runs edit

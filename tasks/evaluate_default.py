@@ -108,7 +108,7 @@ def restoration_table(model, images: dict[str, torch.Tensor] | torch.Tensor, met
                       f"SSIM {rows[-1]['ssim']:.3f}", flush=True)
 
             def consistent(image: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                return pixel_consistency(image, operator, y, max_steps=consistency_steps)[0]
+                return pixel_consistency(image, operator, y, max_steps=consistency_steps)
 
             for method in methods:
                 if method in grid_only and i > 0:

@@ -7,7 +7,7 @@
 From code, with a model source or an already-loaded FlowModel::
 
     result = generate("a photo of a fox", model=model, reward="clip:a red fox", num=2, out="results/fox")
-    result.images, result.scores, result.metrics
+    result.images, result.scores, result.metrics     # images: PIL (output_type="pil"), result.image: the tensor
 
 Each image i starts from the noise of seed ``seed + i`` (``--compare`` also samples it unguided from the same
 noise). Scores are the reward, or log p(label) for a classifier; higher is better.
@@ -15,6 +15,7 @@ noise). Scores are the reward, or log p(label) for a classifier; higher is bette
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -28,28 +29,73 @@ import torch
 
 from guidance import get_method
 from guidance.files import write_text_atomic
+from guidance.images import ImageOutput, check_output_type
 
 from .grid import save_grid
 from .image_io import save_image
 from .outputs import prepare_output_dir
 from .rewards import DEFAULT_CLIP, make_guide
 
-__all__ = ["METHODS", "Generation", "generate"]
+__all__ = ["BUNDLED_CLASSIFIERS", "METHODS", "Generation", "classifier_source", "generate"]
 
 METHODS = ("flowchef", "best_of_n", "dps", "unguided")
 
+#: The classifiers shipped with the default model: name -> (its folder in the default model, what it is).
+BUNDLED_CLASSIFIERS = {
+    "default": ("classifier", "a small ConvNeXt image classifier trained with the default model, to guide with"),
+    "default:judge": ("judge", "an independent small ResNet classifier of the same classes, to check guided "
+                               "images with"),
+}
+
+
+def bundled_classifier_dir(name: str) -> Path:
+    """The folder of the bundled classifier ``name`` (``default``, ``default:judge``) in the default model."""
+    from guidance.models.default import default_model_dir
+
+    if name not in BUNDLED_CLASSIFIERS:
+        raise ValueError(f"unknown bundled classifier {name!r}: use {' or '.join(map(repr, BUNDLED_CLASSIFIERS))}")
+    return default_model_dir() / BUNDLED_CLASSIFIERS[name][0]
+
+
+def classifier_source(classifier: Any) -> Any:
+    """A bundled classifier's name -> its folder (found from the installed package, not the current folder);
+    any other source (hub id, folder, 'module:function', callable) unchanged."""
+    if not isinstance(classifier, str):
+        return classifier
+    name = classifier.strip()
+    own_module = Path("default.py").is_file() or Path(name).exists()  # a user's default.py:function or folder
+    if name not in BUNDLED_CLASSIFIERS and name.startswith("default:") and not own_module:
+        close = difflib.get_close_matches(name, BUNDLED_CLASSIFIERS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"unknown bundled classifier {name!r}{hint} The bundled ones are "
+                         f"{' and '.join(map(repr, BUNDLED_CLASSIFIERS))} (flowsteer models lists them)")
+    if name not in BUNDLED_CLASSIFIERS:
+        return classifier
+    folder = bundled_classifier_dir(name)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"the bundled classifier {name!r} is missing: no {folder / 'config.json'}; reinstall "
+                         f"flowsteer or pass --classifier with a hub id or folder")
+    return str(folder)
+
 
 @dataclass
-class Generation:
-    """The ``images`` (each (1, 3, H, W) in [-1, 1]) with their ``scores``; with ``compare``, the ``unguided``
-    images from the same noise and their scores; ``metrics`` and every ``settings`` value used."""
+class Generation(ImageOutput):
+    """The generated ``samples`` (each (1, 3, H, W) in [-1, 1]) with their ``scores``; with ``compare``, the
+    ``unguided`` images from the same noise and their scores; ``metrics`` and every ``settings`` value used.
+    ``image`` is the samples as one (num, 3, H, W) batch and ``images`` as diffusers returns them (``output_type``:
+    "pil", "np" or "pt")."""
 
-    images: list[torch.Tensor]
+    samples: list[torch.Tensor]
     scores: list[float]
     unguided: list[torch.Tensor] = field(default_factory=list)
     unguided_scores: list[float] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    output_type: str = "pil"
+
+    @property
+    def image(self) -> torch.Tensor:
+        return torch.cat(self.samples)
 
 
 def output_names(num: int, compare: bool) -> list[str]:
@@ -69,25 +115,36 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
              num_steps: int = 28, seed: int = 0, height: int | None = None, width: int | None = None,
              negative_prompt: str | None = None, guidance_scale: float | None = None, options: dict | None = None,
              compare: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
-             progress: bool = True, device: str | None = None, dtype: Any = None) -> Generation:
+             progress: bool = True, device: str | None = None, dtype: Any = None, output_type: str = "pil",
+             num_inference_steps: int | None = None) -> Generation:
     """Generate ``num`` images guided toward a ``reward`` (``"clip:TEXT"``, ``"module:function"`` or a callable
-    images -> (B,)) or toward class ``label`` of a ``classifier`` (a transformers hub id or folder,
-    ``"module:function"`` or a callable images -> logits), with ``method`` (flowchef, best_of_n, dps or unguided)
+    images -> (B,)) or toward class ``label`` (an index or a class name) of a ``classifier`` (``"default"`` or
+    ``"default:judge"``, the default model's own, a transformers hub id or folder, ``"module:function"`` or a
+    callable images -> logits), with ``method`` (flowchef, best_of_n, dps or unguided)
     and its ``options``. ``weight`` scales the objective. With ``out``, writes sample_<i>.png, grid.png and
-    metrics.json (and unguided_<i>.png with ``compare``); everything cheap is checked before the model loads."""
+    metrics.json (and unguided_<i>.png with ``compare``); everything cheap is checked before the model loads.
+    ``output_type`` is the form of the result's ``images``; ``num_inference_steps`` is diffusers' ``num_steps``."""
     from .restore import open_model, peak_memory
 
+    check_output_type(output_type)
+    if num_inference_steps is not None:
+        num_steps = num_inference_steps
     if method not in METHODS:
         raise ValueError(f"generate runs one of {', '.join(METHODS)}, not {method!r} (the other methods solve "
                          f"inverse problems: see `flowsteer restore`)")
     _count(num, "the number of images (--num)")
     _count(num_steps, "the number of steps (--steps)")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"the guidance weight (--weight) must be a finite number, got {weight!r}")
     options = dict(options or {})
     solver = get_method(method, **options)  # unknown options fail before anything loads
     if out is not None:
         out = prepare_output_dir(out, output_names(num, compare), overwrite=overwrite)
     device = torch.device(device or getattr(model, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    guide = make_guide(reward=reward, classifier=classifier, label=label, clip=clip, weight=weight, device=device)
+    source = classifier_source(classifier)
+    guide = make_guide(reward=reward, classifier=source, label=label, clip=clip, weight=weight, device=device)
+    if source is not classifier:  # record the bundled classifier's name, not this machine's folder
+        guide.settings["classifier"] = classifier
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if (height is None or width is None) and net.default_size is None:
         raise ValueError(f"{type(net).__name__} has no default image size; give one with --size H W")
@@ -113,13 +170,13 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    generation = Generation(images=[], scores=[])
+    generation = Generation(samples=[], scores=[], output_type=output_type)
     seconds, nfe = 0.0, 0
     for i in range(num):
         begin = time.perf_counter()
         image, nfe = run(solver, seed + i)
         seconds += time.perf_counter() - begin
-        generation.images.append(image)
+        generation.samples.append(image)
         generation.scores.append(score(image))
         if compare:
             baseline, _ = run(get_method("unguided"), seed + i)
@@ -141,7 +198,8 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
         "prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale, "method": method,
         "options": {**method_options(method), **options}, **guide.settings, "num": num, "num_steps": num_steps,
         "seed": seed, "seeds": [seed + i for i in range(num)], "height": height, "width": width, "compare": compare,
-        "model": str(model) if isinstance(model, (str, os.PathLike)) else type(net).__name__,
+        "model": str(model) if isinstance(model, (str, os.PathLike)) else
+        (getattr(net, "name_or_path", None) or type(net).__name__),
         "device": str(net.device), "dtype": str(getattr(net, "dtype", "")).replace("torch.", ""),
         "out": None if out is None else str(out)}
     if out is not None:
@@ -152,11 +210,11 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
 def save_generation(generation: Generation, out: str | os.PathLike) -> Path:
     """Write sample_<i>.png (unguided_<i>.png), grid.png (unguided row on top) and metrics.json atomically."""
     out = Path(out)
-    for i, image in enumerate(generation.images):
+    for i, image in enumerate(generation.samples):
         save_image(image, out / f"sample_{i}.png")
     for i, image in enumerate(generation.unguided):
         save_image(image, out / f"unguided_{i}.png")
-    rows = [generation.images]
+    rows = [generation.samples]
     captions = [[f"{generation.settings['method']} {s:.3g}" for s in generation.scores]]
     if generation.unguided:
         rows.insert(0, generation.unguided)
@@ -187,7 +245,7 @@ def run(args) -> int:
     versus = f" (unguided {m['unguided_mean_score']:.4g})" if "unguided_mean_score" in m else ""
     print(f"{args.method}: mean {m['score_kind']} {m['mean_score']:.4g}{versus}; {m['nfe']} NFE, "
           f"{m['seconds_per_image']:.1f} s per image")
-    print(f"wrote {len(result.images)} image(s), grid.png and metrics.json to {result.settings['out']}")
+    print(f"wrote {len(result.samples)} image(s), grid.png and metrics.json to {result.settings['out']}")
     return 0
 
 
@@ -203,8 +261,9 @@ def add_parser(commands) -> None:
                        help="'clip:TEXT' (CLIP similarity to TEXT) or 'module:function' (images in [-1, 1] -> "
                             "(B,) rewards, higher is better)")
     guide.add_argument("--classifier", metavar="SOURCE",
-                       help="a transformers image-classification hub id or folder, or 'module:function' "
-                            "(images in [-1, 1] -> logits); needs --label")
+                       help="'default' or 'default:judge' (the default model's classifiers, flowsteer models "
+                            "lists them), a transformers image-classification hub id or folder, or "
+                            "'module:function' (images in [-1, 1] -> logits); needs --label")
     parser.add_argument("--label", help="the class to steer toward: an index or a class name (with --classifier)")
     parser.add_argument("--clip", default=DEFAULT_CLIP, metavar="SOURCE",
                         help=f"CLIP model for 'clip:' rewards, hub id or folder (default {DEFAULT_CLIP})")
@@ -231,3 +290,8 @@ def add_parser(commands) -> None:
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.generate(...) runs generate

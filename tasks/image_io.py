@@ -17,85 +17,57 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from guidance.files import write_atomic
+from guidance.images import image_tensor, to_pil  # noqa: F401  (to_pil re-exported: tasks.to_pil)
 
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
                  ".webp": "WEBP"}
 
 
-def _to_unit_float(image: Image.Image) -> torch.Tensor:
-    """(H, W, C) float32 in [0, 1] from an image in mode L, RGB, I or F."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        image = image.convert("I")
-    raw = torch.frombuffer(bytearray(image.tobytes()), dtype={"L": torch.uint8, "RGB": torch.uint8,
-                                                             "I": torch.int32, "F": torch.float32}[image.mode])
-    scale = {"L": 255.0, "RGB": 255.0, "I": 65535.0, "F": 1.0}[image.mode]
-    values = raw.to(torch.float32) / scale
-    return values.reshape(image.height, image.width, -1).clamp(0, 1)
-
-
-def load_image(source: str | os.PathLike | Image.Image, channels: int = 3) -> torch.Tensor:
-    """Load a path or PIL image as a (1, channels, H, W) float32 tensor in [-1, 1] (rules in the module doc)."""
+def load_image(source, channels: int = 3) -> torch.Tensor:
+    """An image as a (B, channels, H, W) float32 tensor in [-1, 1], from a path or PIL image (B = 1; rules in the
+    module doc), a NumPy array (diffusers' convention: uint8, or float in [0, 1]; (H, W[, C]) or (B, H, W, C)) or a
+    tensor (flowsteer's convention: float in [-1, 1], (C, H, W) or (B, C, H, W)), wherever an image is taken
+    (:func:`guidance.images.image_tensor` converts all but paths)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return image_tensor(source, channels)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-                image.info.update(opened.info)
-                exif = opened.getexif()
-        except OSError as error:
-            raise ValueError(f"cannot read {str(path)!r} as an image: {error}") from None
-        if exif:
-            image.info["exif"] = exif.tobytes()
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    if image.mode not in ("L", "RGB", "I", "F") and not image.mode.startswith("I;16"):
-        image = image.convert("RGB")
-    unit = _to_unit_float(image)
-    if unit.shape[-1] == 3 and channels == 1:
-        unit = (unit * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)
-    elif unit.shape[-1] == 1 and channels == 3:
-        unit = unit.expand(-1, -1, 3)
-    return (unit.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.copy()
+            image.info.update(opened.info)
+            exif = opened.getexif()
+    except OSError as error:
+        raise ValueError(f"cannot read {str(path)!r} as an image: {error}") from None
+    if exif:
+        image.info["exif"] = exif.tobytes()
+    return image_tensor(image, channels)
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A (1, C, H, W) or (C, H, W) tensor in [-1, 1] (C = 1 or 3) as an 8-bit PIL image (values clipped)."""
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(f"image must be a torch.Tensor, got {type(image).__name__}")
-    if image.ndim == 4:
-        if image.shape[0] != 1:
-            raise ValueError(f"can only save one image at a time, got a batch of {image.shape[0]}; index it first")
-        image = image[0]
-    if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"image must have shape (1, C, H, W) or (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
-    image = image.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError("image contains NaN or infinite values; nothing was written")
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    if pixels.shape[-1] == 1:
-        return Image.fromarray(pixels[..., 0].numpy(), mode="L")
-    return Image.fromarray(pixels.numpy(), mode="RGB")
-
-
-def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a tensor in [-1, 1] to ``path`` atomically; the format follows the extension (PNG, JPEG, ...)."""
+def save_image(image, path: str | os.PathLike, grid: bool = False) -> Path | list[Path]:
+    """Write an image in [-1, 1] to ``path`` atomically; the format follows the extension (PNG, JPEG, ...). A batch
+    of B > 1 is written one file per image (``name-0.png``, ``name-1.png``, ...; the list of paths is returned), or
+    with ``grid=True`` as one grid image at ``path``. A PIL image is written as it is."""
     path = Path(path)
     fmt = _SAVE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the image format of {str(path)!r}; use one of {sorted(_SAVE_FORMATS)}")
-    pil = to_pil(image)
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[0] > 1:
+        pictures = [to_pil(one[None]) for one in image]  # every image checked before anything is written
+        if grid:
+            from .grid import image_grid
+
+            sheet = image_grid([[one[None] for one in image]])
+            return write_atomic(path, lambda temporary: sheet.save(temporary, format=fmt))
+        return [write_atomic(path.with_name(f"{path.stem}-{i}{path.suffix}"),
+                             lambda temporary, picture=picture: picture.save(temporary, format=fmt))
+                for i, picture in enumerate(pictures)]
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
     return write_atomic(path, lambda temporary: pil.save(temporary, format=fmt))

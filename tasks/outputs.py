@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["prepare_output_dir"]
+__all__ = ["check_writable", "prepare_output_dir", "remove_empty_outputs", "write_outputs"]
+
+_created: list[Path] = []  # output folders this process made, removed again by remove_empty_outputs while empty
 
 
 def prepare_output_dir(out: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
@@ -15,14 +17,8 @@ def prepare_output_dir(out: str | os.PathLike, names: Iterable[str], overwrite: 
     """Create ``out`` when needed and check that it can be written, that none of ``names`` exists in it (unless
     ``overwrite``) and that no output would replace one of ``inputs``. Raises a ValueError saying what to do."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise ValueError(f"cannot write to the output folder {str(out)!r} ({error.strerror or error}); choose "
-                         f"another --out") from None
+    _created.extend(reversed([p for p in (out, *out.parents) if not p.exists()]))  # popped deepest first
+    check_writable(out, "--out", "the output folder")
     targets = [out / name for name in names]
     resolved_inputs = {Path(p).resolve() for p in inputs}
     for target in targets:
@@ -33,3 +29,47 @@ def prepare_output_dir(out: str | os.PathLike, names: Iterable[str], overwrite: 
         raise ValueError(f"{existing[0]!r} already exists{' (and more)' if len(existing) > 1 else ''}; pass "
                          f"--overwrite to replace it or choose another --out")
     return out
+
+
+def check_writable(folder: str | os.PathLike, option: str, what: str = "the folder") -> Path:
+    """Create ``folder`` when needed and check that a file can be written in it, before any work; a ValueError
+    naming the folder (not a hidden probe file) and the option to change otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write to {what} {str(folder)!r} ({error.strerror or error}); choose another "
+                         f"{option}") from None
+    return folder
+
+
+def remove_empty_outputs() -> list[Path]:
+    """Remove the output folders that :func:`prepare_output_dir` created and that are still empty (after an error
+    or an interrupt, so that none is left behind); returns those removed."""
+    removed = []
+    while _created:
+        folder = _created.pop()
+        try:
+            folder.rmdir()  # only when empty
+            removed.append(folder)
+        except OSError:
+            pass
+    return removed
+
+
+def write_outputs(writes: Iterable[tuple[Path, Callable[[Path], object]]]) -> list[Path]:
+    """Write a set of outputs, each ``write(path)`` atomic; when one fails (a full disk, say) the ones already
+    written are removed, so that no set that looks complete is left without its metrics. Returns the paths."""
+    done: list[Path] = []
+    try:
+        for path, write in writes:
+            write(path)
+            done.append(Path(path))
+    except BaseException:
+        for path in done:
+            path.unlink(missing_ok=True)
+        raise
+    return done

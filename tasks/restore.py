@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +35,15 @@ import torch.nn.functional as F
 
 from guidance import MeasurementFidelity, get_method
 from guidance.consistency import check_consistency_steps, pixel_consistency
+from guidance.devices import check_device, check_dtype
 from guidance.files import write_text_atomic
-from operators import Operator, make_operator, operator_name
+from guidance.images import ImageOutput, check_output_type
+from operators import Operator, as_operator, make_operator, operator_name, operator_spec
 
 from .grid import save_grid
 from .image_io import load_image, save_image
 from .metrics import LpipsUnavailable, lpips_metric, psnr, ssim
-from .outputs import prepare_output_dir
+from .outputs import prepare_output_dir, write_outputs
 
 __all__ = ["OUTPUT_NAMES", "Restoration", "allowed_size", "fit_size", "input_shape", "open_model", "parse_options",
            "peak_memory", "quality_metrics", "read_image", "resize_image", "restore", "restore_file"]
@@ -49,10 +52,12 @@ OUTPUT_NAMES = ("restored.png", "measurement.png", "grid.png", "metrics.json")
 
 
 @dataclass
-class Restoration:
-    """The ``restored`` image (1, 3, H, W) in [-1, 1], the ``measurement`` y as measured (its own shape), the
-    ``reference`` when known, ``metrics`` (PSNR, SSIM, LPIPS against the reference; time, peak memory, NFE),
-    every ``settings`` value used, and the method's ``samples`` (K, 3, H, W) before averaging and consistency."""
+class Restoration(ImageOutput):
+    """The ``restored`` images (B, 3, H, W) in [-1, 1] (B = 1 for one input), the ``measurement`` y as measured
+    (its own shape), the ``reference`` when known, ``metrics`` (PSNR, SSIM, LPIPS against the reference, means over
+    the batch with ``per_image`` rows for B > 1; time, peak memory, NFE), every ``settings`` value used, and the
+    method's ``samples`` (K, 3, H, W) — (B, K, 3, H, W) for a batch — before averaging and consistency. ``images``
+    are the restorations as diffusers returns images (``output_type``: "pil", "np" or "pt")."""
 
     restored: torch.Tensor
     measurement: torch.Tensor
@@ -60,6 +65,11 @@ class Restoration:
     metrics: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     samples: torch.Tensor | None = None
+    output_type: str = "pil"
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self.restored
 
 
 def max_rss_gib() -> float:
@@ -77,22 +87,30 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def quality_metrics(restored: torch.Tensor, reference: torch.Tensor, lpips=None) -> dict[str, Any]:
-    """PSNR and SSIM (kornia) and LPIPS (AlexNet) of ``restored`` against ``reference``. LPIPS that cannot be
-    computed offline is reported as ``"unavailable: <reason>"``, never as a number from random weights."""
+    """PSNR and SSIM (kornia) and LPIPS (AlexNet) of ``restored`` against ``reference``, means over the batch (and,
+    for a batch of several, ``per_image``: each image's). LPIPS that cannot be computed offline is reported as
+    ``"unavailable: <reason>"``, never as a number from random weights."""
     lpips = lpips_metric(restored.device) if lpips is None else lpips
-    out = {"psnr": float(psnr(restored, reference)[0]), "ssim": float(ssim(restored, reference)[0])}
+    columns = {"psnr": psnr(restored, reference).tolist(), "ssim": ssim(restored, reference).tolist()}
     if isinstance(lpips, LpipsUnavailable):
-        out["lpips"] = f"unavailable: {lpips.reason}"
+        columns["lpips"] = [f"unavailable: {lpips.reason}"] * restored.shape[0]
     else:
-        out["lpips"] = float(lpips(restored, reference)[0])
+        columns["lpips"] = lpips(restored, reference).reshape(-1).tolist()
+    out = {k: (v[0] if isinstance(v[0], str) else float(sum(v) / len(v))) for k, v in columns.items()}
+    if restored.shape[0] > 1:
+        out["per_image"] = [dict(zip(columns, values)) for values in zip(*columns.values())]
     return out
 
 
-def restore(model, image: torch.Tensor, operator: str | Operator, method: str = "flair", *, simulate: bool = False,
-            reference: torch.Tensor | None = None, num_steps: int = 28, seed: int = 0, noise_std: float | None = None,
+def restore(model, image, operator: str | Operator, method: str = "flair", *, simulate: bool = False,
+            reference=None, num_steps: int = 28, seed: int = 0, noise_std: float | None = None,
             cond: Any = None, space: str = "pixel", options: dict | None = None, progress: bool = True,
-            lpips=None, samples: int = 1, consistency_steps: int | None = None) -> Restoration:
-    """Restore ``image`` (1, C, H, W) in [-1, 1] with ``method`` over the flow ``model``.
+            lpips=None, samples: int = 1, consistency_steps: int | None = None,
+            num_inference_steps: int | None = None, output_type: str = "pil") -> Restoration:
+    """Restore ``image`` with ``method`` over the flow ``model``: a path, PIL image, NumPy array or tensor
+    (:func:`tasks.load_image`), one image or a batch of B, each restored from its own measurement (image b of a
+    batch gets what it gets alone: the seeds are per image). ``restored`` is then (B, C, H, W) and ``images`` the
+    B restorations as PIL images.
 
     Args:
         operator: an operator or a spec such as ``"sr:factor=4"`` (see ``flowsteer operators``).
@@ -109,19 +127,28 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
         consistency_steps: the most projected Landweber iterations that make the result consistent with y in
             pixel space, stopped at the noise level (:func:`guidance.consistency.pixel_consistency`); None: the
             model's recommendation (``model.restore_options``), else 0 (off).
+        num_inference_steps: diffusers' name for ``num_steps``.
+        output_type: the form of the result's ``images`` ("pil", "np" or "pt").
     """
+    check_output_type(output_type)
+    if num_inference_steps is not None:
+        num_steps = num_inference_steps
+    image = load_image(image)
+    if reference is not None:
+        reference = load_image(reference)
     if isinstance(operator, str):
         spec = operator
         operator = make_operator(operator, **({} if noise_std is None else {"noise_std": noise_std}))
-    else:
-        spec = type(operator).__name__
+    else:  # an Operator, or a callable / nn.Module taken as one; recorded by a spec that rebuilds it when one can
+        operator = as_operator(operator)
+        spec = operator_spec(operator) or f"{type(operator).__name__} (not describable by a spec)"
     device = torch.device(getattr(model, "device", "cpu"))
     image = image.to(device=device, dtype=torch.float32)
     operator = operator.to(device)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    if simulate:
+    if simulate:  # each image measured with the seed's noise, as alone
         reference = image
-        y = operator.measure(image.cpu(), generator).to(device)
+        y = torch.cat([operator.measure(one[None].cpu(), torch.Generator(device="cpu").manual_seed(seed))
+                       for one in image]).to(device)
     else:
         y = image
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
@@ -131,25 +158,35 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
     options = {**model.recommended_options(method, operator_name(operator)), **(options or {})}
     solver = get_method(method, **options)
     check_sampling(samples, consistency_steps, operator, spec)
+    skipped = None
     if consistency_steps is None:
         consistency_steps = int((model.restore_options or {}).get("consistency_steps", 0))
-        if not getattr(operator, "is_linear", False):
-            consistency_steps = 0  # a recommendation, not a request: skipped where it cannot apply
-    seeds = [torch.Generator(device="cpu").manual_seed(seed + 1 + k) for k in range(samples)]
+        if consistency_steps and not getattr(operator, "is_linear", False):
+            # a recommendation, not a request: said, recorded, and skipped where it cannot apply
+            skipped = (f"the model recommends {consistency_steps} pixel-consistency steps, but {spec!r} is not "
+                       f"linear: restoring without them (pass consistency_steps=0, --consistency-steps 0, to "
+                       f"silence this)")
+            warnings.warn(skipped, stacklevel=2)
+            consistency_steps = 0
+    count = y.shape[0]  # measurements; each restored from the same seeds as alone
+    seeds = [torch.Generator(device="cpu").manual_seed(seed + 1 + k) for _ in range(count) for k in range(samples)]
+    if samples > 1:
+        objective = MeasurementFidelity(operator, y.repeat_interleave(samples, 0), space=space)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     begin = time.perf_counter()
     result = solver(model, objective, num_steps=num_steps, cond=cond, height=height, width=width, progress=progress,
-                    generator=seeds[0] if samples == 1 else seeds, batch_size=samples)
+                    generator=seeds[0] if len(seeds) == 1 else seeds, batch_size=count * samples)
     images = result.image.float().clamp(-1, 1)
-    restored = images.mean(0, keepdim=True)
+    grouped = images.reshape(count, samples, *images.shape[1:])
+    restored = grouped.mean(1)
     metrics: dict[str, Any] = {"samples": samples}
     if samples > 1:
-        metrics["sample_std"] = float(images.std(0).mean())
+        metrics["sample_std"] = float(grouped.std(1).mean())
     if consistency_steps:
-        restored, taken = pixel_consistency(restored, operator, y, max_steps=consistency_steps)
-        metrics["consistency_steps_taken"] = int(taken[0])
+        restored, taken = pixel_consistency(restored, operator, y, max_steps=consistency_steps, return_steps=True)
+        metrics["consistency_steps_taken"] = int(taken[0]) if count == 1 else taken.tolist()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     metrics = {"seconds": time.perf_counter() - begin, "nfe": result.nfe, **metrics, **peak_memory(device)}
@@ -159,8 +196,10 @@ def restore(model, image: torch.Tensor, operator: str | Operator, method: str = 
                 "options": dict(options or {}), "num_steps": num_steps, "seed": seed, "simulate": simulate,
                 "space": space, "height": height, "width": width, "samples": samples,
                 "consistency_steps": consistency_steps}
+    if skipped:
+        settings["consistency_skipped"] = skipped
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings,
-                       samples=images)
+                       samples=images if count == 1 else grouped, output_type=output_type)
 
 
 def check_sampling(samples: int, consistency_steps: int | None, operator: Operator, spec: str) -> None:
@@ -206,9 +245,10 @@ def read_image(path: str | os.PathLike, what: str = "input image", channels: int
         raise ValueError(f"{error}; the {what} must be an image file such as PNG or JPEG") from None
 
 
-def allowed_size(model, height: int, width: int) -> tuple[int, int]:
-    """The nearest (height, width) the model accepts: multiples of ``size_multiple``, at most ``max_size``."""
-    multiple = int(getattr(model, "size_multiple", 1) or 1)
+def allowed_size(model, height: int, width: int, multiple: int = 1) -> tuple[int, int]:
+    """The nearest (height, width) the model accepts: multiples of ``size_multiple`` (and of ``multiple``, e.g. an
+    operator's factor), at most ``max_size``."""
+    multiple = math.lcm(int(getattr(model, "size_multiple", 1) or 1), int(multiple))
     largest = getattr(model, "max_size", None)
 
     def side(value: int) -> int:
@@ -218,17 +258,29 @@ def allowed_size(model, height: int, width: int) -> tuple[int, int]:
     return side(height), side(width)
 
 
-def fit_size(model, height: int, width: int, resize: bool, what: str = "image") -> tuple[int, int]:
-    """(height, width) when the model accepts them; with ``resize`` the nearest allowed size; else a ValueError
-    naming the allowed sizes and offering ``--resize``."""
-    target = allowed_size(model, height, width)
+def fit_size(model, height: int, width: int, resize: bool, what: str = "image", operator=None) -> tuple[int, int]:
+    """(height, width) when the model (and ``operator``: an SR factor) accepts them; with ``resize`` the nearest
+    allowed size; else a ValueError naming the allowed sizes and offering ``--resize``."""
+    factor = operator_multiple(operator)
+    target = allowed_size(model, height, width, factor)
     if target == (height, width) or resize:
         return target
     largest = getattr(model, "max_size", None)
     limit = f", at most {largest}" if largest else ""
-    raise ValueError(f"the {what} is {height}x{width} pixels but {type(model).__name__} takes heights and widths "
-                     f"that are multiples of {model.size_multiple}{limit}; pass --resize to resize it to "
-                     f"{target[0]}x{target[1]} (or resize it yourself)")
+    multiple = math.lcm(int(model.size_multiple), factor)
+    why = (f"{type(model).__name__} takes multiples of {model.size_multiple}" +
+           (f" and the operator's factor is {factor}, so sides must be multiples of {multiple}" if factor > 1 else ""))
+    lower = lambda side: max(multiple, side // multiple * multiple)  # noqa: E731
+    examples = " or ".join(dict.fromkeys(f"{a}x{b}" for a, b in ((lower(height), lower(width)),
+                                                                 (lower(height) + multiple, lower(width) + multiple))))
+    raise ValueError(f"the {what} is {height}x{width} pixels but {why}{limit} (e.g. {examples}); pass --resize "
+                     f"to resize it to {target[0]}x{target[1]} (or resize it yourself)")
+
+
+def operator_multiple(operator) -> int:
+    """The multiple an operator needs of image sides (an integer downsampling factor; 1 when it needs none)."""
+    factor = getattr(operator, "factor", 1)
+    return factor if isinstance(factor, int) and not isinstance(factor, bool) and factor > 1 else 1
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -267,13 +319,8 @@ def open_model(source: Any = "default", device: str | torch.device | None = None
 
     if isinstance(source, FlowModel):
         return source
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = check_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with loading_bars(progress):
         try:
             return load_model(source, device=device, dtype=dtype)
@@ -333,8 +380,8 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
     out = prepare_output_dir(out, OUTPUT_NAMES, overwrite=overwrite, inputs=inputs)
 
     original = tuple(image.shape[-2:])
-    if simulate and not resize:
-        _operator_output(op, spec, tuple(image.shape))  # e.g. a file mask of another size
+    if simulate and not resize and not operator_multiple(op) > 1:
+        _operator_output(op, spec, tuple(image.shape))  # e.g. a file mask of another size (an SR factor: below)
     elif not simulate:
         x_shape = input_shape(op, tuple(image.shape))
         produced = _operator_output(op, spec, x_shape)
@@ -351,7 +398,7 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
 
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if simulate:
-        size = fit_size(net, *original, resize, what="input image")
+        size = fit_size(net, *original, resize, what="input image", operator=op)
         image = resize_image(image, size)
         _operator_output(op, spec, tuple(image.shape))
     else:
@@ -380,15 +427,17 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
 def save_restoration(result: Restoration, out: str | os.PathLike) -> Path:
     """Write restored.png, measurement.png, grid.png and metrics.json (metrics plus ``settings``) atomically."""
     out = Path(out)
-    save_image(result.restored, out / "restored.png")
-    save_image(result.measurement, out / "measurement.png")
-    cells, captions = [result.measurement, result.restored], ["measurement", "restored"]
+    psnr_value = result.metrics.get("psnr")
+    restored_caption = "restored" if psnr_value is None else f"restored\n{psnr_value:.2f} dB"
+    cells, captions = [result.measurement, result.restored], ["measurement", restored_caption]
     if result.reference is not None:
         cells.append(result.reference)
         captions.append("reference")
-    save_grid(out / "grid.png", [cells], [captions])
-    write_text_atomic(out / "metrics.json",
-                      json.dumps({**result.metrics, "settings": result.settings}, indent=2, default=str) + "\n")
+    metrics = json.dumps({**result.metrics, "settings": result.settings}, indent=2, default=str) + "\n"
+    write_outputs([(out / "restored.png", lambda path: save_image(result.restored, path)),
+                   (out / "measurement.png", lambda path: save_image(result.measurement, path)),
+                   (out / "grid.png", lambda path: save_grid(path, [cells], [captions])),
+                   (out / "metrics.json", lambda path: write_text_atomic(path, metrics))])
     return out
 
 
@@ -397,8 +446,6 @@ def save_restoration(result: Restoration, out: str | os.PathLike) -> Path:
 def cli_messages():
     """For a command's run: warnings as ``flowsteer: warning: <first line>`` on stderr, and a divergence error
     that also says how to set method options on the command line."""
-    import warnings
-
     from guidance import DivergenceError
 
     def show(message, *args, **kwargs):
@@ -475,3 +522,8 @@ def add_parser(commands) -> None:
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.restore(...) runs restore

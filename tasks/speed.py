@@ -65,6 +65,8 @@ BACKBONES = {
     "flux-dev": "FLUX.1-dev architecture, random weights, guidance embedding 3.5 (GPU only)",
 }
 FULL_SIZE = ("sd3.5-medium", "flux-dev")
+#: image sides each backbone takes are multiples of these (the latent factor times the transformer's patch)
+SIZE_MULTIPLES = {"tiny-sd3": 8, "tiny-flux": 16, "default": 16, "sd3.5-medium": 16, "flux-dev": 16}
 #: name -> (registered method, objective space or None, what the row measures)
 METHODS = {
     "unguided": ("unguided", None, "plain Euler sampling (the reference of every ratio)"),
@@ -574,6 +576,13 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
     for row, values in settings.options.items():  # a bad option is refused before anything is written
         get_method(METHODS[row][0], **values)
     sizes, steps = _positive_ints(list(sizes), "--sizes"), _positive_ints(list(steps), "--steps")
+    for backbone in backbones:
+        multiple = SIZE_MULTIPLES[backbone]
+        for size in sizes:
+            if size % multiple:
+                low, high = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
+                raise ValueError(f"--sizes {size}: {backbone} takes image sides that are multiples of {multiple} "
+                                 f"(e.g. {low} or {high})")
     from .outputs import prepare_output_dir
 
     out = prepare_output_dir(out, OUTPUT_NAMES, overwrite)
@@ -852,3 +861,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier table.md / results.json")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(run=run)
+
+
+from . import callable_command  # noqa: E402  (last: the module is complete)
+
+callable_command(__name__)  # tasks.speed(...) runs run_speed

@@ -109,8 +109,11 @@ def test_outputs(reference, tiny_sd3_folder):
     for name in ("psnr", "ssim"):
         assert (reference / "plots" / f"{name}.png").is_file()
     grid = load_image(reference / "grids" / "a.png")  # 2 rows (operators) x 4 columns, with captions
-    cell = (grid.shape[-1] - 2) / 4 - 2  # cells are at least 32 wide, wider for long captions
-    assert cell == int(cell) and cell >= 32 and grid.shape[-2] == 2 * (32 + 14 + 2) + 2
+    cell = (grid.shape[-1] - 2) / 4 - 2  # 32x32 images enlarged 4x to 128, wider for long captions
+    from tasks.grid import _font, _line_height
+
+    caption = 2 * _line_height(_font()) + 2  # two lines under the methods: name and PSNR
+    assert cell == int(cell) and cell >= 128 and grid.shape[-2] == 2 * (128 + caption + 2) + 2
     assert not list(reference.rglob("*.part"))
 
 

@@ -99,7 +99,7 @@ def test_tiny_decoder_from_folder(tmp_path, offline):
 
 def test_missing_folder_gives_clear_error(tmp_path, offline):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ModelNotFoundError, match="no model folder at") as info:
+    with pytest.raises(ModelNotFoundError, match="no such folder") as info:
         load_model(missing)
     assert str(missing) in str(info.value)
     assert isinstance(info.value, ValueError) and isinstance(info.value, OSError)

@@ -111,17 +111,17 @@ def test_average_pool_pseudo_inverse_is_nearest_upsampling():
 def test_box_mask_fraction_size_and_placement():
     mask = box_mask(64, 128)  # default: a quarter of the area, centred, image aspect ratio
     assert mask.shape == (1, 1, 64, 128)
-    assert (1 - mask).mean().item() == pytest.approx(0.25, abs=1e-6)
-    missing = (mask[0, 0] == 0).nonzero()
+    assert mask.mean().item() == pytest.approx(0.25, abs=1e-6)  # 1 = missing
+    missing = (mask[0, 0] == 1).nonzero()
     assert missing[:, 0].min() == 16 and missing[:, 0].max() == 47
     assert missing[:, 1].min() == 32 and missing[:, 1].max() == 95
     placed = box_mask(32, 32, size=(4, 8), top=2, left=3)
-    assert (placed[0, 0, 2:6, 3:11] == 0).all() and (1 - placed).sum() == 32
+    assert (placed[0, 0, 2:6, 3:11] == 1).all() and placed.sum() == 32
 
 
 def test_random_mask_has_exact_fraction_and_is_seeded():
     m1, m2, m3 = random_mask(32, 32, 0.3, seed=1), random_mask(32, 32, 0.3, seed=1), random_mask(32, 32, 0.3, seed=2)
-    assert (1 - m1).sum().item() == round(0.3 * 1024)
+    assert m1.sum().item() == round(0.3 * 1024)
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
 
 
@@ -129,7 +129,7 @@ def test_freeform_mask_is_seeded_binary_and_nonempty():
     m1, m2 = freeform_mask(64, 64, seed=3), freeform_mask(64, 64, seed=3)
     assert torch.equal(m1, m2)
     assert set(m1.unique().tolist()) == {0.0, 1.0}
-    assert 0.01 < (1 - m1).mean().item() < 0.9
+    assert 0.01 < m1.mean().item() < 0.9
     assert not torch.equal(m1, freeform_mask(64, 64, seed=4))
 
 
@@ -139,7 +139,7 @@ def test_mask_file_white_is_missing_and_invert_swaps(tmp_path):
     path = tmp_path / "mask.png"
     Image.fromarray(pixels).save(path)
     mask = mask_from_file(path)
-    assert (mask[0, 0, 2:4, 2:6] == 0).all() and mask.sum() == 64 - 8
+    assert (mask[0, 0, 2:4, 2:6] == 1).all() and mask.sum() == 8
     assert torch.equal(mask_from_file(path, invert=True), 1 - mask)
     op = make_operator(f"inpaint_mask:path={str(path)!r}")
     x = torch.ones(1, 3, 8, 8)
@@ -147,11 +147,11 @@ def test_mask_file_white_is_missing_and_invert_swaps(tmp_path):
 
 
 def test_inpainting_with_a_tensor_mask_and_lazy_masks_cache_per_size():
-    mask = torch.ones(16, 16)
-    mask[:4] = 0
+    mask = torch.zeros(16, 16)
+    mask[:4] = 1  # 1 = missing
     op = Inpainting(mask)
     x = torch.rand(2, 3, 16, 16)
-    torch.testing.assert_close(op(x), x * mask)
+    torch.testing.assert_close(op(x), x * (1 - mask))
     box = BoxInpainting(fraction=0.25)
     assert box(torch.ones(1, 3, 32, 32)).mean() == pytest.approx(0.75)
     assert box(torch.ones(1, 3, 64, 64)).mean() == pytest.approx(0.75)

@@ -299,3 +299,11 @@ def test_full_size_backbones_run_without_divergence_checks_and_flair_has_an_abso
            "seconds_per_image": 3.5, "ratios": {"time": 1.2}}
     (target,) = [t for t in check_targets([row], [], settings) if "4 s per image" in t["target"]]
     assert target["met"] and target["limit"] == 4.0 and target["note"] == "data_steps 5"
+
+
+def test_a_size_the_backbone_cannot_take_is_refused_before_anything_runs(cli, tmp_path):
+    code, _, stderr = cli("speed", "--backbones", "tiny-flux", "--sizes", "70", "--steps", "2", "--out",
+                          tmp_path / "s")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "--sizes 70: tiny-flux takes image sides that are multiples of 16 (e.g. 64 or 80)" in stderr
+    assert not (tmp_path / "s").exists()

@@ -1,10 +1,13 @@
 """Guidance methods, one file each, all with one signature::
 
     method(model, objective, *, num_steps, cond=None, height=None, width=None, generator=None,
-           callback=None, progress=True, batch_size=None, latents=None, decode=True, **options) -> MethodResult
+           callback=None, progress=True, batch_size=None, latents=None, decode=True,
+           callback_on_step_end=None, **options) -> MethodResult
 
 Registered by name: :func:`list_methods`, :func:`get_method`. Adding a method is one file plus one line in
-``REGISTRY``.
+``REGISTRY``. The function :func:`get_method` returns also takes diffusers' names (:data:`ALIASES`):
+``num_inference_steps`` for ``num_steps``, ``num_images_per_prompt`` (the batch: images per prompt of ``cond``),
+and ``output_type`` ("pil", "np" or "pt") for the result's ``images``; a list of generators sets the batch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ REGISTRY: dict[str, str] = {
 }
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",
-                    "latents", "decode")
+                    "latents", "decode", "callback_on_step_end")
+#: diffusers' argument names that the methods from :func:`get_method` also take, and what each stands for.
+ALIASES = {"num_inference_steps": "num_steps", "num_images_per_prompt": "batch_size (images per prompt of cond)",
+           "output_type": "the form of result.images: 'pil', 'np' or 'pt'"}
 
 
 def _load(name: str) -> Callable:
@@ -55,14 +61,39 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str, **options) -> Callable[..., MethodResult]:
-    """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones."""
+    """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones. The
+    returned function takes the common arguments and diffusers' :data:`ALIASES`."""
+    from ..images import check_output_type
+
     function = _load(name)
     allowed = method_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"method {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
-    return functools.wraps(function)(functools.partial(function, **options))
+
+    @functools.wraps(function)
+    def run(model, objective=None, *, output_type: str = "pil", num_inference_steps: int | None = None,
+            num_images_per_prompt: int | None = None, **arguments) -> MethodResult:
+        check_output_type(output_type)
+        if num_inference_steps is not None:
+            if "num_steps" in arguments:
+                raise ValueError("num_steps and num_inference_steps are the same setting; give one of them")
+            arguments["num_steps"] = num_inference_steps
+        if num_images_per_prompt is not None:
+            if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                    or num_images_per_prompt < 1:
+                raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+            if arguments.get("batch_size") is not None:
+                raise ValueError("batch_size and num_images_per_prompt both set the batch; give one of them")
+            prompts = int(getattr(arguments.get("cond"), "batch_size", 1) or 1)
+            arguments["batch_size"] = prompts * num_images_per_prompt
+        result = function(model, objective, **options, **arguments)
+        result.output_type = output_type
+        return result
+
+    run.options = dict(options)
+    return run
 
 
-__all__ = ["COMMON_ARGUMENTS", "DivergenceError", "MethodResult", "REGISTRY", "get_method", "list_methods",
+__all__ = ["ALIASES", "COMMON_ARGUMENTS", "DivergenceError", "MethodResult", "REGISTRY", "get_method", "list_methods",
            "method_options"]

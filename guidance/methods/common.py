@@ -9,18 +9,22 @@ import torch
 
 from operators.base import operator_gain
 
+from ..images import ImageOutput
+
 
 @dataclass
-class MethodResult:
-    """Output of a guidance method: the final latent ``x`` (float32), the decoded ``image`` (None with
-    ``decode=False``), the number of network evaluations ``nfe`` (a batched CFG call counts once), the
-    ``sigmas`` used and method-specific ``info``."""
+class MethodResult(ImageOutput):
+    """Output of a guidance method: the final latent ``x`` (float32), the decoded ``image`` (B, C, H, W) in [-1, 1]
+    (None with ``decode=False``), the number of network evaluations ``nfe`` (a batched CFG call counts once), the
+    ``sigmas`` used and method-specific ``info``. ``images`` is ``image`` as diffusers returns it, per
+    ``output_type`` ("pil": a list of PIL images, "np" / "pt": arrays / tensors in [0, 1])."""
 
     x: torch.Tensor
     image: torch.Tensor | None
     nfe: int
     sigmas: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    output_type: str = "pil"
 
 
 class DivergenceError(ValueError):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective
-from ..sampler import start_state
+from ..sampler import start_state, step_end
 from .common import (CountingModel, DivergenceError, MethodResult, check_finite_state, check_nonnegative,
                      guided_steps, measurement_batch_size)
 
@@ -76,6 +76,7 @@ def _residual(objective: Objective, model, x0_hat: torch.Tensor, use_norm: bool)
 @torch.no_grad()
 def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=None, width=None, generator=None,
         callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
+        callback_on_step_end=None,
         step_size: float = 0.5, window: tuple[int, int] | None = None, use_norm: bool | None = None,
         gradient_checkpointing: bool = True, check_divergence: bool = True) -> MethodResult:
     """Diffusion posterior sampling (Chung et al., ICLR 2023) on a rectified flow: an Euler step followed by
@@ -133,6 +134,7 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
             x = euler_step(x, v, sigma, sigma_next)
             if grad is not None:
                 x = x - step_size * grad.to(x.dtype)
+            x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
             if check_divergence:
                 hint = f"use a smaller step_size than {step_size}"
                 if residual is not None and i in guided and not bool(torch.isfinite(residual).all()):

@@ -32,7 +32,7 @@ from operators.base import operator_gain
 from ..calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
-from ..sampler import initial_noise, start_state
+from ..sampler import initial_noise, start_state, step_end
 from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_flag, check_nonnegative,
                      initial_image)
 
@@ -122,6 +122,7 @@ def data_consistency(model, objective, mu, y, step_size, max_steps, threshold):
 @torch.no_grad()
 def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=None, height=None, width=None,
           generator=None, callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
+          callback_on_step_end=None,
           sigma_min: float = 0.18, data_steps: int = 15, data_lr: float | None = None,
           crw: CRWTable | str | float | None = None, dta: bool = True, check_divergence: bool = True,
           crw_cache_dir: str | None = None) -> MethodResult:
@@ -218,6 +219,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
         if callback is not None:
             callback({"step": i, "sigma": s, "x": mu, "x_s": x_s, "x0_hat": x0_from_velocity(x_s, v, s),
                       "weight": w, "data_steps": steps})
+        mu = step_end(callback_on_step_end, i, s, {"x": mu})  # the state is the variational mean
     image = model.decode(mu) if decode else None
     info = {"weights": weights, "data_steps": torch.stack(step_counts).cpu(), "data_loss": torch.stack(losses).cpu(),
             "data_lr": float(data_lr), "threshold": threshold, "crw": table, "crw_origin": origin,

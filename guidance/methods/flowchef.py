@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import Objective, objective_gradient
-from ..sampler import start_state
+from ..sampler import start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
                      data_term_gain, guided_steps, measurement_batch_size)
 
@@ -81,6 +81,11 @@ class InnerOptimizer:
         return self.x
 
 
+def rms(grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's root mean square, shaped to divide ``grad`` (no host read)."""
+    return grad.square().flatten(1).mean(1).sqrt().clamp_min(1e-12).reshape(-1, *[1] * (grad.ndim - 1))
+
+
 def check_optimizer(kind: str, momentum: float = 0.0) -> str:
     """Validate an optimizer name (and momentum, which only "sgd" takes)."""
     if kind not in OPTIMIZERS:
@@ -117,6 +122,7 @@ def flowchef(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
+    callback_on_step_end: Callable | None = None,
     step_size: float = DEFAULT_STEP_SIZE,
     inner_steps: int = 1,
     optimizer: str = "gd",
@@ -124,6 +130,7 @@ def flowchef(
     window: tuple[int, int] | None = None,
     stop_sigma: float = 0.0,
     normalize_step: bool = False,
+    normalize: str | None = None,
     check_divergence: bool = True,
 ) -> MethodResult:
     """Guide a frozen flow model toward low ``objective`` with FlowChef's gradient skipping (ICCV 2025).
@@ -153,6 +160,10 @@ def flowchef(
             so that one step suits masks and blurs (‖A‖² = 1) and SR×f (about 1/f²) alike. "gd" and "sgd" only:
             Adam's step already ignores the scale of the loss. No effect on objectives without a linear
             pixel-space operator.
+        normalize: ``"grad"`` divides each gradient by its root mean square over the sample (per sample), so that
+            ``step_size`` is the RMS move of x per update in latent units whatever the scale of the loss: the
+            step for a custom objective (``CallableObjective``, ``RewardObjective``, a classifier) without
+            guessing its scale; 0.02-0.1 suits unit-variance latents. None (default): the plain gradient.
         check_divergence: stop with a :class:`~guidance.methods.common.DivergenceError` naming the step when
             the state becomes NaN or infinite.
 
@@ -169,6 +180,12 @@ def flowchef(
     if check_flag(normalize_step, "normalize_step") and optimizer == "adam":
         raise ValueError("normalize_step applies to optimizer 'gd' or 'sgd': Adam's step already ignores the scale "
                          "of the loss; set normalize_step=False (a model may recommend it) or use 'gd'")
+    if normalize not in (None, "grad"):
+        raise ValueError(f"normalize must be None or 'grad' (the step divided by the gradient's RMS), got "
+                         f"{normalize!r}")
+    if normalize and (normalize_step or optimizer == "adam"):
+        raise ValueError("normalize='grad' already makes the step scale-free: use it with optimizer 'gd' or 'sgd' "
+                         "and normalize_step=False")
     guided = guided_steps(window, num_steps)
     stop_sigma = check_nonnegative(stop_sigma, "stop_sigma")
 
@@ -195,12 +212,15 @@ def flowchef(
             for _ in range(inner_steps):
                 x0_hat = x0_from_velocity(x, v, s_i)
                 loss, grad = objective_gradient(objective, model, x0_hat)  # = ∇_x L(x - s_i v)
+                if normalize:
+                    grad = grad / rms(grad)
                 x = opt.step(grad)
                 step_losses.append(loss)
             losses.append(step_losses)
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i), "loss": loss})
         x = euler_step(x, v, s_i, s_next)  # the old v: no re-evaluation, no noise
+        x = step_end(callback_on_step_end, i, s_next, {"x": x})
         monitor.update(x, i)  # no host-device synchronisation inside the loop
     monitor.check()
 

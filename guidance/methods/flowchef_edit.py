@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..flow import euler_step, x0_from_velocity
+from ..images import image_tensor
 from ..objectives import Objective, objective_gradient
-from ..sampler import start_state
+from ..sampler import start_state, step_end
 from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
 from .flowchef import InnerOptimizer, check_optimizer, loss_history
 
@@ -119,6 +120,7 @@ def flowchef_edit(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
+    callback_on_step_end: Callable | None = None,
     source_image: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     source_prompt: str | list[str] | None = None,
@@ -153,7 +155,7 @@ def flowchef_edit(
             (height and width default to the source image's size).
         cond: not used: the conditions come from ``source_prompt`` and ``edit_prompt``; must be None.
         callback: called each step before the Euler move with ``{"step", "sigma", "x", "x0_hat", "loss"}``.
-        source_image: the image to edit, (1 or B, C, H, W) in [-1, 1].
+        source_image: the image to edit, (1 or B, C, H, W) in [-1, 1], or a PIL image or NumPy array.
         mask: the region to edit, (H, W) or (1 or B, 1, H, W) in [0, 1] (1 = edit, 0 = keep), the image's size;
             averaged over each latent cell.
         source_prompt, edit_prompt: text describing the source and the wanted result (strings or lists of n),
@@ -175,9 +177,14 @@ def flowchef_edit(
         raise ValueError("flowchef_edit takes its conditions from source_prompt and edit_prompt; leave cond=None")
     if objective is not None and not isinstance(objective, Objective):
         raise ValueError(f"objective must be None or an Objective, got {type(objective).__name__}")
-    if not isinstance(source_image, torch.Tensor) or source_image.ndim != 4:
-        shape = tuple(source_image.shape) if isinstance(source_image, torch.Tensor) else type(source_image).__name__
-        raise ValueError(f"flowchef_edit needs source_image, a (B, C, H, W) tensor in [-1, 1]; got {shape}")
+    if source_image is None:
+        raise ValueError("flowchef_edit needs source_image, the image to edit (a tensor in [-1, 1], a PIL image or "
+                         "a NumPy array)")
+    if not isinstance(source_image, torch.Tensor):  # PIL or NumPy, as images are taken everywhere
+        source_image = image_tensor(source_image)
+    if source_image.ndim != 4:
+        raise ValueError(f"flowchef_edit needs source_image, a (B, C, H, W) tensor in [-1, 1]; got "
+                         f"{tuple(source_image.shape)}")
     image_h, image_w = int(source_image.shape[-2]), int(source_image.shape[-1])
     if (height is not None and height != image_h) or (width is not None and width != image_w):
         raise ValueError(f"height x width = {height}x{width} differs from the source image's {image_h}x{image_w}; "
@@ -243,6 +250,7 @@ def flowchef_edit(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i), "loss": loss})
         x = euler_step(x, v, s_i, s_next)
+        x = step_end(callback_on_step_end, i, s_next, {"x": x})
         monitor.update(x, i)
     monitor.check()
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..flow import interpolate, x0_from_velocity
 from ..objectives import Objective, objective_gradient
-from ..sampler import initial_noise, start_state
+from ..sampler import initial_noise, start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
                      data_term_gain, measurement_batch_size)
 
@@ -36,7 +36,7 @@ __all__ = ["pnp_flow"]
 @torch.no_grad()
 def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, height=None, width=None,
              generator=None, callback=None, progress: bool = True, batch_size=None, latents=None,
-             decode: bool = True, step_size: float = 0.5, step_exponent: float = 0.0, num_draws: int = 2,
+             decode: bool = True, callback_on_step_end=None, step_size: float = 0.5, step_exponent: float = 0.0, num_draws: int = 2,
              normalize_step: bool = False, check_divergence: bool = True) -> MethodResult:
     """PnP-Flow (Martin et al., ICLR 2025): data gradient step, re-noising to level s, one-step clean estimate
     averaged over ``num_draws`` noise draws (see the module docstring).
@@ -93,6 +93,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
         x = estimate / num_draws
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x_s, "x0_hat": x})
+        x = step_end(callback_on_step_end, i, sigma, {"x": x})
         monitor.update(x, i)
     monitor.check()
 

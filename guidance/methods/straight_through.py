@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..hard_inputs import straight_through as through
 from ..models.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from ..objectives import Objective
+from ..sampler import step_end
 from .common import DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
 
 __all__ = ["DRAWS", "SOURCES", "check_sequence_objective", "hard_samples", "straight_through",
@@ -117,6 +118,7 @@ def straight_through(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
+    callback_on_step_end: Callable | None = None,
     gamma: float = 2.0,
     samples: int = 8,
     source: str = "endpoint",
@@ -184,6 +186,7 @@ def straight_through(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "p": p, "loss": loss})
         x = model.step(x, v, s_i, s_next)
+        x = step_end(callback_on_step_end, i, s_next, {"x": x})
         monitor.update(x, i)
     monitor.check()
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..flow import expand_sigma
-from .base import FlowModel, check_num_steps
+from .base import FlowModel, check_num_steps, to_arguments
 
 __all__ = ["GaussianMixture", "AnalyticGMMFlow", "image_patches"]
 
@@ -365,9 +365,16 @@ class AnalyticGMMFlow(FlowModel):
         self.default_size = (self.shape[1], self.shape[2])
         self._lam, self._u, self._mu_rot = _flow_stats(p)
 
-    def to(self, device: torch.device | str) -> "AnalyticGMMFlow":
-        """Move the float64 arithmetic to ``device`` (in place); returns self."""
-        self._setup(torch.device(device))
+    def to(self, *args, **kwargs) -> "AnalyticGMMFlow":
+        """Move the float64 arithmetic to a device (in place), as ``to(device)``, ``to(device, torch.float64)`` or
+        ``to(device=..., dtype=...)``; returns self. The arithmetic stays float64 (inputs come back in their own
+        dtype), so any other dtype is refused."""
+        device, dtype = to_arguments(*args, **kwargs)
+        if dtype is not None and dtype != _F64:
+            raise ValueError(f"AnalyticGMMFlow computes in float64 only, got dtype={dtype}; drop the dtype (its "
+                             f"outputs already come back in the input's dtype)")
+        if device is not None:
+            self._setup(device)
         return self
 
     def __repr__(self) -> str:

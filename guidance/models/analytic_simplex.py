@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .base import to_arguments
 from .simplex import GumbelSoftmaxPath, SimplexFlow, check_length_and_vocabulary
 
 __all__ = ["AnalyticSimplexFlow", "CategoricalMixture"]
@@ -47,6 +48,15 @@ class CategoricalMixture:
         self.weights, self.probs = weights, probs
 
     @property
+    def device(self) -> torch.device:
+        return self.probs.device
+
+    def to(self, device: torch.device | str) -> "CategoricalMixture":
+        """Move the float64 weights and probabilities to ``device`` in place; returns self."""
+        self.weights, self.probs = self.weights.to(device), self.probs.to(device)
+        return self
+
+    @property
     def length(self) -> int:
         return self.probs.shape[1]
 
@@ -66,14 +76,16 @@ class CategoricalMixture:
         return cls(weights / weights.sum(), probs)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, L) long token sequences."""
-        c = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        rows = self.probs[c].reshape(-1, self.vocab_size)
-        return torch.multinomial(rows, 1, generator=generator).reshape(n, self.length)
+        """(n, L) long token sequences, drawn on the generator's device and returned on the mixture's."""
+        draw = generator.device if generator is not None else self.device
+        weights, probs = self.weights.to(draw), self.probs.to(draw)
+        c = torch.multinomial(weights, n, replacement=True, generator=generator)
+        rows = probs[c].reshape(-1, self.vocab_size)
+        return torch.multinomial(rows, 1, generator=generator).reshape(n, self.length).to(self.device)
 
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n,) log p(tokens) for (n, L) token sequences (float64)."""
-        tokens = tokens.long().cpu()
+        tokens = tokens.long().to(self.device)
         if tokens.ndim != 2 or tokens.shape[1] != self.length:
             raise ValueError(f"tokens must have shape (n, {self.length}), got {tuple(tokens.shape)}")
         if bool((tokens < 0).any()) or bool((tokens >= self.vocab_size).any()):
@@ -90,11 +102,26 @@ class CategoricalMixture:
 
 class AnalyticSimplexFlow(SimplexFlow):
     """A simplex flow whose endpoint p(x_1 | x_s) is the exact posterior of a :class:`CategoricalMixture` prior
-    under the Gumbel-softmax path (formulas in the module docstring)."""
+    under the Gumbel-softmax path (formulas in the module docstring). Arithmetic is float64 wherever the prior
+    lives (:meth:`to` moves it)."""
+
+    dtype = torch.float64
 
     def __init__(self, prior: CategoricalMixture, path: GumbelSoftmaxPath | None = None):
         super().__init__(prior.length, prior.vocab_size, path)
         self.prior = prior
+        self.device = prior.device
+
+    def to(self, *args, **kwargs) -> "AnalyticSimplexFlow":
+        """Move the prior to a device (in place), as ``to(device)`` or ``to(device=..., dtype=torch.float64)``;
+        returns self. The arithmetic stays float64, so any other dtype is refused."""
+        device, dtype = to_arguments(*args, **kwargs)
+        if dtype is not None and dtype != torch.float64:
+            raise ValueError(f"AnalyticSimplexFlow computes in float64 only, got dtype={dtype}; drop the dtype")
+        if device is not None:
+            self.prior.to(device)
+            self.device = device
+        return self
 
     def posterior(self, x: torch.Tensor, sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(component weights (B, C), p(x_1 | x_s) (B, L, K)), float64."""

@@ -100,6 +100,18 @@ class LatentCodec:
                     f"{self.spatial_factor}; use a decoder made for this model"
                 )
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LatentCodec":
+        """Move / cast the autoencoder and a separate decoder in place (the tensors they make follow); returns self."""
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if moves:
+            for module in dict.fromkeys((self.autoencoder, self.decoder)):
+                module.to(**moves)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The autoencoder and, when separate, the decoder."""
+        return list(dict.fromkeys((self.autoencoder, self.decoder)))
+
     def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
         """Encode and decode on overlapping tiles (see :func:`set_tiling`), for the autoencoder and the decoder."""
         for module in dict.fromkeys((self.autoencoder, self.decoder)):

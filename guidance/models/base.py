@@ -20,6 +20,31 @@ def check_num_steps(num_steps) -> int:
     return num_steps
 
 
+def to_arguments(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of a ``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or ``to(device=..., dtype=...)``
+    call, None where not given, checked as everywhere (:func:`guidance.devices.check_device`, ``check_dtype``)."""
+    from ..devices import check_device, check_dtype
+
+    unknown = sorted(set(kwargs) - {"device", "dtype"})
+    if unknown:
+        raise ValueError(f"to() takes only device and dtype, got {unknown}; e.g. model.to('cuda', torch.bfloat16)")
+    if len(args) > 2:
+        raise ValueError(f"to() takes at most two arguments (device, dtype), got {len(args)}")
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            if dtype is not None:
+                raise ValueError("to() got the dtype twice; give it once")
+            dtype = arg
+        elif isinstance(arg, (str, torch.device)) or (isinstance(arg, int) and not isinstance(arg, bool)):
+            if device is not None:
+                raise ValueError("to() got the device twice; give it once")
+            device = f"cuda:{arg}" if isinstance(arg, int) else arg
+        else:
+            raise ValueError(f"to() takes a device ('cpu', 'cuda', torch.device) and/or a torch.dtype, got {arg!r}")
+    return check_device(device), check_dtype(dtype)
+
+
 class FlowModel:
     """Abstract frozen rectified-flow model (see ``guidance.flow`` for the time convention).
 
@@ -41,6 +66,7 @@ class FlowModel:
             ``method_options`` (``{"sr": {"flowchef": {"step_size": 16.0}}}``); None: none.
         restore_options: restoration settings its authors recommend (``{"consistency_steps": 20}``, see
             :func:`tasks.restore.restore`), applied when the user sets none; None: the task's defaults.
+        takes_text: whether :meth:`condition` takes a prompt (SD3, Flux); text-free models refuse one.
     """
 
     device: torch.device = torch.device("cpu")
@@ -50,9 +76,32 @@ class FlowModel:
     image_channels: int = 3
     default_size: tuple[int, int] | None = None
     max_size: int | None = None
+    takes_text: bool = False
     method_options: dict[str, dict[str, Any]] | None = None
     operator_options: dict[str, dict[str, dict[str, Any]]] | None = None
     restore_options: dict[str, Any] | None = None
+
+    def to(self, *args, **kwargs) -> "FlowModel":
+        """Move (and, with a dtype, cast) the model's weights in place, as ``nn.Module.to`` and diffusers
+        pipelines do: ``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or ``to(device=..., dtype=...)``.
+        Returns the model itself; ``device`` and ``dtype`` follow. Solver state stays float32.
+
+        This generic version moves every ``nn.Module`` of :meth:`_components`; adapters whose weights live
+        elsewhere (a pipeline, an exact mixture) override it."""
+        device, dtype = to_arguments(*args, **kwargs)
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if moves:
+            for module in self._components():
+                module.to(**moves)
+        if device is not None:
+            self.device = device
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    def _components(self) -> list[torch.nn.Module]:
+        """The modules holding the model's weights, moved by :meth:`to` (default: its ``nn.Module`` attributes)."""
+        return list({id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}.values())
 
     def recommended_options(self, method: str, operator: str | None = None) -> dict[str, Any]:
         """A copy of the options recommended for ``method`` (empty when none), with those for ``method`` on the

@@ -12,13 +12,12 @@ trained by ``python -m guidance.models.train_default`` (see the model card).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
+from ..manifest import MANIFEST, DamagedModelError, verify_manifest, write_manifest
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-MANIFEST = "manifest.json"
 #: Files that must be present for load_model("default").
 REQUIRED = ("model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
             "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -27,7 +26,7 @@ REQUIRED = ("model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.
 __all__ = ["DEFAULT_MODEL_DIR", "DefaultModelError", "check_default_model", "default_model_dir", "write_manifest"]
 
 
-class DefaultModelError(OSError, ValueError):
+class DefaultModelError(DamagedModelError):
     """The default model's files are missing or damaged; the message says how to restore them."""
 
 
@@ -42,42 +41,17 @@ def _restore_hint(folder: Path) -> str:
             f"source checkout) or retrain it with `python -m guidance.models.train_default --out {folder}`.")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str | os.PathLike) -> Path:
-    """Record the SHA-256 of every ``*.safetensors`` file under ``folder`` in ``manifest.json``."""
-    folder = Path(folder)
-    files = {str(path.relative_to(folder)).replace(os.sep, "/"): _sha256(path)
-             for path in sorted(folder.rglob("*.safetensors"))}
-    path = folder / MANIFEST
-    path.write_text(json.dumps({"sha256": files}, indent=1) + "\n")
-    return path
-
-
-def check_default_model(folder: str | os.PathLike | None = None) -> Path:
-    """The default model's folder after checking that every required file is there and every weight file
-    matches its recorded SHA-256; a :class:`DefaultModelError` naming the file and the fix otherwise."""
+def check_default_model(folder: str | os.PathLike | None = None, verify: bool = True) -> Path:
+    """The default model's folder after checking that every required file is there and (``verify``) every weight
+    file matches its recorded SHA-256; a :class:`DefaultModelError` naming the file and the fix otherwise."""
     folder = Path(folder) if folder is not None else default_model_dir()
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise DefaultModelError(f"the default model at {folder} is incomplete: missing {', '.join(missing)}. "
                                 + _restore_hint(folder))
-    try:
-        recorded = json.loads((folder / MANIFEST).read_text())["sha256"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise DefaultModelError(f"the default model's {MANIFEST} at {folder} is damaged ({error}). "
-                                + _restore_hint(folder)) from None
-    for name, digest in recorded.items():
-        path = folder / name
-        if not path.is_file():
-            raise DefaultModelError(f"the default model's weight file {path} is missing. " + _restore_hint(folder))
-        if _sha256(path) != digest:
-            raise DefaultModelError(f"the default model's weight file {path} is damaged (its SHA-256 does not "
-                                    f"match {MANIFEST}). " + _restore_hint(folder))
+    if verify:
+        try:
+            verify_manifest(folder)
+        except DamagedModelError as error:
+            raise DefaultModelError(f"the default model: {error}. " + _restore_hint(folder)) from None
     return folder

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .autoencoder import LatentCodec
-from .base import FlowModel, check_num_steps, sigma_batch
+from .base import FlowModel, check_num_steps, sigma_batch, to_arguments
 
 __all__ = ["GenericFlowModel", "shifted_linear_sigmas"]
 
@@ -137,6 +137,19 @@ class GenericFlowModel(FlowModel):
             side = side[0] if isinstance(side, (tuple, list)) else side
             sample_size = int(side) * self.spatial_factor
         self.default_size = (sample_size, sample_size) if sample_size else None
+
+    def to(self, *args, **kwargs) -> "GenericFlowModel":
+        """Move / cast the network, the autoencoder and a separate decoder in place (see :meth:`FlowModel.to`);
+        returns self. A network that is a plain function (no ``.to``) cannot be moved and is refused."""
+        device, dtype = to_arguments(*args, **kwargs)
+        if (device is not None or dtype is not None) and not callable(getattr(self.network, "to", None)):
+            raise ValueError(f"the network is a {type(self.network).__name__} without .to(), which cannot be moved; "
+                             f"move its weights yourself and build GenericFlowModel(..., device=, dtype=)")
+        return super().to(device=device, dtype=dtype)
+
+    def _components(self) -> list:
+        network = [self.network] if callable(getattr(self.network, "to", None)) else []
+        return network + (self.codec.modules() if self.codec is not None else [])
 
     def condition(self, prompt: Any = None, negative_prompt: Any = None, guidance_scale: float | None = None,
                   **kwargs) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .autoencoder import LatentCodec
-from .base import FlowModel
+from .base import FlowModel, to_arguments
 
 
 def prompt_list(prompt, n: int | None, name: str) -> list[str] | None:
@@ -43,6 +43,7 @@ class PipelineFlowModel(FlowModel):
     """
 
     condition_cache_size = 16
+    takes_text = True
 
     def __init__(self, pipeline, decoder=None):
         self.pipeline = pipeline
@@ -66,6 +67,18 @@ class PipelineFlowModel(FlowModel):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    def to(self, *args, **kwargs) -> "PipelineFlowModel":
+        """Move / cast the whole pipeline (``pipeline.to``) and a separate decoder, in place; returns self.
+        ``device`` and ``dtype`` then read the moved pipeline. Cached text conditions are dropped (they were
+        computed in the old dtype). A pipeline with CPU offloading refuses a CUDA device, as diffusers does."""
+        device, dtype = to_arguments(*args, **kwargs)
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if moves:
+            self.pipeline.to(**moves)
+            self.codec.to(**moves)
+            self._conditions.clear()
+        return self
 
     #: Attributes of a transformer holding its repeated blocks (SD3: joint blocks; Flux: double and single).
     repeated_blocks = ("transformer_blocks", "single_transformer_blocks")

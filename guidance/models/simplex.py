@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..flow import euler_step, expand_sigma, to_data_time
-from .base import check_num_steps
+from .base import check_num_steps, to_arguments
 
 __all__ = ["GumbelSoftmaxPath", "SequenceSample", "SimplexFlow", "check_simplex", "renormalize", "sample_sequences",
            "tangent_projection"]
@@ -163,6 +163,21 @@ class SimplexFlow:
         self.length, self.vocab_size = check_length_and_vocabulary(length, vocab_size)
         self.path = path or GumbelSoftmaxPath()
 
+    def to(self, *args, **kwargs) -> "SimplexFlow":
+        """Move (and, with a dtype, cast) the flow's networks in place: ``to(device)``, ``to(dtype)``,
+        ``to(device, dtype)`` or ``to(device=..., dtype=...)``; returns self, ``device`` / ``dtype`` follow.
+        The sampling state stays float32. This generic version moves every ``nn.Module`` attribute."""
+        device, dtype = to_arguments(*args, **kwargs)
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if moves:
+            for module in {id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}.values():
+                module.to(**moves)
+        if device is not None:
+            self.device = device
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
     def endpoint(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None) -> torch.Tensor:
         """p(x_1 | x_s): the predicted clean-token distribution, (B, L, K), rows on the simplex, no autograd."""
         raise NotImplementedError
@@ -239,6 +254,7 @@ def sample_sequences(
     latents: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
+    callback_on_step_end: Callable | None = None,
 ) -> SequenceSample:
     """Euler sampling of a simplex flow that stays on the simplex::
 
@@ -247,6 +263,8 @@ def sample_sequences(
 
     ``callback`` gets ``{"step": i, "sigma": s_i, "x": x, "p": p_i}`` each step, before the update.
     """
+    from ..sampler import step_end
+
     sigmas = flow.sigmas(num_steps).to(flow.device)
     x = flow.initial_state(batch_size, generator, latents)
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):
@@ -255,4 +273,5 @@ def sample_sequences(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "p": p})
         x = flow.step(x, flow.path.velocity(x, p, s_i), s_i, s_next)
+        x = step_end(callback_on_step_end, i, s_next, {"x": x})
     return SequenceSample(x=x, tokens=flow.tokens(x), sigmas=sigmas)

@@ -136,14 +136,16 @@ class EndpointNetwork(nn.Module):
 
 class NetworkSimplexFlow(SimplexFlow):
     """A :class:`SimplexFlow` whose endpoint p(x_1 | x_s) = softmax(f_theta(x_s, s)) comes from a trained
-    :class:`EndpointNetwork`, run in eval mode without autograd (float32)."""
+    :class:`EndpointNetwork`, run in eval mode without autograd in the network's dtype (``to`` casts it), the
+    endpoint returned as float32."""
 
     def __init__(self, network: EndpointNetwork, path: GumbelSoftmaxPath | None = None):
         if not isinstance(network, EndpointNetwork):
             raise TypeError(f"network must be an EndpointNetwork, got {type(network).__name__}")
         super().__init__(network.length, network.vocab_size, path)
         self.network = network.eval().requires_grad_(False)
-        self.device = next(network.parameters()).device
+        parameter = next(network.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
 
     @torch.no_grad()
     def endpoint(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None) -> torch.Tensor:

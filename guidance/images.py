@@ -1,0 +1,170 @@
+"""Images in and out of flowsteer's own form, float tensors in [-1, 1] (NCHW).
+
+In: :func:`image_tensor` takes a PIL image, a NumPy array (diffusers' convention) or a tensor. For PIL images, in
+this order: EXIF orientation is applied; 8-bit modes are divided by 255, 16-bit and 32-bit integer modes by 65535,
+mode "F" is taken as [0, 1]; transparency is composited over white; grayscale is replicated to RGB, or with
+``channels=1`` colour is reduced to BT.601 luma (0.299 R + 0.587 G + 0.114 B).
+
+Out, as diffusers returns images: ``output_type="pil"`` (a list of PIL images), ``"np"`` (a (B, H, W, C) float32
+array in [0, 1]) or ``"pt"`` (a (B, C, H, W) float32 tensor in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageOps
+
+__all__ = ["OUTPUT_TYPES", "ImageOutput", "check_output_type", "image_tensor", "output_images", "to_pil"]
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def check_output_type(output_type: str) -> str:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))} (as in diffusers), got "
+                         f"{output_type!r}")
+    return output_type
+
+
+def _to_unit_float(image: Image.Image) -> torch.Tensor:
+    """(H, W, C) float32 in [0, 1] from an image in mode L, RGB, I or F."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        image = image.convert("I")
+    raw = torch.frombuffer(bytearray(image.tobytes()), dtype={"L": torch.uint8, "RGB": torch.uint8,
+                                                             "I": torch.int32, "F": torch.float32}[image.mode])
+    scale = {"L": 255.0, "RGB": 255.0, "I": 65535.0, "F": 1.0}[image.mode]
+    values = raw.to(torch.float32) / scale
+    return values.reshape(image.height, image.width, -1).clamp(0, 1)
+
+
+def _array_image(array, channels: int) -> torch.Tensor:
+    """A NumPy array as diffusers takes one: (H, W), (H, W, C) or (B, H, W, C), uint8 / uint16 (divided by 255 /
+    65535), bool, or float in [0, 1]; C = 1, 3 or 4 (alpha composited over white)."""
+    import numpy as np
+
+    if array.dtype == np.uint8 or array.dtype == np.uint16 or array.dtype == bool:
+        unit = torch.from_numpy(array.astype(np.float32) / {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
+                                                            np.dtype(bool): 1.0}[array.dtype])
+    elif np.issubdtype(array.dtype, np.floating):
+        unit = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        low, high = (float(unit.min()), float(unit.max())) if unit.numel() else (0.0, 0.0)
+        if not (low >= -1e-6 and high <= 1 + 1e-6):
+            raise ValueError(f"a float NumPy image is taken in [0, 1] (as diffusers takes it), got values in "
+                             f"[{low:.3g}, {high:.3g}]; scale it, or pass a uint8 array")
+    else:
+        raise ValueError(f"a NumPy image must be uint8, uint16, bool or float, got dtype {array.dtype}")
+    if unit.ndim == 2:
+        unit = unit[..., None]
+    if unit.ndim == 3:
+        unit = unit[None]
+    if unit.ndim != 4 or unit.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"a NumPy image must have shape (H, W), (H, W, C) or (B, H, W, C) with C = 1, 3 or 4, got "
+                         f"{array.shape}")
+    if unit.shape[-1] == 4:
+        unit = unit[..., :3] * unit[..., 3:] + (1 - unit[..., 3:])
+    return _channels(unit.clamp(0, 1).permute(0, 3, 1, 2), channels)
+
+
+def _tensor_image(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    """A tensor in flowsteer's convention: (C, H, W) or (B, C, H, W), float in [-1, 1] (uint8: 0..255)."""
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
+        raise ValueError(f"an image tensor must have shape (C, H, W) or (B, C, H, W) with C = 1 or 3, got "
+                         f"{tuple(tensor.shape)}")
+    if tensor.dtype == torch.uint8:
+        return _channels(tensor.float() / 255, channels) * 2 - 1
+    if not tensor.is_floating_point():
+        raise ValueError(f"an image tensor must be float in [-1, 1] or uint8, got {tensor.dtype}")
+    tensor = tensor.detach().float()
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("the image tensor contains NaN or infinite values")
+    low, high = float(tensor.min()), float(tensor.max())
+    if low < -1 - 1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"an image tensor is taken in [-1, 1] (flowsteer's convention), got values in "
+                         f"[{low:.3g}, {high:.3g}]; map [0, 1] images with x * 2 - 1")
+    return _channels((tensor.clamp(-1, 1) + 1) / 2, channels) * 2 - 1
+
+
+def _channels(unit: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] with ``channels`` channels (BT.601 luma, or grey replicated)."""
+    if unit.shape[1] == 3 and channels == 1:
+        return (unit * torch.tensor([0.299, 0.587, 0.114], device=unit.device).reshape(1, 3, 1, 1)).sum(1, True)
+    if unit.shape[1] == 1 and channels == 3:
+        return unit.expand(-1, 3, -1, -1).contiguous()
+    return unit
+
+
+def _pil_image(image: Image.Image, channels: int) -> torch.Tensor:
+    """(1, channels, H, W) in [0, 1] from a PIL image, by the rules in the module doc."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    if image.mode not in ("L", "RGB", "I", "F") and not image.mode.startswith("I;16"):
+        image = image.convert("RGB")
+    return _channels(_to_unit_float(image).permute(2, 0, 1)[None], channels)
+
+
+def image_tensor(source, channels: int = 3) -> torch.Tensor:
+    """A PIL image (B = 1), a NumPy array (uint8 / uint16 / bool, or float in [0, 1]; (H, W[, C]) or (B, H, W, C))
+    or a tensor (float in [-1, 1] or uint8; (C, H, W) or (B, C, H, W)) as a (B, channels, H, W) float32 tensor in
+    [-1, 1]."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if source is None:
+        raise ValueError("no image was given (None): pass a path, a PIL image, a NumPy array or a tensor")
+    if isinstance(source, torch.Tensor):
+        return _tensor_image(source, channels).contiguous()
+    if type(source).__module__ == "numpy" and hasattr(source, "dtype"):
+        unit = _array_image(source, channels)
+    elif isinstance(source, Image.Image):
+        unit = _pil_image(source, channels)
+    else:
+        raise ValueError(f"cannot read an image from a {type(source).__name__}: pass a path, a PIL image, a NumPy "
+                         f"array or a tensor")
+    return (unit * 2 - 1).contiguous()
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (1, C, H, W) or (C, H, W) tensor in [-1, 1] (C = 1 or 3) as an 8-bit PIL image (values clipped)."""
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"can only convert one image at a time, got a batch of {image.shape[0]}; index it "
+                             f"first (or ask for output_type='pil', a list)")
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image must have shape (1, C, H, W) or (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
+    image = image.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image contains NaN or infinite values; nothing was written")
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    if pixels.shape[-1] == 1:
+        return Image.fromarray(pixels[..., 0].numpy(), mode="L")
+    return Image.fromarray(pixels.numpy(), mode="RGB")
+
+
+def output_images(image: torch.Tensor | None, output_type: str = "pil"):
+    """A batch (B, C, H, W) in [-1, 1] as ``output_type``: a list of B PIL images, a (B, H, W, C) NumPy array in
+    [0, 1] or a (B, C, H, W) tensor in [0, 1] (on the CPU, float32)."""
+    check_output_type(output_type)
+    if image is None:
+        raise ValueError("there is no image: the method ran with decode=False (or on sequences); use .x")
+    if output_type == "pil":
+        return [to_pil(one) for one in image]
+    unit = ((image.detach().to("cpu", torch.float32).clamp(-1, 1) + 1) / 2).contiguous()
+    return unit if output_type == "pt" else unit.permute(0, 2, 3, 1).numpy()
+
+
+class ImageOutput:
+    """``.images``: the result's ``image`` batch as its ``output_type`` (converted when read)."""
+
+    output_type: str = "pil"
+
+    @property
+    def images(self):
+        return output_images(self.image, self.output_type)
