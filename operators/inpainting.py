@@ -19,15 +19,16 @@ class Inpainting(LinearOperator):
     Mask convention, the same everywhere in flowsteer (this class, :mod:`operators.masks`, mask files read by
     ``inpaint_mask`` and ``flowsteer edit``): 1 (white) = missing, the pixels to fill; 0 (black) = kept.
     :meth:`missing_for` gives the mask m for an image, :meth:`observed_for` the weights 1 − m that A applies.
+    A mask that marks every pixel missing (nothing is measured) or none (A is the identity) is allowed but warned
+    about, once per operator: when a tensor mask is given, or when a mask function first builds one.
 
     Args:
         mask: a fixed mask tensor (H, W) / (B, C, H, W) in [0, 1], 1 = missing, 0 = kept; or a function
             ``(height, width) -> mask`` (same convention) that makes the mask for each image size on first use
             (cached).
-
-    A mask that marks every pixel missing (nothing is measured) or none (A is the identity) is allowed but warned
-    about, once per operator: when a tensor mask is given, or when a mask function first builds one.
     """
+
+    _warn_on_init = True  # a subclass that names its mask (FileMaskInpainting) warns itself once it can
 
     def __init__(self, mask: torch.Tensor | Callable[[int, int], torch.Tensor], noise_std: float = 0.0,
                  poisson_rate: float | None = None):
@@ -36,7 +37,7 @@ class Inpainting(LinearOperator):
         self.register_buffer("fixed_mask", None if self._make_mask else as_mask(mask))
         self._cache: dict = {}
         self._warned: set[str] = set()
-        if self.fixed_mask is not None:
+        if self.fixed_mask is not None and self._warn_on_init:
             self._warn_if_degenerate(self.fixed_mask)
 
     def _mask_source(self) -> str:
@@ -49,12 +50,12 @@ class Inpainting(LinearOperator):
             return
         if bool((mask == 1).all()):
             case = "every"
-            message = ("the mask marks every pixel missing: nothing is measured ({}); white / 1 = missing, "
-                       "black / 0 = kept, so invert the mask if white marks the pixels to keep")
+            message = ("the mask marks every pixel missing: nothing is measured ({}); mark the pixels to keep "
+                       "0 / black (white = missing), or invert the mask if it has them the wrong way round")
         elif bool((mask == 0).all()):
             case = "none"
-            message = ("the mask marks no pixel missing: the operator is the identity ({}); white / 1 = missing, "
-                       "black / 0 = kept, so mark the pixels to fill in white")
+            message = ("the mask marks no pixel missing: the operator is the identity ({}); mark the pixels to "
+                       "fill 1 / white (black = kept)")
         else:
             return
         if case not in self._warned:
@@ -118,6 +119,9 @@ class BoxInpainting(Inpainting):
                          noise_std=noise_std, poisson_rate=poisson_rate)
         self.size, self.fraction, self.top, self.left = size, fraction, top, left
 
+    def _mask_source(self) -> str:
+        return f"a box of size={self.size!r}" if self.size is not None else f"a box of fraction={self.fraction!r}"
+
 
 class RandomInpainting(Inpainting):
     """Uniformly random missing pixels: exactly ``fraction`` of them, drawn from ``seed``."""
@@ -128,6 +132,9 @@ class RandomInpainting(Inpainting):
         super().__init__(lambda h, w: random_mask(h, w, fraction, seed), noise_std=noise_std,
                          poisson_rate=poisson_rate)
         self.fraction, self.seed = fraction, seed
+
+    def _mask_source(self) -> str:
+        return f"a random mask of fraction={self.fraction!r}"
 
 
 class FreeformInpainting(Inpainting):
@@ -140,13 +147,22 @@ class FreeformInpainting(Inpainting):
                          noise_std=noise_std, poisson_rate=poisson_rate)
         self.strokes, self.max_vertices, self.max_width, self.seed = strokes, max_vertices, max_width, seed
 
+    def _mask_source(self) -> str:
+        return f"free-form strokes of max_width={self.max_width!r}"
+
 
 class FileMaskInpainting(Inpainting):
     """A mask read from an image file: white = missing (1), black = kept (0), pixels at or above ``threshold``
     (in [0, 1]) count as white; ``invert=True`` swaps."""
+
+    _warn_on_init = False
 
     def __init__(self, path: str | os.PathLike, invert: bool = False, threshold: float = 0.5,
                  noise_std: float = 0.0, poisson_rate: float | None = None):
         super().__init__(mask_from_file(path, invert=invert, threshold=threshold), noise_std=noise_std,
                          poisson_rate=poisson_rate)
         self.path, self.invert, self.threshold = os.fspath(path), bool(invert), threshold
+        self._warn_if_degenerate(self.fixed_mask)
+
+    def _mask_source(self) -> str:
+        return f"the mask file {self.path!r}" + (" with invert=True" if self.invert else "")

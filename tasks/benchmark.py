@@ -148,6 +148,48 @@ def find_images(folder: str | os.PathLike, limit: int | None = None) -> list[tup
     return list(ids.items())
 
 
+def check_images(found: list[tuple[str, Path]]) -> None:
+    """Every benchmark image opens and decodes (PIL's verify, no full load); a ValueError naming the first that
+    does not, before any work."""
+    from PIL import Image
+
+    for _, path in found:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many kinds for a damaged file
+            raise ValueError(f"the benchmark image {str(path)!r} cannot be read ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'damaged'}); repair "
+                             f"or remove it, then rerun") from None
+
+
+def remove_stale_parts(out: Path, started: float, age: float = 60.0) -> list[Path]:
+    """Remove the temporary ``.*.part`` files that an interrupted write (SIGKILL) left in ``out`` and its
+    ``items/`` — those older than this process and than ``age`` seconds, so that no write in progress is touched."""
+    removed = []
+    now = time.time()
+    for folder in (out, out / "items", out / "grids"):
+        for part in folder.glob(".*.part") if folder.is_dir() else ():
+            try:
+                modified = part.stat().st_mtime
+                if modified < started and now - modified > age:
+                    part.unlink()
+                    removed.append(part)
+            except OSError:
+                pass
+    return removed
+
+
+def _forget_settings(out: Path) -> None:
+    """Remove what a failed first run wrote before computing anything (benchmark.json, empty folders)."""
+    (out / "benchmark.json").unlink(missing_ok=True)
+    for folder in (out / "items", out / "shards", out):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -560,6 +602,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
     for method in methods:
         get_method(method, **options.get(method, {}))
     found = find_images(images, limit)
+    check_images(found)  # every image readable before any model loads
     out = Path(out)
     model_label = _model_label(model)
     settings: dict[str, Any] = _jsonable({
@@ -573,6 +616,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
 
     marker = out / "shards" / f"rank{rank}.failed"  # a failed process > 0 leaves it, which stops process 0's wait
     marker.unlink(missing_ok=True)
+    fresh = not (out / "benchmark.json").exists()  # nothing of an earlier run here
+    computed = 0
     try:
         net = open_model(model, device=_default_device(device), dtype=dtype, progress=progress)
         if size is None:
@@ -607,6 +652,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
 
         out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
+            remove_stale_parts(out, started)
             if overwrite:
                 keep = {f"items/{it.name}.{ext}" for it in items for ext in ("json", "png")}
                 keep |= {f"items/{it.measurement}" for it in items}
@@ -643,6 +689,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         if rank != 0:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             write_text_atomic(marker, f"{type(error).__name__}: {message}\n")
+        elif fresh and computed == 0:  # e.g. a bad option value: leave nothing, so the corrected rerun is not
+            _forget_settings(out)      # refused for "other settings"
         raise
     if rank != 0:
         return BenchmarkResult(out, None, computed, skipped, rank, world_size)

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
     except KeyboardInterrupt:
         remove_empty_outputs()
-        print("flowsteer: interrupted; finished outputs are kept, no partial file was written", file=sys.stderr)
+        print("flowsteer: interrupted; finished results are kept, no partial file or result was written",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0

@@ -48,10 +48,20 @@ def motif_score(motif: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     return score
 
 
+def check_alphabet(alphabet: str) -> str:
+    """A vocabulary of one letter per token: non-empty, no letter twice (a repeat would score two tokens as one)."""
+    if not isinstance(alphabet, str) or not alphabet:
+        raise ValueError(f"the alphabet (--alphabet) must be a non-empty string of letters, got {alphabet!r}")
+    repeated = sorted({c for c in alphabet if alphabet.count(c) > 1})
+    if repeated:
+        raise ValueError(f"the alphabet {alphabet!r} repeats {', '.join(map(repr, repeated))}: one letter per token "
+                         f"(--alphabet {''.join(dict.fromkeys(alphabet))})")
+    return alphabet
+
+
 def encode(sequences: Sequence[str], alphabet: str) -> torch.Tensor:
     """Strings over ``alphabet`` of one length -> (N, L) token indices."""
-    if len(set(alphabet)) != len(alphabet) or not alphabet:
-        raise ValueError(f"the alphabet {alphabet!r} must be non-empty with no repeated letters")
+    check_alphabet(alphabet)
     index = {c: i for i, c in enumerate(alphabet)}
     lengths = {len(s) for s in sequences}
     if len(lengths) != 1:
@@ -147,6 +157,9 @@ def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alp
            seed: int = 0, progress: bool = True) -> DesignResult:
     """Generate ``num_sequences`` with straight-through guidance toward high ``score`` (and as many unguided from
     the same seed, for comparison); return them sorted by score."""
+    check_alphabet(alphabet)
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"the number of sequences (--num) must be an integer >= 1, got {num_sequences!r}")
     if len(alphabet) != flow.vocab_size:
         raise ValueError(f"the alphabet has {len(alphabet)} letters but the flow's vocabulary has {flow.vocab_size}")
     objective = RewardObjective(score, space="latent")
@@ -202,10 +215,16 @@ def _rerun_settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Guide a simplex flow toward a score with straight-through guidance; print the best sequences."""
-    alphabet = args.alphabet
+    alphabet = check_alphabet(args.alphabet)
     score = load_score(args.score, alphabet)
+    if args.num < 1:
+        raise ValueError(f"the number of sequences (--num) must be an integer >= 1, got {args.num}")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"{args.out!r} already exists; pass --overwrite to replace it")
+    if args.out:  # before any training or sampling: the folder must take the file
+        from .outputs import check_writable
+
+        check_writable(Path(args.out).parent, "--out", "the folder of --out")
     if args.train:
         from guidance.models.simplex_network import train_simplex_flow
 

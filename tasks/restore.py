@@ -428,7 +428,8 @@ def save_restoration(result: Restoration, out: str | os.PathLike) -> Path:
     """Write restored.png, measurement.png, grid.png and metrics.json (metrics plus ``settings``) atomically."""
     out = Path(out)
     psnr_value = result.metrics.get("psnr")
-    restored_caption = "restored" if psnr_value is None else f"restored\n{psnr_value:.2f} dB"
+    name = result.settings.get("method", "restored")
+    restored_caption = name if psnr_value is None else f"{name}\n{psnr_value:.2f} dB"
     cells, captions = [result.measurement, result.restored], ["measurement", restored_caption]
     if result.reference is not None:
         cells.append(result.reference)

@@ -198,3 +198,46 @@ def test_restore_records_an_operator_object_by_a_spec_that_rebuilds_it(default):
     callable_op = tasks.restore(default, _smooth(), lambda x: x[..., ::2, ::2], "flowchef", simulate=True,
                                 num_steps=2, progress=False)  # a plain callable is an operator too
     assert "not describable by a spec" in callable_op.settings["operator"]
+
+
+def test_edit_takes_a_pil_image_and_a_numpy_mask_and_returns_images(tiny_sd3_folder):
+    photo = tasks.to_pil(_smooth(seed=11))
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255                                   # white = edit, as everywhere
+    edited = tasks.edit(photo, mask, "a photo of a cat", "a photo of a dog", model=tiny_sd3_folder, num_steps=2,
+                        progress=False, output_type="np")
+    assert edited.images.shape == (1, 32, 32, 3) and float(edited.mask.sum()) == 16 * 16
+    from guidance.methods.flowchef_edit import flowchef_edit
+    from guidance.models.sd3 import SD3Model
+    from tiny_models import sd3_pipeline
+
+    model = SD3Model(sd3_pipeline())
+    out = flowchef_edit(model, None, num_steps=2, source_image=photo, mask=torch.from_numpy(mask / 255.0).float(), step_size=0.01,
+                        source_prompt="a photo of a cat", edit_prompt="a photo of a dog", progress=False)
+    assert out.image.shape == (1, 3, 32, 32)
+
+
+def test_generate_records_a_loaded_models_source_and_restore_grids_carry_the_psnr(default, tmp_path, monkeypatch):
+    generation = tasks.generate(model=default, classifier="default", label="hubble", num=1, num_steps=2, height=32,
+                                width=32, progress=False)
+    assert generation.settings["model"] == "default" and generation.images[0].size == (32, 32)
+
+    import tasks.restore as restore_module
+
+    seen = {}
+    real = restore_module.save_grid
+
+    def capture(path, rows, captions=None):
+        seen["captions"] = captions
+        return real(path, rows, captions)
+
+    monkeypatch.setattr(restore_module, "save_grid", capture)
+    from tasks import save_image
+
+    photo = save_image(_smooth(seed=12), tmp_path / "photo.png")
+    result = restore_module.restore_file(photo, "sr:factor=2", "pnp_flow", simulate=True, num_steps=2,
+                                         out=tmp_path / "r", progress=False)
+    assert seen["captions"][0][1] == f"pnp_flow\n{result.metrics['psnr']:.2f} dB"
+    from PIL import Image
+
+    assert Image.open(tmp_path / "r" / "grid.png").height >= 128  # cells of at least 128 px for 32x32 images

@@ -132,3 +132,63 @@ def test_an_sr_factor_the_size_does_not_fit_suggests_sizes_the_model_takes_too(c
                           "--method", "pnp_flow", "--out", tmp_path / "r", "--quiet")
     assert code == 0, stderr
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["settings"]["height"] == 48
+
+
+def test_design_refuses_a_repeated_letter_a_zero_count_and_an_unwritable_out(cli, tmp_path):
+    code, _, stderr = cli("design", "--score", "motif:GA", "--alphabet", "AACG")
+    assert code == 2 and "the alphabet 'AACG' repeats 'A': one letter per token (--alphabet ACG)" in stderr
+    code, _, stderr = cli("design", "--score", "motif:GA", "--num", "0")
+    assert code == 2 and "--num" in stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    code, _, stderr = cli("design", "--score", "motif:GA", "--out", blocked / "designs.json")
+    assert code == 2 and f"cannot write to the folder of --out {str(blocked)!r}" in stderr
+    assert ".write-test" not in stderr
+
+
+# -- benchmark hygiene ----------------------------------------------------------------------------------------
+def _photos(folder, names=("a.png", "b.png")):
+    from tasks import save_image
+
+    folder.mkdir()
+    for i, name in enumerate(names):
+        save_image(torch.full((1, 3, 32, 32), 0.1 * i), folder / name)
+    return folder
+
+
+def _bench(images, out, *extra):
+    return ("benchmark", "--images", images, "--operators", "sr:factor=2", "--methods", "pnp_flow", "--out", out,
+            "--steps", "2", "--size", "32", "--quiet", *extra)
+
+
+def test_benchmark_checks_every_image_before_the_first_item(cli, tmp_path, monkeypatch):
+    import tasks.benchmark as benchmark_module
+
+    images = _photos(tmp_path / "photos")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    monkeypatch.setattr(benchmark_module, "_run_item", lambda *a, **k: pytest.fail("an item was computed"))
+    code, _, stderr = cli(*_bench(images, tmp_path / "b"))
+    assert code == 2 and "the benchmark image" in stderr and "broken.png" in stderr and "cannot be read" in stderr
+
+
+def test_a_bad_option_value_leaves_nothing_so_the_corrected_rerun_runs(cli, tmp_path):
+    images, out = _photos(tmp_path / "photos"), tmp_path / "bench"
+    code, _, stderr = cli(*_bench(images, out, "--option", "pnp_flow.step_size=abc"))
+    assert code != 0 and "step_size" in stderr
+    assert not out.exists()
+    code, _, stderr = cli(*_bench(images, out, "--option", "pnp_flow.step_size=0.3"))
+    assert code == 0, stderr
+
+
+def test_stale_temporary_files_are_removed_on_resume(cli, tmp_path):
+    import os
+    import time
+
+    images, out = _photos(tmp_path / "photos"), tmp_path / "bench"
+    assert cli(*_bench(images, out))[0] == 0
+    stale = out / "items" / ".a__sr_factor_2__pnp_flow.png.x1y2.part"
+    stale.write_bytes(b"half a file")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert cli(*_bench(images, out))[0] == 0  # the resume
+    assert not stale.exists()

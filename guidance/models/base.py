@@ -45,6 +45,25 @@ def to_arguments(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | No
     return check_device(device), check_dtype(dtype)
 
 
+def module_attributes(owner) -> list[torch.nn.Module]:
+    """``owner``'s ``nn.Module`` attributes, each once."""
+    return list({id(v): v for v in vars(owner).values() if isinstance(v, torch.nn.Module)}.values())
+
+
+def move_modules(owner, modules, *args, **kwargs):
+    """The body of a model's ``to(...)``: move (and cast) ``modules`` in place, set ``owner.device`` /
+    ``owner.dtype`` to what was given, return ``owner``."""
+    device, dtype = to_arguments(*args, **kwargs)
+    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    for module in modules if moves else ():
+        module.to(**moves)
+    if device is not None:
+        owner.device = device
+    if dtype is not None:
+        owner.dtype = dtype
+    return owner
+
+
 class FlowModel:
     """Abstract frozen rectified-flow model (see ``guidance.flow`` for the time convention).
 
@@ -88,20 +107,11 @@ class FlowModel:
 
         This generic version moves every ``nn.Module`` of :meth:`_components`; adapters whose weights live
         elsewhere (a pipeline, an exact mixture) override it."""
-        device, dtype = to_arguments(*args, **kwargs)
-        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        if moves:
-            for module in self._components():
-                module.to(**moves)
-        if device is not None:
-            self.device = device
-        if dtype is not None:
-            self.dtype = dtype
-        return self
+        return move_modules(self, self._components(), *args, **kwargs)
 
     def _components(self) -> list[torch.nn.Module]:
         """The modules holding the model's weights, moved by :meth:`to` (default: its ``nn.Module`` attributes)."""
-        return list({id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}.values())
+        return module_attributes(self)
 
     def recommended_options(self, method: str, operator: str | None = None) -> dict[str, Any]:
         """A copy of the options recommended for ``method`` (empty when none), with those for ``method`` on the

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..flow import euler_step, expand_sigma, to_data_time
-from .base import check_num_steps, to_arguments
+from .base import check_num_steps, module_attributes, move_modules
 
 __all__ = ["GumbelSoftmaxPath", "SequenceSample", "SimplexFlow", "check_simplex", "renormalize", "sample_sequences",
            "tangent_projection"]
@@ -167,16 +167,7 @@ class SimplexFlow:
         """Move (and, with a dtype, cast) the flow's networks in place: ``to(device)``, ``to(dtype)``,
         ``to(device, dtype)`` or ``to(device=..., dtype=...)``; returns self, ``device`` / ``dtype`` follow.
         The sampling state stays float32. This generic version moves every ``nn.Module`` attribute."""
-        device, dtype = to_arguments(*args, **kwargs)
-        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        if moves:
-            for module in {id(v): v for v in vars(self).values() if isinstance(v, torch.nn.Module)}.values():
-                module.to(**moves)
-        if device is not None:
-            self.device = device
-        if dtype is not None:
-            self.dtype = dtype
-        return self
+        return move_modules(self, module_attributes(self), *args, **kwargs)
 
     def endpoint(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None) -> torch.Tensor:
         """p(x_1 | x_s): the predicted clean-token distribution, (B, L, K), rows on the simplex, no autograd."""
