@@ -258,10 +258,21 @@ def allowed_size(model, height: int, width: int, multiple: int = 1) -> tuple[int
     return side(height), side(width)
 
 
+def working_limit(model) -> int | None:
+    """The longest side ``--resize`` fits an image to: the model's ``working_size``, else its ``max_size``."""
+    return getattr(model, "working_size", None) or getattr(model, "max_size", None)
+
+
 def fit_size(model, height: int, width: int, resize: bool, what: str = "image", operator=None) -> tuple[int, int]:
     """(height, width) when the model (and ``operator``: an SR factor) accepts them; with ``resize`` the nearest
-    allowed size; else a ValueError naming the allowed sizes and offering ``--resize``."""
+    allowed size, scaled down (aspect kept) so the longer side is at most the model's working size; else a
+    ValueError naming the allowed sizes and offering ``--resize``."""
     factor = operator_multiple(operator)
+    limit = working_limit(model)
+    if resize and limit and max(height, width) > limit:
+        scale = limit / max(height, width)
+        multiple = math.lcm(int(model.size_multiple), factor)
+        height, width = (max(multiple, math.floor(side * scale / multiple) * multiple) for side in (height, width))
     target = allowed_size(model, height, width, factor)
     if target == (height, width) or resize:
         return target
@@ -275,6 +286,43 @@ def fit_size(model, height: int, width: int, resize: bool, what: str = "image", 
                                                                  (lower(height) + multiple, lower(width) + multiple))))
     raise ValueError(f"the {what} is {height}x{width} pixels but {why}{limit} (e.g. {examples}); pass --resize "
                      f"to resize it to {target[0]}x{target[1]} (or resize it yourself)")
+
+
+def check_memory(model, height: int, width: int, samples: int = 1) -> float | None:
+    """The estimated peak memory (GiB) of restoring a ``height`` x ``width`` image with ``samples`` seeds, from the
+    model's measured ``memory_gib_per_megapixel``; a ValueError before anything runs when it is far beyond the
+    memory free here (CUDA: the device's free memory; CPU: the machine's available memory), naming a size that
+    fits. None when the model has no figure or the free memory cannot be read."""
+    per_megapixel = getattr(model, "memory_gib_per_megapixel", None)
+    if not per_megapixel:
+        return None
+    free = free_memory_gib(torch.device(getattr(model, "device", "cpu")))
+    if free is None:
+        return None
+    megapixels = height * width * samples / 1e6
+    estimate = per_megapixel * megapixels
+    if estimate <= 0.9 * free:
+        return estimate
+    scale = math.sqrt(0.9 * free / estimate)
+    multiple = int(model.size_multiple)
+    fits = tuple(max(multiple, math.floor(side * scale / multiple) * multiple) for side in (height, width))
+    limit = working_limit(model)
+    raise ValueError(f"a {height}x{width} restoration{f' of {samples} samples' if samples > 1 else ''} needs about "
+                     f"{estimate:.1f} GiB on this model ({per_megapixel:g} GiB per megapixel), more than the "
+                     f"{free:.1f} GiB free here; use at most {fits[0]}x{fits[1]} (--resize fits an image to the "
+                     f"model's working size{f', {limit} pixels' if limit else ''}) or a machine with more memory")
+
+
+def free_memory_gib(device: torch.device) -> float | None:
+    """Memory free for a run on ``device`` in GiB (CUDA: cudaMemGetInfo; CPU: MemAvailable), None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**30
+    except (ImportError, OSError):  # pragma: no cover - psutil ships with accelerate
+        return None
 
 
 def operator_multiple(operator) -> int:
@@ -399,12 +447,14 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if simulate:
         size = fit_size(net, *original, resize, what="input image", operator=op)
+        check_memory(net, *size, samples)
         image = resize_image(image, size)
         _operator_output(op, spec, tuple(image.shape))
     else:
         x_shape = input_shape(op, tuple(image.shape))
         size = fit_size(net, x_shape[-2], x_shape[-1], resize,
                         what=f"restored image (from the {original[0]}x{original[1]} measurement)")
+        check_memory(net, *size, samples)
         if size != tuple(x_shape[-2:]):
             image = resize_image(image, _operator_output(op, spec, (1, x_shape[1], *size))[-2:])
         clean = None if clean is None else resize_image(clean, size)

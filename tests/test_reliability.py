@@ -192,3 +192,31 @@ def test_stale_temporary_files_are_removed_on_resume(cli, tmp_path):
     os.utime(stale, (old, old))
     assert cli(*_bench(images, out))[0] == 0  # the resume
     assert not stale.exists()
+
+
+# -- sizes far beyond the model or the machine ------------------------------------------------------------------
+def test_resize_fits_a_large_photo_to_the_models_working_size(cli, tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "large.png"
+    Image.new("RGB", (4000, 3000), (120, 90, 60)).save(photo)
+    out = tmp_path / "r"
+    code, _, stderr = cli("restore", photo, "--simulate", "--operator", "sr:factor=2", "--resize", "--method",
+                          "pnp_flow", "--steps", "2", "--out", out, "--quiet")
+    assert code == 0, stderr
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert (settings["height"], settings["width"]) == (192, 256) and settings["input_size"] == [3000, 4000]
+
+
+def test_a_run_far_beyond_the_free_memory_is_refused_before_it_starts(cli, tmp_path, monkeypatch):
+    import tasks.restore as restore_module
+    from tasks import save_image
+
+    monkeypatch.setattr(restore_module, "free_memory_gib", lambda device: 2.0)
+    monkeypatch.setattr(restore_module, "restore", lambda *a, **k: pytest.fail("the restoration started"))
+    photo = save_image(torch.zeros(1, 3, 1024, 1024), tmp_path / "big.png")
+    code, _, stderr = cli("restore", photo, "--simulate", "--operator", "sr:factor=2", "--out", tmp_path / "r")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "a 1024x1024 restoration needs about 6.3 GiB" in stderr and "2.0 GiB free here" in stderr
+    assert "use at most 544x544" in stderr and "256 pixels" in stderr  # 544² x 6 GiB/MP = 1.78 <= 0.9 x 2
+    assert restore_module.check_memory(load_model("default"), 256, 256) == pytest.approx(6.0 * 256 * 256 / 1e6)

@@ -86,6 +86,10 @@ class FlowModel:
         restore_options: restoration settings its authors recommend (``{"consistency_steps": 20}``, see
             :func:`tasks.restore.restore`), applied when the user sets none; None: the task's defaults.
         takes_text: whether :meth:`condition` takes a prompt (SD3, Flux); text-free models refuse one.
+        working_size: the longest image side the model is meant to work at (``--resize`` fits larger images to it;
+            None: ``max_size``, or no limit).
+        memory_gib_per_megapixel: measured peak memory of a restoration above the loaded model, GiB per megapixel
+            of image, for the estimate that refuses a run far beyond the machine (None: no estimate).
     """
 
     device: torch.device = torch.device("cpu")
@@ -96,6 +100,8 @@ class FlowModel:
     default_size: tuple[int, int] | None = None
     max_size: int | None = None
     takes_text: bool = False
+    working_size: int | None = None
+    memory_gib_per_megapixel: float | None = None
     method_options: dict[str, dict[str, Any]] | None = None
     operator_options: dict[str, dict[str, dict[str, Any]]] | None = None
     restore_options: dict[str, Any] | None = None

@@ -63,6 +63,8 @@ class GenericFlowModel(FlowModel):
         method_options: recommended options per guidance method (see :class:`FlowModel`).
         operator_options: recommended options per operator and method (see :class:`FlowModel`).
         restore_options: recommended restoration settings (see :class:`FlowModel`).
+        working_size, memory_gib_per_megapixel: the longest side the model is meant for and its measured memory per
+            megapixel (see :class:`FlowModel`).
     """
 
     def __init__(
@@ -82,6 +84,8 @@ class GenericFlowModel(FlowModel):
         method_options: dict[str, dict[str, Any]] | None = None,
         operator_options: dict[str, dict[str, dict[str, Any]]] | None = None,
         restore_options: dict[str, Any] | None = None,
+        working_size: int | None = None,
+        memory_gib_per_megapixel: float | None = None,
     ):
         if not callable(network):
             raise TypeError(f"network must be callable as network(x, t), got {type(network).__name__}")
@@ -92,6 +96,8 @@ class GenericFlowModel(FlowModel):
         self.operator_options = {str(op): {str(m): dict(o) for m, o in methods.items()}
                                  for op, methods in (operator_options or {}).items()}
         self.restore_options = dict(restore_options or {})
+        self.working_size = None if working_size is None else int(working_size)
+        self.memory_gib_per_megapixel = None if memory_gib_per_megapixel is None else float(memory_gib_per_megapixel)
         self.scheduler = scheduler
         self.shift = float(shift)
         self.timestep_scale = float(timestep_scale)
