@@ -136,7 +136,7 @@ def run_tests(out: Path, dry_run: bool, timeout: float) -> dict:
     env = dict(os.environ)
     if dry_run:
         env.update(FLOWSTEER_CUDA_TESTS_DEVICE="cpu", FLOWSTEER_TEST_COMPILE_BACKEND="eager")
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests"]
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs", "-p", "no:cacheprovider", "tests"]
     begin = time.monotonic()
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(1, timeout))

@@ -133,9 +133,7 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     check_output_type(output_type)
     if num_inference_steps is not None:
         num_steps = num_inference_steps
-    image = load_image(image)
-    if reference is not None:
-        reference = load_image(reference)
+    image, reference = (None if x is None else _as_batch(x) for x in (image, reference))
     if isinstance(operator, str):
         spec = operator
         operator = make_operator(operator, **({} if noise_std is None else {"noise_std": noise_std}))
@@ -200,6 +198,14 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
         settings["consistency_skipped"] = skipped
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings,
                        samples=images if count == 1 else grouped, output_type=output_type)
+
+
+def _as_batch(image) -> torch.Tensor:
+    """A tensor as it is (a measurement may have its own channels, e.g. colorization's one), batched; any other
+    image form through :func:`load_image`."""
+    if isinstance(image, torch.Tensor):
+        return (image[None] if image.ndim == 3 else image).float()
+    return load_image(image)
 
 
 def check_sampling(samples: int, consistency_steps: int | None, operator: Operator, spec: str) -> None:

@@ -28,12 +28,20 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
-def test_dry_run_runs_every_phase_and_writes_every_row(tmp_path):
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """(completed process, out folder) of one dry run of the kit, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("kit")
     out = tmp_path / "kit"
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run", "--wheels", str(tmp_path / "none"),
                            "--out", str(out), "--budget", "400"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
+    return done, out
+
+
+def test_dry_run_runs_every_phase_and_writes_every_row(dry_run):
+    done, out = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["environment.json", "pytest.log", "results.json", "table.md"]
 
@@ -121,11 +129,11 @@ def test_the_carried_wheels_cover_what_the_gpu_machine_lacks():
     assert _uncovered(device, wheels - {"lpips"}) == ["lpips"]  # the walk does see a missing wheel
 
 
-def test_cuda_tests_are_exactly_those_marked_and_none_skips_on_its_own():
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
-                           "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:]
-    selected = [line for line in done.stdout.splitlines() if "::" in line]
+def test_cuda_tests_are_exactly_those_marked_and_none_skips_on_its_own(dry_run):
+    """The kit's `pytest -m cuda -v` (its log) ran the CUDA tests and nothing else."""
+    _, out = dry_run
+    selected = [line.split(" ")[0] for line in (out / "pytest.log").read_text().splitlines()
+                if line.startswith("tests/") and "::" in line and (" PASSED" in line or " SKIPPED" in line)]
     assert any(line.startswith("tests/test_operators_generic.py::test_cuda_matches_cpu") for line in selected)
     assert sum(line.startswith("tests/test_cuda.py::") for line in selected) >= 20
     assert all(line.startswith(("tests/test_cuda.py::", "tests/test_operators_generic.py::test_cuda_"))
