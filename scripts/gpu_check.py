@@ -219,10 +219,25 @@ def run_kit(out: Path, dry_run: bool, budget: float, repeats: int, command: str)
         f"{report['tests']['seconds']} s)")
     save()
 
+    runs = DRY_RUNS if dry_run else GPU_RUNS
+    with tempfile.TemporaryDirectory(prefix="flowsteer-gpu-check-") as scratch:  # each run's own files
+        run_speed_rows(runs, Path(scratch), report, save, left, repeats)
+    unmeasured = [f"{r['backbone']} {r['size']}px {r['method']}: {r['reason']}"
+                  for run in report["speed"] if run["results"] for r in run["results"]["rows"]
+                  if r["status"] != "measured"]
+    unmeasured += [f"{run['what']}: {run['error']}" for run in report["speed"] if run.get("error")]
+    print(markdown(report))
+    for line in unmeasured:
+        log(f"not measured: {line}")
+    ok = report["tests"]["ok"] and not unmeasured and len(report["speed"]) == len(runs)
+    log(f"done in {time.monotonic() - begin:.0f} s: {'all measured, tests passed' if ok else 'see above'}")
+    return 0 if ok else 1
+
+
+def run_speed_rows(runs, scratch: Path, report: dict, save, left, repeats: int) -> None:
+    """Each speed run in turn, within the time left, its rows saved into the report as they come."""
     from tasks.speed import run_speed
 
-    runs = DRY_RUNS if dry_run else GPU_RUNS
-    scratch = Path(tempfile.mkdtemp(prefix="flowsteer-gpu-check-"))  # each run's own files; the report is in out
     for index, (what, arguments) in enumerate(runs):
         remaining = left() - MARGIN
         if remaining <= 0:
@@ -245,16 +260,6 @@ def run_kit(out: Path, dry_run: bool, budget: float, repeats: int, command: str)
             entry["error"] = f"{type(error).__name__}: {str(error).strip()[:500]}"
             log(f"speed: {what} failed: {entry['error']}")
         save()
-    unmeasured = [f"{r['backbone']} {r['size']}px {r['method']}: {r['reason']}"
-                  for run in report["speed"] if run["results"] for r in run["results"]["rows"]
-                  if r["status"] != "measured"]
-    unmeasured += [f"{run['what']}: {run['error']}" for run in report["speed"] if run.get("error")]
-    print(markdown(report))
-    for line in unmeasured:
-        log(f"not measured: {line}")
-    ok = report["tests"]["ok"] and not unmeasured and len(report["speed"]) == len(runs)
-    log(f"done in {time.monotonic() - begin:.0f} s: {'all measured, tests passed' if ok else 'see above'}")
-    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
