@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
-    from .outputs import remove_empty_outputs
+    from .outputs import forget_outputs, remove_empty_outputs
 
+    forget_outputs()
     try:
         with quiet_loading(args.command not in NO_PRETRAINED):
             return args.run(args)

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["check_writable", "prepare_output_dir", "remove_empty_outputs", "write_outputs"]
+__all__ = ["check_writable", "forget_outputs", "prepare_output_dir", "remove_empty_outputs", "write_outputs"]
 
 _created: list[Path] = []  # output folders this process made, removed again by remove_empty_outputs while empty
 
@@ -44,6 +44,11 @@ def check_writable(folder: str | os.PathLike, option: str, what: str = "the fold
         raise ValueError(f"cannot write to {what} {str(folder)!r} ({error.strerror or error}); choose another "
                          f"{option}") from None
     return folder
+
+
+def forget_outputs() -> None:
+    """Start a new command: the folders made before it are no longer this run's to remove."""
+    _created.clear()
 
 
 def remove_empty_outputs() -> list[Path]:
