@@ -13,9 +13,11 @@ remote code is ever run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,36 @@ from .devices import check_device, check_dtype
 from .manifest import DamagedModelError, verify_manifest
 from .models.base import FlowModel
 
-__all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model"]
+__all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model", "quiet_loading"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class ModelNotFoundError(OSError, ValueError):
     """The requested weights are not on this machine (or not reachable); the message says how to get them."""
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True):
+    """Switch transformers' and diffusers' weight-loading progress bars off and their logging to errors only
+    (flowsteer's own tqdm bars stay); the previous settings come back afterwards."""
+    saved = []
+    if enabled:
+        for name in ("transformers", "diffusers"):
+            try:
+                logging = import_module(f"{name}.utils.logging")
+            except ImportError:
+                continue
+            saved.append((logging, logging.is_progress_bar_enabled(), logging.get_verbosity()))
+            logging.disable_progress_bar()
+            logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for logging, bar, verbosity in saved:
+            if bar:
+                logging.enable_progress_bar()
+            logging.set_verbosity(verbosity)
 
 
 def _dtype_kwargs(dtype: torch.dtype | None) -> dict:

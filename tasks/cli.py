@@ -9,7 +9,6 @@ and since every output is written atomically no half-written file is left behind
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import sys
@@ -54,29 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def quiet_loading(enabled: bool = True):
-    """Switch transformers' and diffusers' weight-loading progress bars off and their logging to errors only
-    (flowsteer's own tqdm bars stay); the previous settings come back afterwards."""
-    saved = []
-    if enabled:
-        for name in ("transformers", "diffusers"):
-            try:
-                logging = import_module(f"{name}.utils.logging")
-            except ImportError:
-                continue
-            saved.append((logging, logging.is_progress_bar_enabled(), logging.get_verbosity()))
-            logging.disable_progress_bar()
-            logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        for logging, bar, verbosity in saved:
-            if bar:
-                logging.enable_progress_bar()
-            logging.set_verbosity(verbosity)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -87,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     forget_outputs()
     try:
+        from guidance.loading import quiet_loading
+
         with quiet_loading(args.command not in NO_PRETRAINED):
             return args.run(args)
     except KeyboardInterrupt:

@@ -37,6 +37,7 @@ from guidance import MeasurementFidelity, get_method
 from guidance.consistency import check_consistency_steps, pixel_consistency
 from guidance.devices import check_device, check_dtype
 from guidance.files import write_text_atomic
+from guidance.loading import quiet_loading
 from guidance.images import ImageOutput, check_output_type
 from operators import Operator, as_operator, make_operator, operator_name, operator_spec
 
@@ -344,25 +345,6 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image, size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-@contextlib.contextmanager
-def loading_bars(show: bool):
-    """Switch diffusers' and transformers' loading progress bars off while loading when ``show`` is False."""
-    if show:
-        yield
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    switched = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
-    for module in switched:
-        module.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for module in switched:
-            module.enable_progress_bar()
-
-
 def open_model(source: Any = "default", device: str | torch.device | None = None, dtype: Any = None,
                progress: bool = True):
     """:func:`guidance.load_model` on ``device`` (default CUDA when available, else CPU) in ``dtype`` (a torch
@@ -375,7 +357,7 @@ def open_model(source: Any = "default", device: str | torch.device | None = None
         return source
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = check_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    with loading_bars(progress):
+    with quiet_loading(not progress):
         try:
             return load_model(source, device=device, dtype=dtype)
         except ModelNotFoundError as error:

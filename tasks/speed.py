@@ -400,9 +400,9 @@ def _positive_ints(values, option: str) -> list[int]:
 
 def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate=True,
               compile_backend=None, options=None) -> Settings:
-    device = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    from guidance.devices import check_device
+
+    device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if dtype is None:
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
