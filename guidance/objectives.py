@@ -208,7 +208,7 @@ def class_index(label: Any, names: list[str] | None) -> int:
         return int(text)
     if not names:
         raise ValueError(f"the classifier has no class names (no labels, classes or config.id2label), so the "
-                         f"label {text!r} cannot be looked up: pass a class index (0, 1, ...) instead")
+                         f"label {text!r} must be a class index: pass a class index (0, 1, ...) instead")
     close = difflib.get_close_matches(text, names, n=5, cutoff=0.5)
     ordered = close + [n for n in names if n not in close]
     shown = ", ".join(map(repr, ordered[:12])) + (f" and {len(names) - 12} more" if len(names) > 12 else "")

@@ -113,7 +113,7 @@ def _classifier_labels(folder) -> tuple[list[str], str]:
 def cmd_models(args: argparse.Namespace) -> int:
     """List the flow models flowsteer knows, and whether each is on this machine (nothing is downloaded), then
     the bundled classifiers with their labels."""
-    from .generate import BUNDLED_CLASSIFIERS, bundled_classifier_dir
+    from .rewards import BUNDLED_CLASSIFIERS, bundled_classifier_dir
 
     rows = [{"kind": "model", "source": source, "family": family, "summary": summary, "status": _cached(source)}
             for source, family, summary in KNOWN_MODELS]

@@ -59,6 +59,12 @@ def check_alphabet(alphabet: str) -> str:
     return alphabet
 
 
+def check_num(num_sequences) -> int:
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"the number of sequences (--num) must be an integer >= 1, got {num_sequences!r}")
+    return num_sequences
+
+
 def encode(sequences: Sequence[str], alphabet: str) -> torch.Tensor:
     """Strings over ``alphabet`` of one length -> (N, L) token indices."""
     check_alphabet(alphabet)
@@ -158,8 +164,7 @@ def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alp
     """Generate ``num_sequences`` with straight-through guidance toward high ``score`` (and as many unguided from
     the same seed, for comparison); return them sorted by score."""
     check_alphabet(alphabet)
-    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
-        raise ValueError(f"the number of sequences (--num) must be an integer >= 1, got {num_sequences!r}")
+    check_num(num_sequences)
     if len(alphabet) != flow.vocab_size:
         raise ValueError(f"the alphabet has {len(alphabet)} letters but the flow's vocabulary has {flow.vocab_size}")
     objective = RewardObjective(score, space="latent")
@@ -217,8 +222,7 @@ def run(args: argparse.Namespace) -> int:
     """Guide a simplex flow toward a score with straight-through guidance; print the best sequences."""
     alphabet = check_alphabet(args.alphabet)
     score = load_score(args.score, alphabet)
-    if args.num < 1:
-        raise ValueError(f"the number of sequences (--num) must be an integer >= 1, got {args.num}")
+    check_num(args.num)  # before any training or sampling
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"{args.out!r} already exists; pass --overwrite to replace it")
     if args.out:  # before any training or sampling: the folder must take the file

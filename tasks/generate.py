@@ -15,7 +15,6 @@ noise). Scores are the reward, or log p(label) for a classifier; higher is bette
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -34,49 +33,11 @@ from guidance.images import ImageOutput, check_output_type
 from .grid import save_grid
 from .image_io import save_image
 from .outputs import prepare_output_dir
-from .rewards import DEFAULT_CLIP, make_guide
+from .rewards import BUNDLED_CLASSIFIERS, DEFAULT_CLIP, classifier_source, make_guide  # noqa: F401
 
 __all__ = ["BUNDLED_CLASSIFIERS", "METHODS", "Generation", "classifier_source", "generate"]
 
 METHODS = ("flowchef", "best_of_n", "dps", "unguided")
-
-#: The classifiers shipped with the default model: name -> (its folder in the default model, what it is).
-BUNDLED_CLASSIFIERS = {
-    "default": ("classifier", "a small ConvNeXt image classifier trained with the default model, to guide with"),
-    "default:judge": ("judge", "an independent small ResNet classifier of the same classes, to check guided "
-                               "images with"),
-}
-
-
-def bundled_classifier_dir(name: str) -> Path:
-    """The folder of the bundled classifier ``name`` (``default``, ``default:judge``) in the default model."""
-    from guidance.models.default import default_model_dir
-
-    if name not in BUNDLED_CLASSIFIERS:
-        raise ValueError(f"unknown bundled classifier {name!r}: use {' or '.join(map(repr, BUNDLED_CLASSIFIERS))}")
-    return default_model_dir() / BUNDLED_CLASSIFIERS[name][0]
-
-
-def classifier_source(classifier: Any) -> Any:
-    """A bundled classifier's name -> its folder (found from the installed package, not the current folder);
-    any other source (hub id, folder, 'module:function', callable) unchanged."""
-    if not isinstance(classifier, str):
-        return classifier
-    name = classifier.strip()
-    own_module = Path("default.py").is_file() or Path(name).exists()  # a user's default.py:function or folder
-    if name not in BUNDLED_CLASSIFIERS and name.startswith("default:") and not own_module:
-        close = difflib.get_close_matches(name, BUNDLED_CLASSIFIERS, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
-        raise ValueError(f"unknown bundled classifier {name!r}{hint} The bundled ones are "
-                         f"{' and '.join(map(repr, BUNDLED_CLASSIFIERS))} (flowsteer models lists them)")
-    if name not in BUNDLED_CLASSIFIERS:
-        return classifier
-    folder = bundled_classifier_dir(name)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"the bundled classifier {name!r} is missing: no {folder / 'config.json'}; reinstall "
-                         f"flowsteer or pass --classifier with a hub id or folder")
-    return str(folder)
-
 
 @dataclass
 class Generation(ImageOutput):
@@ -141,10 +102,7 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     if out is not None:
         out = prepare_output_dir(out, output_names(num, compare), overwrite=overwrite)
     device = torch.device(device or getattr(model, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    source = classifier_source(classifier)
-    guide = make_guide(reward=reward, classifier=source, label=label, clip=clip, weight=weight, device=device)
-    if source is not classifier:  # record the bundled classifier's name, not this machine's folder
-        guide.settings["classifier"] = classifier
+    guide = make_guide(reward=reward, classifier=classifier, label=label, clip=clip, weight=weight, device=device)
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if (height is None or width is None) and net.default_size is None:
         raise ValueError(f"{type(net).__name__} has no default image size; give one with --size H W")

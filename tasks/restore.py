@@ -265,6 +265,11 @@ def allowed_size(model, height: int, width: int, multiple: int = 1) -> tuple[int
     return side(height), side(width)
 
 
+def scaled_side(side: int, scale: float, multiple: int) -> int:
+    """``side * scale`` rounded down to a multiple of ``multiple`` (at least one multiple)."""
+    return max(multiple, math.floor(side * scale / multiple) * multiple)
+
+
 def working_limit(model) -> int | None:
     """The longest side ``--resize`` fits an image to: the model's ``working_size``, else its ``max_size``."""
     return getattr(model, "working_size", None) or getattr(model, "max_size", None)
@@ -279,7 +284,7 @@ def fit_size(model, height: int, width: int, resize: bool, what: str = "image", 
     if resize and limit and max(height, width) > limit:
         scale = limit / max(height, width)
         multiple = math.lcm(int(model.size_multiple), factor)
-        height, width = (max(multiple, math.floor(side * scale / multiple) * multiple) for side in (height, width))
+        height, width = (scaled_side(side, scale, multiple) for side in (height, width))
     target = allowed_size(model, height, width, factor)
     if target == (height, width) or resize:
         return target
@@ -312,7 +317,7 @@ def check_memory(model, height: int, width: int, samples: int = 1) -> float | No
         return estimate
     scale = math.sqrt(0.9 * free / estimate)
     multiple = int(model.size_multiple)
-    fits = tuple(max(multiple, math.floor(side * scale / multiple) * multiple) for side in (height, width))
+    fits = tuple(scaled_side(side, scale, multiple) for side in (height, width))
     limit = working_limit(model)
     raise ValueError(f"a {height}x{width} restoration{f' of {samples} samples' if samples > 1 else ''} needs about "
                      f"{estimate:.1f} GiB on this model ({per_megapixel:g} GiB per megapixel), more than the "
@@ -453,7 +458,8 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
     from guidance.methods import method_options
 
     result.settings.update({
-        "operator": spec, "options": {**method_options(method), **result.settings["options"]},
+        **({"operator": spec} if isinstance(operator, str) else {}),  # the spec as the user wrote it
+        "options": {**method_options(method), **result.settings["options"]},
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(net).__name__,
         "input": str(input), "reference": None if reference is None else str(reference), "out": str(out),
         "prompt": prompt, "guidance_scale": guidance_scale, "resize": resize, "input_size": list(original),

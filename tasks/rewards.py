@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from guidance.loading import ModelNotFoundError, hub_offline
-from guidance.objectives import ClassifierObjective, Objective, RewardObjective, transformers_preprocess
+from guidance.objectives import (ClassifierObjective, Objective, RewardObjective, class_index,
+                                 transformers_preprocess)
 
-__all__ = ["DEFAULT_CLIP", "Classifier", "Guide", "clip_reward", "import_callable", "load_classifier",
+__all__ = ["BUNDLED_CLASSIFIERS", "DEFAULT_CLIP", "bundled_classifier_dir", "classifier_source", "Classifier", "Guide", "clip_reward", "import_callable", "load_classifier",
            "load_reward", "make_guide", "resolve_label"]
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -204,26 +205,51 @@ def load_classifier(source: str | Callable, device: Any = None) -> Classifier:
 
 
 def resolve_label(label: int | str, names: list[str] | None = None) -> int:
-    """A class index from an index (``3``, ``"3"``) or a class name (exact, then case-insensitive)."""
-    if isinstance(label, bool):
-        raise ValueError(f"the label must be a class index or name, got {label!r}")
-    text = str(label).strip()
-    if isinstance(label, int) or text.lstrip("-").isdigit():
-        index = int(text)
-        if index < 0 or (names and index >= len(names)):
-            limit = f"0..{len(names) - 1}" if names else "an index >= 0"
-            raise ValueError(f"label {index} is out of range: use {limit}")
-        return index
-    if not names:
-        raise ValueError(f"the classifier has no class names, so the label {text!r} must be a class index (0, 1, ...)")
-    for candidates in (names, [n.lower() for n in names]):
-        key = text if candidates is names else text.lower()
-        if key in candidates:
-            return candidates.index(key)
-    close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-    raise ValueError(f"unknown label {text!r}{hint} The classifier's {len(names)} classes: {shown} (or give an index)")
+    """A class index from an index (``3``, ``"3"``) or a class name (:func:`guidance.objectives.class_index`:
+    exact, then case-insensitive), within the classifier's classes."""
+    index = class_index(label, names)
+    if index < 0 or (names and index >= len(names)):
+        limit = f"0..{len(names) - 1}" if names else "an index >= 0"
+        raise ValueError(f"label {index} is out of range: use {limit}")
+    return index
+
+
+#: The classifiers shipped with the default model: name -> (its folder in the default model, what it is).
+BUNDLED_CLASSIFIERS = {
+    "default": ("classifier", "a small ConvNeXt image classifier trained with the default model, to guide with"),
+    "default:judge": ("judge", "an independent small ResNet classifier of the same classes, to check guided "
+                               "images with"),
+}
+
+
+def bundled_classifier_dir(name: str) -> Path:
+    """The folder of the bundled classifier ``name`` (``default``, ``default:judge``) in the default model."""
+    from guidance.models.default import default_model_dir
+
+    if name not in BUNDLED_CLASSIFIERS:
+        raise ValueError(f"unknown bundled classifier {name!r}: use {' or '.join(map(repr, BUNDLED_CLASSIFIERS))}")
+    return default_model_dir() / BUNDLED_CLASSIFIERS[name][0]
+
+
+def classifier_source(classifier: Any) -> Any:
+    """A bundled classifier's name -> its folder (found from the installed package, not the current folder);
+    any other source (hub id, folder, 'module:function', callable) unchanged."""
+    if not isinstance(classifier, str):
+        return classifier
+    name = classifier.strip()
+    own_module = Path("default.py").is_file() or Path(name).exists()  # a user's default.py:function or folder
+    if name not in BUNDLED_CLASSIFIERS and name.startswith("default:") and not own_module:
+        close = difflib.get_close_matches(name, BUNDLED_CLASSIFIERS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"unknown bundled classifier {name!r}{hint} The bundled ones are "
+                         f"{' and '.join(map(repr, BUNDLED_CLASSIFIERS))} (flowsteer models lists them)")
+    if name not in BUNDLED_CLASSIFIERS:
+        return classifier
+    folder = bundled_classifier_dir(name)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"the bundled classifier {name!r} is missing: no {folder / 'config.json'}; reinstall "
+                         f"flowsteer or pass --classifier with a hub id or folder")
+    return str(folder)
 
 
 # -- objective + score --------------------------------------------------------------------------------------
@@ -256,7 +282,7 @@ def make_guide(*, reward: str | Callable | None = None, classifier: str | Callab
         return Guide(RewardObjective(function, weight=weight), function, "reward", settings)
     if label is None:
         raise ValueError("a classifier needs --label, the class to steer toward (an index or a class name)")
-    model = load_classifier(classifier, device)
+    model = load_classifier(classifier_source(classifier), device)  # a bundled name -> its folder
     index = resolve_label(label, model.names)
 
     def log_probability(images: torch.Tensor) -> torch.Tensor:
@@ -267,7 +293,8 @@ def make_guide(*, reward: str | Callable | None = None, classifier: str | Callab
                              f"{tuple(logits.shape)}")
         return torch.log_softmax(logits.float(), dim=1)[:, index]
 
-    settings = {"classifier": model.source, "label": index,
+    bundled = isinstance(classifier, str) and classifier.strip() in BUNDLED_CLASSIFIERS
+    settings = {"classifier": classifier.strip() if bundled else model.source, "label": index,
                 "label_name": model.names[index] if model.names else None, "weight": float(weight)}
     objective = ClassifierObjective(model.logits, index, num_classes=model.num_classes, weight=weight)
     return Guide(objective, log_probability, "classifier", settings)
