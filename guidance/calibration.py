@@ -7,8 +7,9 @@ images x0 (latents z0 = E(x0))::
     MSE(s) = mean over images and elements of (v_theta(x_s, s, c) - (eps - z0))²,   x_s = (1 - s) z0 + s eps
     w(s)   = 0.5 · (1 / MSE(s)) / mean_s(1 / MSE(s))
 
-so the weights average 0.5 over the grid. The paper ships such a table for SD3.5-medium only; :func:`calibrate`
-measures it for any model, caches it on disk and :func:`load_crw` finds it again.
+so the weights average 0.5 over the grid. The official repository ships the measured tables of SD3.5-medium and
+SD3.5-large (:func:`official_crw_table`; used automatically for those checkpoints at CFG scale 2); :func:`calibrate`
+measures one for any other model or setting, caches it on disk and :func:`load_crw` finds it again.
 
 Cache: one JSON file per model and setting in ``cache_dir`` (default ``$FLOWSTEER_CACHE/crw`` when the
 environment variable is set, else ``~/.cache/flowsteer/crw``). The key is ``<name>-<fingerprint>-g<guidance>-<H>x<W>``:
@@ -43,8 +44,8 @@ from .flow import interpolate, velocity_target
 from .sampler import initial_noise
 
 __all__ = [
-    "CRWTable", "CRW_POINTS", "DEFAULT_CRW", "calibrate", "crw_cache_dir", "crw_key", "load_crw", "model_identity",
-    "resolve_crw", "shipped_crw",
+    "CRWTable", "CRW_POINTS", "DEFAULT_CRW", "OFFICIAL_TABLES", "calibrate", "crw_cache_dir", "crw_key", "load_crw",
+    "model_identity", "official_crw_name", "official_crw_table", "resolve_crw", "shipped_crw",
 ]
 
 CRW_POINTS = 100
@@ -136,42 +137,76 @@ class CRWTable:
                              f"again") from None
 
 
-# The table used when a model has none. SD3.5-medium's published table, summarised by design notes 6.2: over
-# FLAIR's 50 default steps (s from 0.984 down to 0.196) w rises from 0.30 to a peak of 0.73 near s = 0.77 and
-# falls back to about 0.30 at the last step, where w/s = 1.51 (over-relaxation). The default keeps that shape
-# (piecewise linear through (1, 0.30), (0.77, 0.73), (0.196, 0.296), (0, 0.25)) but scales it by 1/1.51 so that
-# w/s <= 1 on the default grid: over-relaxation is only justified by SD3.5's measured accuracy at small s, and
-# for a model of unknown accuracy it amplifies the network's errors (on analytic priors with nearly degenerate
-# covariances w/s > 2 diverges). The result runs from 0.20 to 0.48 and peaks near s = 0.77.
-DEFAULT_SCALE = 1 / 1.51
+# -- the official tables --------------------------------------------------------------------------------------
+# FLAIR's official repository (prs-eth/FLAIR, commit c4f55f7) ships the measured flow-matching loss per time of two
+# models, 100 values on s = linspace(1, 0, 100): LCFM/SD3_loss_v_MSE_DIV2k_neg_prompt.npy for SD3.5-medium (CFG
+# scale 2, empty negative prompt; the table of configs/x12.yaml and configs/inpainting.yaml) and
+# LCFM/SD3.5-large_MSE_DIV2k.npy for SD3.5-large. guidance/crw_tables/ holds both, the float32 values exactly,
+# with the weights made as src/flair/var_post_samp.py makes them (regularizer_weight 0.5, reg-shift 0):
+# w = 0.5 · (1 / (MSE + 1e-7)) / mean(1 / (MSE + 1e-7)).
+OFFICIAL_TABLES = {  # table name -> the hub id whose checkpoints it was measured on
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+}
+OFFICIAL_GUIDANCE = 2.0  # the CFG scale of the official configurations, at which the tables were measured
+_TABLE_DIR = Path(__file__).parent / "crw_tables"
 
 
-def _reference_shape(scale: float = DEFAULT_SCALE) -> CRWTable:
-    knots_s = [1.0, 0.77, 0.196, 0.0]
-    knots_w = [0.30, 0.73, 0.296, 0.25]
-    sigmas = torch.linspace(1, 0, CRW_POINTS, dtype=torch.float64)
-    weights = []
-    for s in sigmas.tolist():
-        for (s0, w0), (s1, w1) in zip(zip(knots_s, knots_w), zip(knots_s[1:], knots_w[1:])):
-            if s1 <= s <= s0:
-                weights.append(scale * (w1 + (w0 - w1) * (s - s1) / (s0 - s1)))
-                break
-    return CRWTable(sigmas, torch.tensor(weights, dtype=torch.float64),
-                    metadata={"kind": "default", "shape": "SD3.5-medium reference (design notes 6.2)",
-                              "scale": scale})
+def official_crw_table(name: str) -> CRWTable:
+    """The official table ``name`` ("sd3.5-medium" or "sd3.5-large"); a ValueError lists the names."""
+    if name not in OFFICIAL_TABLES:
+        raise ValueError(f"no official CRW table named {name!r}; the official tables are "
+                         f"{', '.join(sorted(OFFICIAL_TABLES))}")
+    return CRWTable.load(_TABLE_DIR / f"{name}.json")
 
 
-DEFAULT_CRW = _reference_shape()
+def _names(model) -> list[str]:
+    """Every name a model goes by: its own ``name_or_path``, its pipeline's and its transformer's."""
+    names = [getattr(model, "name_or_path", None),
+             getattr(getattr(model, "pipeline", None), "name_or_path", None),
+             getattr(getattr(getattr(model, "transformer", None), "config", None), "_name_or_path", None)]
+    return [n for n in names if isinstance(n, str) and n]
+
+
+def official_crw_name(model, cond=None) -> str | None:
+    """The name of the official table that applies to ``model`` under ``cond``, else None.
+
+    A table applies when one of the model's names (hub id or folder) ends in the checkpoint's name
+    ("stable-diffusion-3.5-medium" or "stable-diffusion-3.5-large"; a distilled "-turbo" does not) and the
+    condition's CFG scale is the official 2; other scales change the velocity and call for :func:`calibrate`.
+    """
+    scale = getattr(cond, "guidance_scale", None)
+    if not isinstance(scale, (int, float)) or float(scale) != OFFICIAL_GUIDANCE:
+        return None
+    for name in _names(model):
+        stem = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+        for table, hub_id in OFFICIAL_TABLES.items():
+            if stem == hub_id.rsplit("/", 1)[-1]:
+                return table
+    return None
+
+
+# The table used when a model has none: the official SD3.5-medium table scaled so that w/s <= 1 on FLAIR's default
+# grid (50 steps, s from 0.984 to 0.196). Unscaled, the table's w goes from 0.435 at the first step to a peak of
+# 0.729 at s = 0.775 and 0.297 at the last step, where w/s = 1.51: an over-relaxation justified by SD3.5's measured
+# accuracy at small s, which for a model of unknown accuracy amplifies the network's errors (on analytic priors with
+# nearly degenerate covariances w/s > 2 diverges). Scaled by 1/1.51 = 0.661 it runs from 0.29 to 0.48 over the
+# default grid and reaches w/s = 1 at the last step.
+def _default_table() -> CRWTable:
+    official = official_crw_table("sd3.5-medium")
+    grid = torch.linspace(1.0, 0.18, 52, dtype=torch.float64)[1:-1].tolist()
+    scale = 1.0 / max(official(s) / s for s in grid)
+    return CRWTable(official.sigmas, official.weights * scale,
+                    metadata={"kind": "default", "shape": "the official SD3.5-medium table", "scale": scale})
+
+
+DEFAULT_CRW = _default_table()
 
 
 # -- model identity and cache ---------------------------------------------------------------------------------
 def _name(model) -> str:
-    for candidate in (getattr(model, "name_or_path", None),
-                      getattr(getattr(model, "pipeline", None), "name_or_path", None),
-                      getattr(getattr(getattr(model, "transformer", None), "config", None), "_name_or_path", None)):
-        if isinstance(candidate, str) and candidate:
-            return candidate
-    return type(model).__name__
+    names = _names(model)
+    return names[0] if names else type(model).__name__
 
 
 def _identity_tensors(model) -> list[torch.Tensor]:
@@ -281,11 +316,20 @@ def _glob_escape(text: str) -> str:
 
 def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | None = None,
                 cache_dir: str | os.PathLike | None = None) -> tuple[CRWTable, str]:
-    """``(table, origin)`` for FLAIR's ``crw=`` option: a :class:`CRWTable`; a path to a saved table; a number
-    (a constant weight); or None: the cached table of the model (:func:`load_crw`), else the table shipped with
-    its weights (:func:`shipped_crw`, origin ``"shipped"``), else :data:`DEFAULT_CRW` (origin ``"default"``)."""
+    """``(table, origin)`` for FLAIR's ``crw=`` option:
+
+    * a :class:`CRWTable` (origin ``"given"``); a number: a constant weight (``"constant"``);
+    * the name of an official table, ``"sd3.5-medium"`` or ``"sd3.5-large"`` (origin ``"official:<name>"``), or
+      a path to a saved table (origin: the path);
+    * None (automatic): the model's cached calibration (:func:`load_crw`, ``"cache"``); else the official table
+      when the model is SD3.5-medium or -large at the official CFG scale 2 (:func:`official_crw_name`,
+      ``"official:<name>"``); else the table shipped with its weights (:func:`shipped_crw`, ``"shipped"``); else
+      :data:`DEFAULT_CRW` (``"default"``).
+    """
     if isinstance(crw, CRWTable):
         return crw, "given"
+    if isinstance(crw, str) and crw in OFFICIAL_TABLES:
+        return official_crw_table(crw), f"official:{crw}"
     if isinstance(crw, (str, os.PathLike)):
         return CRWTable.load(crw), str(crw)
     if isinstance(crw, (int, float)) and not isinstance(crw, bool):
@@ -294,10 +338,13 @@ def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | N
         table = load_crw(model, cond, height, width, cache_dir)
         if table is not None:
             return table, "cache"
+        official = official_crw_name(model, model.condition() if cond is None else cond)
+        if official is not None:
+            return official_crw_table(official), f"official:{official}"
         table = shipped_crw(model, (height or 0) * (width or 0)) if cond is None else None
         return (table, "shipped") if table is not None else (DEFAULT_CRW, "default")
-    raise ValueError(f"crw must be a CRWTable, a path to a saved table, a constant weight or None (automatic), "
-                     f"got {type(crw).__name__}")
+    raise ValueError(f"crw must be a CRWTable, an official table name ({', '.join(sorted(OFFICIAL_TABLES))}), a "
+                     f"path to a saved table, a constant weight or None (automatic), got {type(crw).__name__}")
 
 
 # -- measurement ----------------------------------------------------------------------------------------------

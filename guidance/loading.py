@@ -184,7 +184,8 @@ def _damaged(folder: str, subfolder: str | None, error: BaseException) -> Damage
 
 
 def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, local_files_only: bool = False):
-    """A cheap decoder (diffusers ``AutoencoderTiny``, e.g. 'madebyollin/taesd3') from an id, folder or object."""
+    """A cheap autoencoder (diffusers ``AutoencoderTiny``, e.g. 'madebyollin/taesd3') from an id, folder or object,
+    used to decode (``decoder=``) or encode (``encoder=``)."""
     if decoder is None:
         return None
     if isinstance(decoder, (str, os.PathLike)):
@@ -201,18 +202,38 @@ def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, loca
     return decoder
 
 
-def _adapter_for_pipeline(pipe, decoder) -> FlowModel:
+def _autoencoders(decoder, encoder, **kwargs) -> tuple[Any, Any]:
+    """(decoder, encoder) loaded by :func:`load_decoder`; the same id or folder for both loads one module. Weights
+    that are not on this machine give a ModelNotFoundError that says how to go without them."""
+    def load(module, role):
+        try:
+            return load_decoder(module, **kwargs)
+        except ModelNotFoundError as error:
+            raise ModelNotFoundError(f"{error} It was asked for as the {role} (TAESD3 is FLAIR's official "
+                                     f"{role}); to use the model's own VAE instead, pass {role}=None "
+                                     f"(--{role} none).") from None
+
+    loaded = load(decoder, "decoder")
+    if encoder is None:
+        return loaded, None
+    if isinstance(encoder, (str, os.PathLike)) and isinstance(decoder, (str, os.PathLike)) \
+            and os.fspath(encoder) == os.fspath(decoder):
+        return loaded, loaded
+    return loaded, load(encoder, "encoder")
+
+
+def _adapter_for_pipeline(pipe, decoder, encoder=None) -> FlowModel:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     transformer = getattr(pipe, "transformer", None)
     if isinstance(transformer, SD3Transformer2DModel):
         from .models.sd3 import SD3Model
 
-        return SD3Model(pipe, decoder=decoder)
+        return SD3Model(pipe, decoder=decoder, encoder=encoder)
     if isinstance(transformer, FluxTransformer2DModel):
         from .models.flux import FluxModel
 
-        return FluxModel(pipe, decoder=decoder)
+        return FluxModel(pipe, decoder=decoder, encoder=encoder)
     raise ValueError(
         f"unsupported pipeline {type(pipe).__name__}: pass a StableDiffusion3Pipeline or FluxPipeline (or a "
         "pipeline with an SD3 / Flux transformer), or wrap the network with GenericFlowModel"
@@ -251,6 +272,7 @@ def load_model(
     device: torch.device | str | None = None,
     local_files_only: bool = False,
     decoder: Any = None,
+    encoder: Any = None,
     torch_dtype: torch.dtype | str | None = None,
     **options,
 ) -> FlowModel:
@@ -266,6 +288,8 @@ def load_model(
         local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
         decoder: None (the full VAE decodes) or a tiny autoencoder (``AutoencoderTiny``: id, folder or object)
             used by ``decode``, e.g. "madebyollin/taesd3" for SD3.
+        encoder: the same for ``encode`` (None: the full VAE encodes). FLAIR's official code decodes and encodes
+            with TAESD3: ``decoder="madebyollin/taesd3", encoder="madebyollin/taesd3"`` (loaded once).
         options: for SD3 / Flux sources, passed to the pipeline's ``from_pretrained`` (e.g. ``variant="fp16"``,
             or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic folders, passed to
             :class:`~guidance.models.generic.GenericFlowModel` (``timestep_scale``, ``shift``, ...).
@@ -284,8 +308,8 @@ def load_model(
     if isinstance(source, str) and not source.strip():
         raise ValueError("the model source is empty: give a hub id, a local folder or 'default'")
     if isinstance(source, FlowModel):
-        if decoder is not None or options:
-            raise ValueError("a FlowModel is returned as it is; decoder and options apply only when loading")
+        if decoder is not None or encoder is not None or options:
+            raise ValueError("a FlowModel is returned as it is; decoder, encoder and options apply only when loading")
         return source
 
     if isinstance(source, DiffusionPipeline):
@@ -293,10 +317,9 @@ def load_model(
             raise ValueError(f"options {sorted(options)} apply only when loading from an id or folder")
         if device is not None or dtype is not None:
             source = source.to(device=device, dtype=dtype)
-        decoder = load_decoder(
-            decoder, dtype=dtype, device=device or source._execution_device, local_files_only=local_files_only
-        )
-        return _adapter_for_pipeline(source, decoder)
+        decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or source._execution_device,
+                                         local_files_only=local_files_only)
+        return _adapter_for_pipeline(source, decoder, encoder)
 
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(
@@ -310,7 +333,7 @@ def load_model(
         folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
         try:
             model = load_model(str(folder), dtype=dtype, device=device, local_files_only=True, decoder=decoder,
-                               **options)
+                               encoder=encoder, **options)
         except DamagedModelError as error:
             raise DefaultModelError(f"the default model: {error}. " + _restore_hint(folder)) from None
         model.name_or_path = "default"
@@ -343,11 +366,12 @@ def load_model(
             network = network.to(device)
             vae = vae.to(device) if vae is not None else None
         model_device = next(network.parameters()).device
-        decoder = load_decoder(decoder, dtype=dtype, device=device or model_device, local_files_only=local_files_only)
+        decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or model_device,
+                                         local_files_only=local_files_only)
         options.setdefault("scheduler", scheduler)
         for key, value in (index.get("flowsteer") or {}).items():  # the folder's own adapter settings
             options.setdefault(key, value)
-        model = GenericFlowModel(network, vae, decoder=decoder, **options)
+        model = GenericFlowModel(network, vae, decoder=decoder, encoder=encoder, **options)
         model.name_or_path = source
         if Path(source, "calibration").is_dir():
             model.calibration_dir = Path(source, "calibration")
@@ -361,7 +385,6 @@ def load_model(
                             **options)
     if device is not None:
         pipe = pipe.to(device)
-    decoder = load_decoder(
-        decoder, dtype=dtype, device=device or pipe._execution_device, local_files_only=local_files_only
-    )
-    return _adapter_for_pipeline(pipe, decoder)
+    decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or pipe._execution_device,
+                                     local_files_only=local_files_only)
+    return _adapter_for_pipeline(pipe, decoder, encoder)

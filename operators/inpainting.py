@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 from .base import LinearOperator
-from .masks import as_mask, box_mask, check_box_args, freeform_mask, mask_from_file, random_mask
+from .masks import (BOX_LAYOUTS, NAMED_MASKS, as_mask, box_mask, check_box_args, flair_box_mask, freeform_mask,
+                    mask_from_file, named_mask_path, random_mask)
 
 
 class Inpainting(LinearOperator):
@@ -109,17 +110,32 @@ class Inpainting(LinearOperator):
 
 class BoxInpainting(Inpainting):
     """A missing box: ``size`` (pixels, int or (h, w)) or ``fraction`` of the area (default a quarter),
-    centred unless ``top``/``left`` are given."""
+    centred unless ``top``/``left`` are given. ``layout="flair"`` is instead the box of FLAIR's inpainting
+    benchmark scaled with the image, rows H/6..5H/6 and columns W/2..5W/6 (768x768: rows 128:640, columns
+    384:640, 22.2 % missing; see :func:`operators.masks.flair_box_mask`)."""
 
     def __init__(self, size: int | tuple[int, int] | None = None, fraction: float | None = None,
                  top: int | None = None, left: int | None = None, noise_std: float = 0.0,
-                 poisson_rate: float | None = None):
-        size, fraction = check_box_args(size, fraction)
-        super().__init__(lambda h, w: box_mask(h, w, size=size, fraction=fraction, top=top, left=left),
-                         noise_std=noise_std, poisson_rate=poisson_rate)
-        self.size, self.fraction, self.top, self.left = size, fraction, top, left
+                 poisson_rate: float | None = None, layout: str = "centred"):
+        if layout not in BOX_LAYOUTS:
+            raise ValueError(f"layout must be one of {BOX_LAYOUTS} (a box set by size/fraction/top/left, or "
+                             f"FLAIR's benchmark box), got {layout!r}")
+        if layout == "flair":
+            given = [name for name, value in (("size", size), ("fraction", fraction), ("top", top), ("left", left))
+                     if value is not None]
+            if given:
+                raise ValueError(f"layout='flair' fixes the box (rows H/6..5H/6, columns W/2..5W/6); drop "
+                                 f"{', '.join(given)}, or use the default layout='centred' to place a box yourself")
+            make = flair_box_mask
+        else:
+            size, fraction = check_box_args(size, fraction)
+            make = lambda h, w: box_mask(h, w, size=size, fraction=fraction, top=top, left=left)  # noqa: E731
+        super().__init__(make, noise_std=noise_std, poisson_rate=poisson_rate)
+        self.size, self.fraction, self.top, self.left, self.layout = size, fraction, top, left, layout
 
     def _mask_source(self) -> str:
+        if self.layout == "flair":
+            return "the FLAIR box"
         return f"a box of size={self.size!r}" if self.size is not None else f"a box of fraction={self.fraction!r}"
 
 
@@ -153,16 +169,43 @@ class FreeformInpainting(Inpainting):
 
 class FileMaskInpainting(Inpainting):
     """A mask read from an image file: white = missing (1), black = kept (0), pixels at or above ``threshold``
-    (in [0, 1]) count as white; ``invert=True`` swaps."""
+    (in [0, 1]) count as white; ``invert=True`` swaps. Instead of ``path``, ``name`` picks a mask shipped with
+    flowsteer (``operators.masks.NAMED_MASKS``): ``"flair_div2k"`` is the 768x768 mask of FLAIR's DIV2K
+    inpainting benchmark (``DIV2k_mask.npy`` of prs-eth/FLAIR, commit ``c4f55f7``, True = observed, stored here
+    as a 1-bit PNG, white = missing; 15.94 % missing)."""
 
     _warn_on_init = False
 
-    def __init__(self, path: str | os.PathLike, invert: bool = False, threshold: float = 0.5,
-                 noise_std: float = 0.0, poisson_rate: float | None = None):
-        super().__init__(mask_from_file(path, invert=invert, threshold=threshold), noise_std=noise_std,
+    def __init__(self, path: str | os.PathLike | None = None, invert: bool = False, threshold: float = 0.5,
+                 noise_std: float = 0.0, poisson_rate: float | None = None, name: str | None = None):
+        if path is None and name is None:
+            raise ValueError(f"inpaint_mask needs the parameter(s) ['path'] (a mask image, white = missing) or "
+                             f"['name'] (a shipped mask: {', '.join(map(repr, NAMED_MASKS))})")
+        if path is not None and name is not None:
+            raise ValueError("give either path (a mask image) or name (a shipped mask) for inpaint_mask, not both")
+        file = named_mask_path(name) if name is not None else path
+        super().__init__(mask_from_file(file, invert=invert, threshold=threshold), noise_std=noise_std,
                          poisson_rate=poisson_rate)
-        self.path, self.invert, self.threshold = os.fspath(path), bool(invert), threshold
+        self.path, self.name = os.fspath(file), name
+        self.invert, self.threshold = bool(invert), threshold
         self._warn_if_degenerate(self.fixed_mask)
 
+    def spec_arguments(self) -> dict | None:
+        arguments = super().spec_arguments()
+        if arguments is not None and self.name is not None:
+            arguments["path"] = None  # a shipped mask is recorded by its name, not by where it is installed
+        return arguments
+
+    def _check_size(self, height: int, width: int) -> None:
+        mask_height, mask_width = self.fixed_mask.shape[-2:]
+        if self.name is not None and (mask_height, mask_width) != (height, width):
+            raise ValueError(
+                f"the shipped mask {self.name!r} is {mask_height}x{mask_width} but the image is {height}x{width}; "
+                f"resize or crop the image to {mask_height}x{mask_width} first (--resize works when the model's "
+                f"working size is {max(mask_height, mask_width)})"
+            )
+        super()._check_size(height, width)
+
     def _mask_source(self) -> str:
-        return f"the mask file {self.path!r}" + (" with invert=True" if self.invert else "")
+        source = f"the shipped mask {self.name!r}" if self.name is not None else f"the mask file {self.path!r}"
+        return source + (" with invert=True" if self.invert else "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -57,6 +58,41 @@ def box_mask(height: int, width: int, size: int | tuple[int, int] | None = None,
     mask = torch.zeros(1, 1, height, width)
     mask[..., top:top + box_h, left:left + box_w] = 1
     return mask
+
+
+BOX_LAYOUTS = ("centred", "flair")
+
+
+def flair_box_mask(height: int, width: int) -> torch.Tensor:
+    """The box of FLAIR's inpainting benchmark (Erbach et al., "Solving Inverse Problems with FLAIR", NeurIPS 2025;
+    ``configs/inpainting.yaml`` of prs-eth/FLAIR, commit ``c4f55f7``: ``mask: [128, 640, 384, 640]`` at 768x768),
+    scaled with the image: rows H/6 to 5H/6, columns W/2 to 5W/6 (end excluded), 2/9 = 22.2 % of the pixels
+    missing. Each edge is rounded to the nearest pixel, halves up, so the box is exact whenever H and W are
+    multiples of 6 (768: rows 128:640, columns 384:640) and within half a pixel per edge otherwise.
+    """
+    if min(height, width) < 6:
+        raise ValueError(f"the FLAIR box needs an image of at least 6x6 pixels, got {height}x{width}")
+    top, bottom = (2 * height + 6) // 12, (10 * height + 6) // 12  # round(H/6), round(5H/6), halves up
+    left, right = (width + 1) // 2, (10 * width + 6) // 12
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., top:bottom, left:right] = 1
+    return mask
+
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+#: Masks shipped with flowsteer, by name: (file under operators/examples/, what it is). White = missing.
+NAMED_MASKS = {
+    "flair_div2k": ("flair_div2k_mask_768.png", "FLAIR's DIV2K inpainting mask, 768x768, 15.94 % missing"),
+}
+
+
+def named_mask_path(name: str) -> str:
+    """The file of a shipped mask (see ``NAMED_MASKS``; ``operators/examples/README.md`` names their sources)."""
+    if not isinstance(name, str) or name not in NAMED_MASKS:
+        known = "; ".join(f"{key} ({about})" for key, (_, about) in NAMED_MASKS.items())
+        raise ValueError(f"unknown mask name {name!r}; the shipped masks are: {known}")
+    return str(EXAMPLES / NAMED_MASKS[name][0])
 
 
 def random_mask(height: int, width: int, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:

@@ -337,7 +337,9 @@ def _read_item(out: Path, item: _Item, fingerprint: str, since: float | None = N
 
 
 def _run_item(net, item: _Item, image: torch.Tensor, options: dict, num_steps: int, lpips, out: Path,
-              fingerprint: str, image_file: str, samples: int = 1, consistency_steps: int | None = None) -> dict:
+              fingerprint: str, image_file: str, samples: int = 1, consistency_steps: int | None = None,
+              cond: Any = None, noise_std: float | None = None, space: str = "pixel",
+              objective_options: dict | None = None) -> dict:
     from guidance import DivergenceError
     from tasks.image_io import save_image
 
@@ -349,7 +351,8 @@ def _run_item(net, item: _Item, image: torch.Tensor, options: dict, num_steps: i
     try:
         result = restore(net, image, item.operator, item.method, simulate=True, num_steps=num_steps, seed=item.seed,
                          options=options, progress=False, lpips=lpips, samples=samples,
-                         consistency_steps=consistency_steps)
+                         consistency_steps=consistency_steps, cond=cond, noise_std=noise_std, space=space,
+                         objective_options=objective_options)
     except DivergenceError as error:
         record.update(status="diverged", error=str(error).strip().splitlines()[0], restored=None, measurement=None,
                       fingerprint=fingerprint)
@@ -544,13 +547,17 @@ def _write_summary(out: Path, settings: dict, images, items: list[_Item], record
 
 
 # -- the benchmark --------------------------------------------------------------------------------------------
-def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], methods: str | Sequence[str], *,
-                  out: str | os.PathLike, model: Any = "default", num_steps: int = 28, seed: int = 0,
-                  size: int | None = None, limit: int | None = None, options: dict[str, dict] | None = None,
-                  overwrite: bool = False, device: str | None = None, dtype: Any = None, rank: int | None = None,
+def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | None = None,
+                  methods: str | Sequence[str] | None = None, *, out: str | os.PathLike, model: Any = None,
+                  num_steps: int | None = None, seed: int | None = None, size: int | None = None,
+                  limit: int | None = None, options: dict[str, dict] | None = None, overwrite: bool = False,
+                  device: str | None = None, dtype: Any = None, rank: int | None = None,
                   world_size: int | None = None, progress: bool = True,
                   on_item: Callable[[dict], None] | None = None, samples: int = 1,
-                  consistency_steps: int | None = None) -> BenchmarkResult:
+                  consistency_steps: int | None = None, preset: str | None = None, prompt: str | None = None,
+                  negative_prompt: str | None = None, guidance_scale: float | None = None,
+                  captions: str | os.PathLike | None = None, noise_std: float | None = None,
+                  decoder: Any = None, encoder: Any = None) -> BenchmarkResult:
     """Restore every image in the folder ``images`` with every operator and method, and write the results.
 
     Args:
@@ -565,26 +572,53 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         on_item: called with each newly computed item's record (e.g. for progress).
         samples, consistency_steps: as in :func:`tasks.restore.restore` (the mean of K seeds; pixel consistency,
             None: the model's recommendation).
+        preset: a parity preset (``flowsteer presets``) that sets the method, its options, the steps, the
+            operators, the noise, the objective, the model (dtype, decoder, encoder), the size, the prompts, the
+            guidance scale and the seed (:func:`tasks.parity.preset_run`); every argument given explicitly
+            overrides it and is recorded as an override in the settings.
+        prompt, negative_prompt, guidance_scale: the text condition of every item (text-conditioned models).
+        captions: a caption file (``<image file name>: <caption>`` per line); image i is then restored with the
+            prompt ``"<prompt> <caption i>"``.
+        noise_std: the measurement noise of every operator (default: each operator's own).
+        decoder, encoder: autoencoders replacing the model's VAE to decode / encode (e.g. "madebyollin/taesd3");
+            "none" keeps the model's own.
     """
     from guidance import get_method
     from operators import make_operator
 
     from .restore import allowed_size, check_sampling, open_model
 
+    from .parity import PRESET_ARGUMENTS, image_prompts, preset_run, read_captions
+
     started = _process_start()
     rank, world_size = _shard(rank, world_size)
     operators = split_operators(operators)
     methods = split_methods(methods)
     options = {m: dict(o) for m, o in (options or {}).items()}
+    space, objective_options, preset_record = "pixel", {}, None
+    if preset is not None:
+        given = dict(model=model, dtype=dtype, decoder=decoder, encoder=encoder, size=size, seed=seed,
+                     num_steps=num_steps, prompt=prompt, negative_prompt=negative_prompt,
+                     guidance_scale=guidance_scale, noise_std=noise_std)
+        arguments, preset_record = preset_run(preset, given, operators, methods, options)
+        (model, dtype, decoder, encoder, size, seed, num_steps, prompt, negative_prompt, guidance_scale,
+         noise_std) = (arguments[name] for name in PRESET_ARGUMENTS)
+        operators, methods, options = arguments["operators"], arguments["methods"], arguments["options"]
+        space, objective_options = arguments["space"], arguments["objective_options"]
+    model = "default" if model is None else model
+    num_steps = 28 if num_steps is None else num_steps
+    seed = 0 if seed is None else seed
+    decoder, encoder = (None if isinstance(a, str) and a.lower() == "none" else a for a in (decoder, encoder))
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
     for name, value in (("size", size), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
     if not operators:
-        raise ValueError("no operators given: pass e.g. --operators 'sr:factor=4;gaussian_blur:sigma=3'")
+        raise ValueError("no operators given: pass e.g. --operators 'sr:factor=4;gaussian_blur:sigma=3', or a "
+                         "--preset")
     if not methods:
-        raise ValueError("no methods given: pass e.g. --methods flair,dps")
+        raise ValueError("no methods given: pass e.g. --methods flair,dps, or a --preset")
     for kind, names in (("operator", operators), ("method", methods)):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -603,6 +637,10 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         get_method(method, **options.get(method, {}))
     found = find_images(images, limit)
     check_images(found)  # every image readable before any model loads
+    prompts = image_prompts([path.name for _, path in found], prompt,
+                            None if captions is None else read_captions(captions))
+    condition = {"negative_prompt": negative_prompt, "guidance_scale": guidance_scale}
+    conditioned = prompt is not None or captions is not None or any(v is not None for v in condition.values())
     out = Path(out)
     model_label = _model_label(model)
     settings: dict[str, Any] = _jsonable({
@@ -611,6 +649,14 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
         "operators": operators, "methods": methods, "options": {m: options.get(m, {}) for m in methods},
         "steps": num_steps, "seed": seed, "limit": limit, "samples": samples,
         "consistency_steps": "the model's recommendation" if consistency_steps is None else consistency_steps})
+    run_extra = _jsonable({key: value for key, value in {
+        "preset": preset_record, "prompt": prompt, "captions": None if captions is None else str(captions),
+        "prompts": {key: prompts[path.name] for key, path in found} if captions is not None else None,
+        **condition, "noise_std": noise_std, "decoder": _model_label(decoder) if decoder is not None else None,
+        "encoder": _model_label(encoder) if encoder is not None else None,
+        "space": space if space != "pixel" else None, "objective": objective_options or None}.items()
+        if value is not None})  # only what is set: earlier benchmarks keep resuming
+    settings.update(run_extra)
     early = {**settings, **({"size": size} if size is not None else {})}
     _check_out(out, early, overwrite, [k for k in early if k != "format"])
 
@@ -619,7 +665,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
     fresh = not (out / "benchmark.json").exists()  # nothing of an earlier run here
     computed = 0
     try:
-        net = open_model(model, device=_default_device(device), dtype=dtype, progress=progress)
+        net = open_model(model, device=_default_device(device), dtype=dtype, progress=progress, decoder=decoder,
+                         encoder=encoder)
         if size is None:
             size = int(net.default_size[0]) if getattr(net, "default_size", None) else 256
         if allowed_size(net, size, size) != (size, size):
@@ -647,8 +694,11 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
             "model": model_label, "dtype": settings["dtype"], "device": settings["device"], "steps": num_steps,
             "size": size, "image": shas[it.image], "seed": it.seed, "operator": it.operator, "method": it.method,
             "options": settings["options"][it.method], "samples": samples,
-            "consistency_steps": settings["consistency_steps"]}) for it in items}
+            "consistency_steps": settings["consistency_steps"],
+            **({"run": {k: v for k, v in run_extra.items() if k not in ("preset", "prompts", "captions")},
+                "prompt": prompts[dict(found)[it.image].name]} if run_extra else {})}) for it in items}
         paths = dict(found)
+        conds: dict[str, Any] = {}  # one condition per distinct prompt
 
         out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
@@ -673,8 +723,15 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str], met
                 continue
             if item.image not in cache:
                 cache = {item.image: _load_square(paths[item.image], size)}
+            cond = None
+            if conditioned:
+                text = prompts[paths[item.image].name]
+                if text not in conds:
+                    conds[text] = net.condition(text, **condition)
+                cond = conds[text]
             record = _run_item(net, item, cache[item.image], options.get(item.method, {}), num_steps, lpips, out,
-                               fingerprints[item.name], paths[item.image].name, samples, consistency_steps)
+                               fingerprints[item.name], paths[item.image].name, samples, consistency_steps,
+                               cond=cond, noise_std=noise_std, space=space, objective_options=objective_options)
             computed += 1
             if progress:
                 if record["status"] == "ok":
@@ -721,7 +778,9 @@ def run(args) -> int:
             model=args.model, num_steps=args.steps, seed=args.seed, size=args.size, limit=args.limit,
             options=parse_method_options(args.option), overwrite=args.overwrite, device=args.device,
             dtype=args.dtype, progress=not args.quiet, samples=args.samples,
-            consistency_steps=args.consistency_steps)
+            consistency_steps=args.consistency_steps, preset=args.preset, prompt=args.prompt,
+            negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, captions=args.captions,
+            noise_std=args.noise_std, decoder=args.decoder, encoder=args.encoder)
     done = f"{result.computed} item(s) computed, {result.skipped} already done"
     if result.summary is None:
         print(f"process {result.rank} of {result.world_size}: {done}; process 0 writes the summary")
@@ -739,14 +798,35 @@ def add_parser(commands) -> None:
                     "charts into --out. Rerunning resumes; RANK / WORLD_SIZE (accelerate launch, torchrun) shard "
                     "the items over processes.")
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of clean images (PNG, JPEG, ...)")
-    parser.add_argument("--operators", required=True, action="append", metavar="SPECS",
-                        help="operator specs separated by ';', e.g. 'sr:factor=4;gaussian_blur:sigma=3' (repeatable)")
-    parser.add_argument("--methods", required=True, action="append", metavar="NAMES",
-                        help="methods separated by ',', e.g. flair,dps (repeatable; flowsteer methods)")
-    parser.add_argument("--model", default="default", help="hub id, local folder or 'default' (flowsteer models)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="a published setting (flowsteer presets lists them, e.g. flair_sr12): it sets the "
+                             "method and its options, steps, operators, noise, model, decoder, size, prompt, "
+                             "guidance scale and seed; any of those given here overrides it and is recorded")
+    parser.add_argument("--operators", action="append", metavar="SPECS",
+                        help="operator specs separated by ';', e.g. 'sr:factor=4;gaussian_blur:sigma=3' (repeatable; "
+                             "required without --preset)")
+    parser.add_argument("--methods", action="append", metavar="NAMES",
+                        help="methods separated by ',', e.g. flair,dps (repeatable; flowsteer methods; required "
+                             "without --preset)")
+    parser.add_argument("--model", help="hub id, local folder or 'default' (flowsteer models; default: the "
+                                        "preset's, else 'default')")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed + 2 i (default 0)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the preset's, else 28)")
+    parser.add_argument("--seed", type=int,
+                        help="base seed; image i uses seed + 2 i (default: the preset's, else 0)")
+    parser.add_argument("--prompt", help="text prompt of every image (text-conditioned models; with --captions, "
+                                         "the prefix of each caption)")
+    parser.add_argument("--negative-prompt", help="negative prompt (text-conditioned models)")
+    parser.add_argument("--guidance-scale", type=float, metavar="W", help="classifier-free guidance scale")
+    parser.add_argument("--captions", metavar="FILE",
+                        help="a caption per image, one '<image file name>: <caption>' line each; the prompt of an "
+                             "image is then '<prompt> <caption>'")
+    parser.add_argument("--noise-std", type=float, metavar="S",
+                        help="measurement noise std in [-1, 1] units for every operator (default: the operator's)")
+    parser.add_argument("--decoder", metavar="ID",
+                        help="an autoencoder (hub id or folder, e.g. madebyollin/taesd3) that decodes in place of "
+                             "the model's VAE; 'none' keeps the VAE")
+    parser.add_argument("--encoder", metavar="ID", help="the same for encoding; 'none' keeps the VAE")
     parser.add_argument("--size", type=int, metavar="N",
                         help="images are center-cropped and resized to N x N (default: the model's size, else 256)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")

@@ -15,7 +15,7 @@ import sys
 from importlib import import_module
 
 COMMANDS = (
-    "tasks.cli_listing",   # operators, methods, models
+    "tasks.cli_listing",   # operators, methods, models, presets
     "tasks.design",
     "tasks.restore",
     "tasks.calibrate",

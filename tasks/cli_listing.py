@@ -1,4 +1,4 @@
-"""`flowsteer operators | methods | models`: what is available, with parameters and defaults."""
+"""`flowsteer operators | methods | models | presets`: what is available, with parameters and defaults."""
 
 from __future__ import annotations
 
@@ -135,10 +135,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    """List the parity presets: each published setting with its method, steps, operators, model and source."""
+    from guidance.presets import get_preset, list_presets
+
+    rows = [{"name": name, **get_preset(name)} for name in list_presets()]
+    if args.json:
+        print_json(rows)
+        return 0
+    for row in rows:
+        model = f", {row['model']}" if row.get("model") else ""
+        print(f"{row['name']}  {row['method']}, {row['num_steps']} steps{model}")
+        print(f"    operators: {'; '.join(row.get('operators') or []) or 'none (editing)'}")
+        print(f"    options: {', '.join(f'{k}={format_default(v)}' for k, v in row.get('options', {}).items())}")
+        print(f"    source: {row['source']}")
+    print(f"\n{len(rows)} presets. Run one with flowsteer benchmark --preset NAME --images DIR --out DIR.")
+    return 0
+
+
 def add_parser(commands) -> None:
     for name, run, text in (("operators", cmd_operators, "list the forward operators and their parameters"),
                             ("methods", cmd_methods, "list the guidance methods and their options"),
-                            ("models", cmd_models, "list the known flow models and whether they are here")):
+                            ("models", cmd_models, "list the known flow models and whether they are here"),
+                            ("presets", cmd_presets, "list the published settings that benchmark --preset runs")):
         listing = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         listing.add_argument("--json", action="store_true", help="print the list as JSON")
         listing.set_defaults(run=run)

@@ -107,7 +107,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
             reference=None, num_steps: int = 28, seed: int = 0, noise_std: float | None = None,
             cond: Any = None, space: str = "pixel", options: dict | None = None, progress: bool = True,
             lpips=None, samples: int = 1, consistency_steps: int | None = None,
-            num_inference_steps: int | None = None, output_type: str = "pil") -> Restoration:
+            num_inference_steps: int | None = None, output_type: str = "pil",
+            objective_options: dict | None = None) -> Restoration:
     """Restore ``image`` with ``method`` over the flow ``model``: a path, PIL image, NumPy array or tensor
     (:func:`tasks.load_image`), one image or a batch of B, each restored from its own measurement (image b of a
     batch gets what it gets alone: the seeds are per image). ``restored`` is then (B, C, H, W) and ``images`` the
@@ -130,6 +131,11 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
             model's recommendation (``model.restore_options``), else 0 (off).
         num_inference_steps: diffusers' name for ``num_steps``.
         output_type: the form of the result's ``images`` ("pil", "np" or "pt").
+        objective_options: further :class:`~guidance.objectives.MeasurementFidelity` arguments (``weight``,
+            ``reduction``), as the parity presets give them.
+
+    The settings record, under ``resolved``, the scalar values the method reports having used (for FLAIR: its
+    data learning rate, stopping threshold and the origin of its weight table).
     """
     check_output_type(output_type)
     if num_inference_steps is not None:
@@ -152,7 +158,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
         y = image
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
                                       input_shape(operator, tuple(y.shape))[-2:]))
-    objective = MeasurementFidelity(operator, y, space=space)
+    objective_options = dict(objective_options or {})
+    objective = MeasurementFidelity(operator, y, space=space, **objective_options)
     # the user's options override the model's recommendation for this method on this operator
     options = {**model.recommended_options(method, operator_name(operator)), **(options or {})}
     solver = get_method(method, **options)
@@ -170,7 +177,7 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     count = y.shape[0]  # measurements; each restored from the same seeds as alone
     seeds = [torch.Generator(device="cpu").manual_seed(seed + 1 + k) for _ in range(count) for k in range(samples)]
     if samples > 1:
-        objective = MeasurementFidelity(operator, y.repeat_interleave(samples, 0), space=space)
+        objective = MeasurementFidelity(operator, y.repeat_interleave(samples, 0), space=space, **objective_options)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -194,7 +201,10 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     settings = {"operator": spec, "noise_std": float(operator.noise_std), "method": method,
                 "options": dict(options or {}), "num_steps": num_steps, "seed": seed, "simulate": simulate,
                 "space": space, "height": height, "width": width, "samples": samples,
-                "consistency_steps": consistency_steps}
+                "consistency_steps": consistency_steps,
+                "resolved": {k: v for k, v in (result.info or {}).items() if isinstance(v, (bool, int, float, str))}}
+    if objective_options:
+        settings["objective"] = objective_options
     if skipped:
         settings["consistency_skipped"] = skipped
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings,
@@ -351,20 +361,23 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def open_model(source: Any = "default", device: str | torch.device | None = None, dtype: Any = None,
-               progress: bool = True):
+               progress: bool = True, decoder: Any = None, encoder: Any = None):
     """:func:`guidance.load_model` on ``device`` (default CUDA when available, else CPU) in ``dtype`` (a torch
-    dtype or its name; default bfloat16 on CUDA, float32 on CPU); a missing model's error suggests close known
-    names."""
+    dtype or its name; default bfloat16 on CUDA, float32 on CPU), with the autoencoders ``decoder`` / ``encoder``
+    in place of the model's VAE when given; a missing model's error suggests close known names."""
     from guidance.loading import ModelNotFoundError, load_model
     from guidance.models.base import FlowModel
 
     if isinstance(source, FlowModel):
+        if decoder is not None or encoder is not None:
+            raise ValueError("a decoder or encoder cannot be swapped into an already-built model; load the model "
+                             "by its id or folder, or build it with decoder= / encoder=")
         return source
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = check_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with quiet_loading(not progress):
         try:
-            return load_model(source, device=device, dtype=dtype)
+            return load_model(source, device=device, dtype=dtype, decoder=decoder, encoder=encoder)
         except ModelNotFoundError as error:
             from .cli_listing import KNOWN_MODELS
 

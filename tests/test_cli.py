@@ -32,7 +32,8 @@ def test_operators_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     by_name = {row["name"]: row for row in rows}
     assert by_name["gaussian_blur"]["parameters"]["sigma"] == "3.0"
-    assert by_name["inpaint_mask"]["parameters"]["path"] == "required"
+    assert by_name["inpaint_mask"]["parameters"]["path"] == "None"  # a path, or the name of a shipped mask
+    assert by_name["function"]["parameters"]["fn"] == "required"
     assert by_name["jpeg"]["linear"] == "no" and by_name["sr"]["linear"] == "yes"
 
 

@@ -229,7 +229,7 @@ def test_presets_are_valid_settings():
         assert preset["method"] == "flair" and preset["num_steps"] == 50
         assert set(preset["options"]) <= set(options), name
         assert preset["objective"] == {"space": "pixel", "reduction": "sum"}
-        assert preset["cfg"] == 2.0 and preset["noise_std"] == 0.01 and preset["resolution"] == 768
+        assert preset["guidance_scale"] == 2.0 and preset["noise_std"] == 0.01 and preset["resolution"] == 768
         for spec in preset["operators"]:
             make_operator(spec)
         get_method("flair", **preset["options"])

@@ -227,26 +227,58 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     return MethodResult(x=mu, image=image, nfe=counted.nfe, sigmas=grid.float(), info=info)
 
 
-# The paper's configurations (design notes 6.2): SD3.5-medium in bf16 at 768², 50 steps, s_min 0.18, up to 15
-# data steps stopped by the discrepancy principle, measurement noise std 0.01 in [-1, 1], CFG scale 2 with an
-# empty negative prompt (pass cond=model.condition(prompt, "", 2.0)), TAESD3 as the decoder by default.
-def _preset(operators: list[str], data_lr: float, **extra) -> dict:
+# The official configurations: prs-eth/FLAIR at commit c4f55f7 (Erbach et al., "Solving Inverse Problems with
+# FLAIR", NeurIPS 2025), configs/x12.yaml, configs/inpainting.yaml and configs/motion_deblur.yaml, run by
+# inference_scripts/run_image_inv.py: SD3.5-medium in bfloat16 with TAESD3 ("madebyollin/taesd3", use_tiny_ae)
+# as both encoder and decoder, 768² images, 50 steps on linspace(1, 0.18, 52)[1:-1] (n_steps, ts_min), DTA
+# (inv_alpha 1-t), the regulariser as one SGD step of learning rate 1 weighted by the official CRW table
+# (optimized_reg_weight, regularizer_weight 0.5), up to 15 data steps (likelihood_steps) of SGD with the data
+# learning rate times the same weight (likelihood_weight_mode reg_weight), stopped below 1e-4 · numel(y)
+# (early_stopping; = σ_n² · numel(y) for the measurement noise std 0.01), CFG scale 2 with the empty negative
+# prompt. The official seeds seed torch's global generator once per run (CUDA streams flowsteer cannot reproduce
+# draw for draw); the presets carry them as the runs' base seeds.
+OFFICIAL_SOURCE = ("Erbach et al., Solving Inverse Problems with FLAIR (NeurIPS 2025); prs-eth/FLAIR at commit "
+                   "c4f55f775c307663d7ef73b2bf0639fa7129e14e")
+FACE_PROMPT = "a high quality photo of a face"  # the FFHQ prompt of the official README
+CAPTION_PROMPT = "a high quality photo of"  # DIV2K: followed by each image's caption (configs/x12.yaml "prompt")
+
+
+def _preset(config: str, operators: list[str], data_lr: float, prompt: str, seed: int, **extra) -> dict:
+    """A FLAIR parity preset for the official ``config`` file (see above). ``prompt`` is the whole prompt, or the
+    prefix of each image's caption when a benchmark is given captions ("<prompt> <caption>", as
+    src/flair/utils/data_utils.py joins them)."""
     return {"method": "flair", "num_steps": 50,
-            "options": {"sigma_min": 0.18, "data_steps": 15, "data_lr": data_lr, "dta": True},
+            "options": {"sigma_min": 0.18, "data_steps": 15, "data_lr": data_lr, "dta": True, "crw": "sd3.5-medium"},
             "objective": {"space": "pixel", "reduction": "sum"}, "operators": operators, "noise_std": 0.01,
-            "cfg": 2.0, "negative_prompt": "", "resolution": 768, "source": "design.md 6.2", **extra}
+            "guidance_scale": 2.0, "negative_prompt": "", "prompt": prompt, "seed": seed, "resolution": 768,
+            "model": "stabilityai/stable-diffusion-3.5-medium", "dtype": "bfloat16",
+            "decoder": "madebyollin/taesd3", "encoder": "madebyollin/taesd3",
+            "source": f"{OFFICIAL_SOURCE}, {config}", **extra}
 
 
 def sr_data_lr(factor: int) -> float:
-    """The paper's SR step size 12 at ×12, carried to other factors as 12 · f² / 144 (the data gradient of SR×f
-    shrinks like 1/f²)."""
+    """The official SR step size 12 at ×12 (configs/x12.yaml, optimizer_dataterm lr), carried to other factors as
+    12 · f² / 144 (the data gradient of SR×f shrinks like 1/f²)."""
     return 12.0 * factor**2 / 144.0
 
 
 PRESETS = {
-    "flair_sr12": _preset(["sr:factor=12"], sr_data_lr(12)),
-    "flair_sr4": _preset(["sr:factor=4"], sr_data_lr(4),
-                         note="data_lr from the SR×f rule 12·f²/144; the paper publishes SR×12 only"),
-    "flair_inpaint": _preset(["inpaint_box:fraction=0.25", "inpaint_freeform"], 0.1),
-    "flair_motion_deblur": _preset(["motion_blur:kernel_size=61,intensity=0.5"], 0.1),
+    # bicubic SR ×12 with the official half-sample (symmetric) border rule, DIV2K captions after the prompt
+    "flair_sr12": _preset("configs/x12.yaml", ["sr:factor=12,padding=symmetric"], sr_data_lr(12), CAPTION_PROMPT,
+                          3),
+    "flair_sr4": _preset("configs/x12.yaml", ["sr:factor=4,padding=symmetric"], sr_data_lr(4), CAPTION_PROMPT, 3,
+                         note="data_lr from the SR×f rule 12·f²/144; the official configurations publish SR×12 only"),
+    # the box of configs/inpainting.yaml: rows 128:640, columns 384:640 at 768² (22.2 % missing); FFHQ prompt
+    "flair_inpaint": _preset("configs/inpainting.yaml", ["inpaint_box:layout=flair"], 0.1, FACE_PROMPT, 42,
+                             note="the configuration's own prompt names its example image (\"A high quality photo "
+                                  "of a girl with a pirate eye-patch.\"); the README's FFHQ prompt is used"),
+    # the free-form mask of DIV2k_mask.npy (README: --mask_file DIV2k_mask.npy), DIV2K captions after the prompt
+    "flair_inpaint_div2k": _preset("configs/inpainting.yaml and DIV2k_mask.npy", ["inpaint_mask:name=flair_div2k"],
+                                   0.1, CAPTION_PROMPT, 42),
+    # random camera-shake kernels of size 61, intensity 0.5, from the vendored generator seeded with 42
+    "flair_motion_deblur": _preset(
+        "configs/motion_deblur.yaml", ["motion_blur:kernel_size=61,intensity=0.5,generator=official,seed=42"], 0.1,
+        FACE_PROMPT, 42,
+        note="configs/motion_deblur.yaml names the weight table SD3_loss_v_norm_div2k_squared.npy, which the "
+             "repository does not contain; the SD3.5-medium table of the other configurations is used"),
 }

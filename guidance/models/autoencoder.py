@@ -5,8 +5,9 @@ For a diffusers autoencoder E / D with ``scaling_factor`` a and ``shift_factor``
     z = (E(x) - b) * a          x = D(z / a + b)
 
 which is what the SD3 and Flux pipelines do (SD3: a = 1.5305, b = 0.0609; FLUX.1: a = 0.3611, b = 0.1159).
-A tiny autoencoder (``AutoencoderTiny``, e.g. TAESD3) used in place of the full VAE is applied with its own
-config's a and b, exactly as a pipeline whose ``vae`` was swapped for it would.
+A tiny autoencoder (``AutoencoderTiny``, e.g. TAESD3) used in place of the full VAE, as decoder, encoder or both,
+is applied with its own config's a and b, exactly as a pipeline whose ``vae`` was swapped for it would (FLAIR's
+official code swaps SD3.5's VAE for TAESD3 for both).
 
 Tiling (:meth:`LatentCodec.enable_tiling`, for large images) runs the autoencoder on overlapping tiles of
 ``tile_size`` pixels (``tile_size / f`` latent pixels) and blends them linearly over the overlap, so that its
@@ -74,52 +75,57 @@ class LatentCodec:
     """Encode images to model latents and decode them back, with the autoencoder's scale and shift.
 
     Args:
-        autoencoder: a diffusers ``AutoencoderKL`` (or ``AutoencoderTiny``) used for encoding, and for decoding
-            unless ``decoder`` is given.
-        decoder: optional cheaper autoencoder used for :meth:`decode` only (e.g. TAESD3); it must share the
-            latent channels and downsampling factor of ``autoencoder``.
+        autoencoder: a diffusers ``AutoencoderKL`` (or ``AutoencoderTiny``) used for encoding and decoding unless
+            ``encoder`` / ``decoder`` replace it.
+        decoder: optional cheaper autoencoder used for :meth:`decode` (e.g. TAESD3); it must share the latent
+            channels and downsampling factor of ``autoencoder``.
+        encoder: optional cheaper autoencoder used for :meth:`encode`, with the same requirements.
 
     Neither method touches gradient mode: they are differentiable when the caller enables gradients.
     """
 
-    def __init__(self, autoencoder, decoder=None):
+    def __init__(self, autoencoder, decoder=None, encoder=None):
         self.autoencoder = autoencoder
         self.decoder = autoencoder if decoder is None else decoder
+        self.encoder = autoencoder if encoder is None else encoder
         self.spatial_factor = autoencoder_spatial_factor(autoencoder)
         self.latent_channels = int(autoencoder.config.latent_channels)
         self.image_channels = int(autoencoder.config.in_channels)
-        if decoder is not None:
-            if int(decoder.config.latent_channels) != self.latent_channels:
+        for role, module in (("decoder", decoder), ("encoder", encoder)):
+            if module is None:
+                continue
+            if int(module.config.latent_channels) != self.latent_channels:
                 raise ValueError(
-                    f"decoder has {decoder.config.latent_channels} latent channels but the model's autoencoder has "
-                    f"{self.latent_channels}; use a decoder made for this model (e.g. TAESD3 for SD3)"
+                    f"{role} has {module.config.latent_channels} latent channels but the model's autoencoder has "
+                    f"{self.latent_channels}; use an autoencoder made for this model (e.g. TAESD3 for SD3)"
                 )
-            if autoencoder_spatial_factor(decoder) != self.spatial_factor:
+            if autoencoder_spatial_factor(module) != self.spatial_factor:
                 raise ValueError(
-                    f"decoder upsamples by {autoencoder_spatial_factor(decoder)} but the model's autoencoder by "
-                    f"{self.spatial_factor}; use a decoder made for this model"
+                    f"{role} scales by {autoencoder_spatial_factor(module)} but the model's autoencoder by "
+                    f"{self.spatial_factor}; use an autoencoder made for this model"
                 )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LatentCodec":
-        """Move / cast the autoencoder and a separate decoder in place (the tensors they make follow); returns self."""
+        """Move / cast the autoencoder and a separate decoder / encoder in place (the tensors they make follow);
+        returns self."""
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if moves:
-            for module in dict.fromkeys((self.autoencoder, self.decoder)):
+            for module in self.modules():
                 module.to(**moves)
         return self
 
     def modules(self) -> list[torch.nn.Module]:
-        """The autoencoder and, when separate, the decoder."""
-        return list(dict.fromkeys((self.autoencoder, self.decoder)))
+        """The autoencoder and, when separate, the decoder and the encoder."""
+        return list(dict.fromkeys((self.autoencoder, self.decoder, self.encoder)))
 
     def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
-        """Encode and decode on overlapping tiles (see :func:`set_tiling`), for the autoencoder and the decoder."""
-        for module in dict.fromkeys((self.autoencoder, self.decoder)):
+        """Encode and decode on overlapping tiles (see :func:`set_tiling`), with every autoencoder in use."""
+        for module in self.modules():
             set_tiling(module, tile_size, overlap)
 
     def disable_tiling(self) -> None:
         """Encode and decode whole images again."""
-        for module in dict.fromkeys((self.autoencoder, self.decoder)):
+        for module in self.modules():
             if hasattr(module, "disable_tiling"):
                 module.disable_tiling()
 
@@ -135,7 +141,7 @@ class LatentCodec:
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = (E(x) - b) * a; a posterior sample drawn with ``generator``, or its mean when it is None."""
         self.check_image(image)
-        module = self.autoencoder
+        module = self.encoder
         out = module.encode(image.to(device=execution_device(module), dtype=module.dtype))
         if hasattr(out, "latent_dist"):
             dist = out.latent_dist

@@ -78,10 +78,11 @@ class FluxModel(PipelineFlowModel):
     Args:
         pipeline: a ``FluxPipeline`` (dev or schnell checkpoint).
         decoder: optional cheaper autoencoder for :meth:`decode` (e.g. TAEF1).
+        encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAEF1).
     """
 
-    def __init__(self, pipeline, decoder=None):
-        super().__init__(pipeline, decoder)
+    def __init__(self, pipeline, decoder=None, encoder=None):
+        super().__init__(pipeline, decoder, encoder)
         self.size_multiple = 2 * self.spatial_factor
         side = 128 * self.spatial_factor  # the pipeline's default_sample_size (1024 px for FLUX.1)
         self.default_size = (side, side)
@@ -94,11 +95,11 @@ class FluxModel(PipelineFlowModel):
             )
 
     @classmethod
-    def from_components(cls, decoder=None, **components) -> "FluxModel":
+    def from_components(cls, decoder=None, encoder=None, **components) -> "FluxModel":
         """Build from ``transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2``."""
         from diffusers import FluxPipeline
 
-        return cls(FluxPipeline(**components), decoder=decoder)
+        return cls(FluxPipeline(**components), decoder=decoder, encoder=encoder)
 
     @property
     def has_guidance_embedding(self) -> bool:

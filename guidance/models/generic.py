@@ -49,7 +49,7 @@ class GenericFlowModel(FlowModel):
         network: an ``nn.Module`` (e.g. diffusers ``UNet2DModel``) or any callable ``f(x, t[, cond]) -> v``.
         autoencoder: a diffusers ``AutoencoderKL`` / ``AutoencoderTiny`` (scale and shift from its config), or
             None for a pixel-space model.
-        decoder: optional cheaper autoencoder for :meth:`decode`.
+        decoder, encoder: optional cheaper autoencoders for :meth:`decode` and :meth:`encode`.
         scheduler: a diffusers ``FlowMatchEulerDiscreteScheduler`` giving the schedule, or None.
         shift: static shift k of the plain schedule (used when ``scheduler`` is None).
         timestep_scale: t = timestep_scale * s is what the network receives.
@@ -73,6 +73,7 @@ class GenericFlowModel(FlowModel):
         autoencoder=None,
         *,
         decoder=None,
+        encoder=None,
         scheduler=None,
         shift: float = 1.0,
         timestep_scale: float = 1.0,
@@ -109,9 +110,9 @@ class GenericFlowModel(FlowModel):
         config = getattr(network, "config", None)
         config = config if isinstance(config, dict) else {}  # diffusers configs are dicts
 
-        self.codec = LatentCodec(autoencoder, decoder) if autoencoder is not None else None
-        if decoder is not None and autoencoder is None:
-            raise ValueError("a decoder needs an autoencoder (pixel models decode nothing)")
+        self.codec = LatentCodec(autoencoder, decoder, encoder) if autoencoder is not None else None
+        if (decoder is not None or encoder is not None) and autoencoder is None:
+            raise ValueError("a decoder or encoder needs an autoencoder (pixel models encode and decode nothing)")
         if self.codec is not None:
             self.spatial_factor = self.codec.spatial_factor
             self.channels = self.codec.latent_channels

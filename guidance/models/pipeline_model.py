@@ -40,14 +40,15 @@ class PipelineFlowModel(FlowModel):
     Args:
         pipeline: the diffusers pipeline.
         decoder: optional cheaper autoencoder for :meth:`decode` (e.g. TAESD3, TAEF1).
+        encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAESD3, as FLAIR's official code uses).
     """
 
     condition_cache_size = 16
     takes_text = True
 
-    def __init__(self, pipeline, decoder=None):
+    def __init__(self, pipeline, decoder=None, encoder=None):
         self.pipeline = pipeline
-        self.codec = LatentCodec(pipeline.vae, decoder)
+        self.codec = LatentCodec(pipeline.vae, decoder, encoder)
         self.spatial_factor = self.codec.spatial_factor
         self.image_channels = self.codec.image_channels
         self._conditions: OrderedDict = OrderedDict()

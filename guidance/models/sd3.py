@@ -53,10 +53,11 @@ class SD3Model(PipelineFlowModel):
     Args:
         pipeline: a ``StableDiffusion3Pipeline`` (or any pipeline with the same components).
         decoder: optional cheaper autoencoder for :meth:`decode` (e.g. TAESD3).
+        encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAESD3).
     """
 
-    def __init__(self, pipeline, decoder=None):
-        super().__init__(pipeline, decoder)
+    def __init__(self, pipeline, decoder=None, encoder=None):
+        super().__init__(pipeline, decoder, encoder)
         config = pipeline.transformer.config
         self.patch_size = int(config.patch_size)
         self.size_multiple = self.spatial_factor * self.patch_size
@@ -72,14 +73,14 @@ class SD3Model(PipelineFlowModel):
             )
 
     @classmethod
-    def from_components(cls, decoder=None, **components) -> "SD3Model":
+    def from_components(cls, decoder=None, encoder=None, **components) -> "SD3Model":
         """Build from ``transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
         text_encoder_3, tokenizer_3`` (the last two may be None: no T5)."""
         from diffusers import StableDiffusion3Pipeline
 
         components.setdefault("text_encoder_3", None)
         components.setdefault("tokenizer_3", None)
-        return cls(StableDiffusion3Pipeline(**components), decoder=decoder)
+        return cls(StableDiffusion3Pipeline(**components), decoder=decoder, encoder=encoder)
 
     # -- geometry and schedule --------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
