@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from operators import Operator, as_operator, check_image
+from operators.noise import randn_like
 
 __all__ = [
     "Objective", "MeasurementFidelity", "ClassifierObjective", "RewardObjective", "CallableObjective",
-    "class_names", "objective_gradient", "resolve_labels", "transformers_preprocess",
+    "ResampledNoiseFidelity", "class_names", "objective_gradient", "official_latent_mask", "resolve_labels",
+    "transformers_preprocess", "unshifted_latent",
 ]
 
 SPACES = ("latent", "pixel")
@@ -78,10 +80,19 @@ class MeasurementFidelity(Objective):
         y: the measurement, shaped like ``operator(x)``.
         noise_std: the measurement noise (default: the operator's own), used by methods that stop at the
             noise level (FLAIR's discrepancy principle).
+        official_quirks: latent space only; True reproduces the target and mask of FlowChef's official Flux
+            inpainting (``src/fluxcombined.py``, ``FluxPipeline.inpaint``, FlowChef/FlowChef commit 9b705fc)
+            for parity runs: the target is a · E(``unmasked_image``) (:func:`unshifted_latent`) and the mask the
+            binary :func:`official_latent_mask`. flowsteer's default, E(A⁺y) with the autoencoder's own shift
+            and the area-averaged mask, sees only the measurement and keeps the latent statistics the flow was
+            trained on.
+        unmasked_image: the complete image (B or 1, C, H, W) in [-1, 1] that the official code encodes; needed
+            with ``official_quirks=True`` and refused otherwise.
     """
 
     def __init__(self, operator: Operator | Any, y: torch.Tensor, space: str = "pixel", weight: float = 1.0,
-                 reduction: str = "sum", noise_std: float | None = None):
+                 reduction: str = "sum", noise_std: float | None = None, official_quirks: bool = False,
+                 unmasked_image: torch.Tensor | None = None):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         if reduction not in ("sum", "mean"):
@@ -93,8 +104,26 @@ class MeasurementFidelity(Objective):
         if space == "latent" and not (operator.is_linear and operator.has_pseudo_inverse):
             raise ValueError(f"latent-space fidelity needs a linear operator with a pseudo-inverse; "
                              f"{type(operator).__name__} has none: use space='pixel'")
+        if not isinstance(official_quirks, bool):
+            raise ValueError(f"official_quirks must be True or False, got {official_quirks!r}")
+        if official_quirks:
+            if space != "latent":
+                raise ValueError("official_quirks=True reproduces the official latent-space target and mask; use "
+                                 "space='latent' (the pixel-space quirks are flowchef(official_quirks=True) and "
+                                 "GaussianBlur(centring='official'))")
+            if getattr(operator, "missing_for", None) is None:
+                raise ValueError(f"official_quirks=True reproduces the official latent inpainting and needs an "
+                                 f"inpainting operator with a mask, not {type(operator).__name__}")
+            if unmasked_image is None:
+                raise ValueError("official_quirks=True encodes the complete image, as the official Flux code does: "
+                                 "pass unmasked_image=<the image before masking, (B, C, H, W) in [-1, 1]>")
+            check_image(unmasked_image, "unmasked_image")
+        elif unmasked_image is not None:
+            raise ValueError("unmasked_image is read only with official_quirks=True; drop it (the default target "
+                             "is encoded from the measurement alone)")
         self.operator, self.y, self.space, self.weight, self.reduction = operator, y, space, float(weight), reduction
         self.noise_std = operator.noise_std if noise_std is None else float(noise_std)
+        self.official_quirks, self.unmasked_image = official_quirks, unmasked_image
         self._target = self._mask = None
 
     def bind(self, model, height: int, width: int) -> None:
@@ -106,7 +135,15 @@ class MeasurementFidelity(Objective):
                 f"with {model.image_channels} channels to (B, {', '.join(map(str, expected))}); measure the image "
                 f"with the same operator and size"
             )
-        if self.space == "latent":
+        if self.space == "latent" and self.official_quirks:
+            if tuple(self.unmasked_image.shape[1:]) != tuple(probe.shape[1:]):
+                raise ValueError(f"unmasked_image has shape {tuple(self.unmasked_image.shape)} but the model makes "
+                                 f"(B, {', '.join(map(str, probe.shape[1:]))}) images; give the image at that size")
+            with torch.no_grad():
+                self._target = unshifted_latent(model, self.unmasked_image.to(model.device))
+            missing = self.operator.missing_for(probe).to(self._target.device, torch.float32)
+            self._mask = official_latent_mask(missing, tuple(self._target.shape[-2:]))
+        elif self.space == "latent":
             with torch.no_grad():
                 self._target = model.encode(self.operator.pseudo_inverse(self.y).to(model.device))
             mask = getattr(self.operator, "mask_for", None)
@@ -129,6 +166,78 @@ class MeasurementFidelity(Objective):
         if self._mask is not None:
             diff = diff * self._mask
         return self.weight * _per_sample(diff**2, self.reduction)
+
+
+def unshifted_latent(model, image: torch.Tensor) -> torch.Tensor:
+    """a · E(x): the latent without the autoencoder's shift b, as FlowChef's official Flux code encodes its targets
+    (``retrieve_latents(vae.encode(image)) * vae.config.scaling_factor`` in ``src/fluxcombined.py``, inpaint and
+    edit, FlowChef/FlowChef commit 9b705fc). flowsteer's latents are (E(x) − b) · a, the space the flow model
+    samples in, so this is ``model.encode(x) + a · b``; equal to it for autoencoders without a shift (SD1.5)
+    and for pixel models."""
+    codec = getattr(model, "codec", None)
+    autoencoder = getattr(codec, "autoencoder", None)
+    config = getattr(autoencoder, "config", None)
+    scale = getattr(config, "scaling_factor", None)
+    shift = getattr(config, "shift_factor", None)
+    scale = 1.0 if scale is None else float(scale)
+    shift = 0.0 if shift is None else float(shift)
+    return model.encode(image) + scale * shift
+
+
+def official_latent_mask(missing: torch.Tensor, latent_hw: tuple[int, int], threshold: float = 0.1) -> torch.Tensor:
+    """FlowChef's official binary latent mask (1 = pulled toward the target): a latent cell is free when the
+    nearest-neighbour sample of the pixel mask ``missing`` (1 = missing / edited) exceeds ``threshold``, pulled
+    otherwise: 1 − [nearest(m) > 0.1] (``src/fluxcombined.py``, inpaint and edit, FlowChef/FlowChef commit
+    9b705fc). flowsteer weights each cell by the fraction of its pixels that are kept (an area average), which
+    reads every pixel of the mask rather than one per cell."""
+    m = F.interpolate(missing.float(), size=tuple(latent_hw), mode="nearest")
+    return 1.0 - (m > threshold).float()
+
+
+class ResampledNoiseFidelity(Objective):
+    """A :class:`MeasurementFidelity` whose measurement noise is drawn anew at every evaluation, as in FlowChef's
+    official loss: L(x) = weight · ‖A(x) + σ n − y‖², n ~ N(0, I) fresh from ``generator`` at each call (the
+    official operators add ``torch.randn_like(...) * noise_sigma`` inside ``degradation``, which the loss calls
+    on every clean estimate: ``inverseproblems/pixel_models/rfpp/generate_inverseproblems_flowchef.py`` and
+    ``src/pipeline_rf_inverseproblems.py``, FlowChef/FlowChef commit 9b705fc). flowsteer's fidelity compares
+    A(x) with the one measurement y, which is already noisy; the re-sampled noise only adds variance to the
+    gradient. For parity runs: :func:`~guidance.methods.flowchef.flowchef` with ``official_quirks=True``.
+
+    Args:
+        fidelity: the measurement fidelity (its operator, y, weight, reduction, noise_std and space).
+        generator: a torch.Generator, or a list of one per sample, for the noise.
+    """
+
+    def __init__(self, fidelity: MeasurementFidelity, generator: torch.Generator | list[torch.Generator]):
+        if not isinstance(fidelity, MeasurementFidelity):
+            raise ValueError(f"ResampledNoiseFidelity wraps a MeasurementFidelity, got {type(fidelity).__name__}")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not generators or not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError("the re-sampled measurement noise needs an explicit generator: pass "
+                             "generator=torch.Generator().manual_seed(0) (or a list, one per sample)")
+        self.fidelity, self.generator = fidelity, generator
+        self.space = fidelity.space
+
+    def bind(self, model, height: int, width: int) -> None:
+        self.fidelity.bind(model, height, width)
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.generator, (list, tuple)) and len(self.generator) > 1:
+            if len(self.generator) != like.shape[0]:
+                raise ValueError(f"got {len(self.generator)} generators for a batch of {like.shape[0]}; pass one "
+                                 f"per sample")
+            return torch.cat([randn_like(like[i:i + 1], g) for i, g in enumerate(self.generator)])
+        generator = self.generator[0] if isinstance(self.generator, (list, tuple)) else self.generator
+        return randn_like(like, generator)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fidelity
+        if f.space != "pixel":
+            return f.loss(x)
+        ax = f.operator(x)
+        noisy = ax + f.noise_std * self._noise(ax.detach()) if f.noise_std > 0 else ax
+        residual = noisy - f.y.to(device=ax.device, dtype=ax.dtype)
+        return f.weight * _per_sample(residual**2, f.reduction)
 
 
 def transformers_preprocess(processor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,12 +1,16 @@
 """Guidance methods scored against exact posteriors on an analytic Gaussian-mixture image prior.
 
     python -m tasks.analytic_benchmark [--pairs 64] [--steps 50] [--methods flowchef,flair,...] [--json out.json]
+        [--channels 3] [--operator "gaussian_blur:kernel_size=3,sigma=1.0"] [--presets pnp_flow_celeba_deblur]
 
 The prior lives on 1×8×8 images: six components whose covariances are smooth-image (squared-exponential)
 kernels, nearly degenerate like those of real patches. For each operator (box inpainting, SR×2, Gaussian
 blur; noise std 0.05) the benchmark draws ``pairs`` (x_true, y), runs each method once per pair with its
 default settings, and then ``spread`` times for a single y; it prints a Markdown table of the scores in
-:mod:`tasks.posterior_scores`, NFE and time relative to unguided sampling.
+:mod:`tasks.posterior_scores`, NFE and time relative to unguided sampling. ``--channels`` sets the prior's
+channel count (3: a colour prior), ``--operator`` gives full operator specs (commas allowed), and
+``--presets`` adds rows for parity presets (:mod:`guidance.presets`: their method, options, steps and objective,
+on the benchmark's operators and noise).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from guidance import AnalyticGMMFlow, MeasurementFidelity, get_method
+from guidance.presets import get_preset
 from operators import make_operator
 
 from . import posterior_scores as scores
@@ -83,19 +88,21 @@ def _run(method: str, flow, objective, steps: int, seed: int, batch: int, option
 
 
 def score(method: str, flow: AnalyticGMMFlow, operator_spec: str, pairs: int = 64, steps: int = 50,
-          spread: int = 256, seed: int = 0, options: dict | None = None) -> Row:
-    """Score one method (with ``options``, default settings otherwise) on one operator (see the module docstring)."""
+          spread: int = 256, seed: int = 0, options: dict | None = None, objective: dict | None = None) -> Row:
+    """Score one method (with ``options``, default settings otherwise) on one operator (see the module docstring);
+    ``objective``: ``MeasurementFidelity`` keyword arguments (space, weight, reduction) beside the defaults."""
     op = make_operator(operator_spec, noise_std=NOISE_STD)
     generator = torch.Generator().manual_seed(seed)
     x_true = flow.sample_prior(pairs, generator)
     y = op.measure(x_true, generator)
     posteriors = flow.posteriors(op, y, NOISE_STD)
     means = torch.stack([p.mean() for p in posteriors]).to(torch.float32)
-    result, elapsed = _run(method, flow, MeasurementFidelity(op, y), steps, seed + 1, pairs, options)
+    objective = objective or {}
+    result, elapsed = _run(method, flow, MeasurementFidelity(op, y, **objective), steps, seed + 1, pairs, options)
     outputs = result.x
 
     y_one = y[:1].expand(spread, -1, -1, -1).contiguous()
-    many = _run(method, flow, MeasurementFidelity(op, y_one), steps, seed + 2, spread, options)[0].x
+    many = _run(method, flow, MeasurementFidelity(op, y_one, **objective), steps, seed + 2, spread, options)[0].x
     posterior = posteriors[0]
     exact = posterior.sample(spread, torch.Generator().manual_seed(seed + 3))
     return Row(
@@ -128,17 +135,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=int, default=256, help="outputs for one measurement (W2, mode weights)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--operators", default=",".join(OPERATORS))
+    parser.add_argument("--operator", action="append", metavar="SPEC",
+                        help="a full operator spec (commas allowed); repeatable; replaces --operators")
+    parser.add_argument("--presets", default="", help="parity presets to score too, comma-separated")
+    parser.add_argument("--channels", type=int, default=1, help="channels of the prior's 8x8 images (3: colour)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    flow = smooth_image_prior()
+    if args.channels < 1:
+        parser.error(f"--channels must be >= 1, got {args.channels}")
+    flow = smooth_image_prior(shape=(args.channels, 8, 8))
+    presets = {name: get_preset(name) for name in args.presets.split(",") if name}
+    for name, preset in presets.items():
+        if preset.get("objective") is None:
+            parser.error(f"the preset {name!r} has no measurement objective ({preset['method']}); give restoration "
+                         f"presets only")
     rows = []
-    for name in args.operators.split(","):
+    for name in args.operator or args.operators.split(","):
         spec = OPERATORS.get(name, name)
         score("unguided", flow, spec, 4, 2, 4, args.seed)  # warm-up, so that the first timing is fair
         group = [score(method, flow, spec, args.pairs, args.steps, args.spread, args.seed)
-                 for method in args.methods.split(",")]
+                 for method in args.methods.split(",") if method]
+        for label, preset in presets.items():
+            row = score(preset["method"], flow, spec, args.pairs, preset["num_steps"], args.spread, args.seed,
+                        preset.get("options"), preset.get("objective"))
+            row.method = label
+            group.append(row)
         reference = next((r.seconds for r in group if r.method == "unguided"), None)
         for row in group:
             row.time_vs_unguided = row.seconds / reference if reference else None

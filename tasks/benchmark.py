@@ -557,7 +557,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
                   consistency_steps: int | None = None, preset: str | None = None, prompt: str | None = None,
                   negative_prompt: str | None = None, guidance_scale: float | None = None,
                   captions: str | os.PathLike | None = None, noise_std: float | None = None,
-                  decoder: Any = None, encoder: Any = None) -> BenchmarkResult:
+                  decoder: Any = None, encoder: Any = None, official_quirks: bool = False) -> BenchmarkResult:
     """Restore every image in the folder ``images`` with every operator and method, and write the results.
 
     Args:
@@ -575,7 +575,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
         preset: a parity preset (``flowsteer presets``) that sets the method, its options, the steps, the
             operators, the noise, the objective, the model (dtype, decoder, encoder), the size, the prompts, the
             guidance scale and the seed (:func:`tasks.parity.preset_run`); every argument given explicitly
-            overrides it and is recorded as an override in the settings.
+            overrides it and is recorded as an override in the settings. ``official_quirks=True`` runs the preset's
+            parity variant: the official code's deliberate departures from flowsteer switched on (its ``quirks``).
         prompt, negative_prompt, guidance_scale: the text condition of every item (text-conditioned models).
         captions: a caption file (``<image file name>: <caption>`` per line); image i is then restored with the
             prompt ``"<prompt> <caption i>"``.
@@ -600,11 +601,13 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
         given = dict(model=model, dtype=dtype, decoder=decoder, encoder=encoder, size=size, seed=seed,
                      num_steps=num_steps, prompt=prompt, negative_prompt=negative_prompt,
                      guidance_scale=guidance_scale, noise_std=noise_std)
-        arguments, preset_record = preset_run(preset, given, operators, methods, options)
+        arguments, preset_record = preset_run(preset, given, operators, methods, options, official_quirks)
         (model, dtype, decoder, encoder, size, seed, num_steps, prompt, negative_prompt, guidance_scale,
          noise_std) = (arguments[name] for name in PRESET_ARGUMENTS)
         operators, methods, options = arguments["operators"], arguments["methods"], arguments["options"]
         space, objective_options = arguments["space"], arguments["objective_options"]
+    elif official_quirks:
+        raise ValueError("official_quirks applies to a --preset (the official code's departures it names); give one")
     model = "default" if model is None else model
     num_steps = 28 if num_steps is None else num_steps
     seed = 0 if seed is None else seed
@@ -780,7 +783,7 @@ def run(args) -> int:
             dtype=args.dtype, progress=not args.quiet, samples=args.samples,
             consistency_steps=args.consistency_steps, preset=args.preset, prompt=args.prompt,
             negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, captions=args.captions,
-            noise_std=args.noise_std, decoder=args.decoder, encoder=args.encoder)
+            noise_std=args.noise_std, decoder=args.decoder, encoder=args.encoder, official_quirks=args.official_quirks)
     done = f"{result.computed} item(s) computed, {result.skipped} already done"
     if result.summary is None:
         print(f"process {result.rank} of {result.world_size}: {done}; process 0 writes the summary")
@@ -802,6 +805,9 @@ def add_parser(commands) -> None:
                         help="a published setting (flowsteer presets lists them, e.g. flair_sr12): it sets the "
                              "method and its options, steps, operators, noise, model, decoder, size, prompt, "
                              "guidance scale and seed; any of those given here overrides it and is recorded")
+    parser.add_argument("--official-quirks", action="store_true",
+                        help="with --preset: reproduce what the official code does that flowsteer deliberately does "
+                             "not (the preset's quirks: off-centre kernels, re-sampled noise, ...), for parity runs")
     parser.add_argument("--operators", action="append", metavar="SPECS",
                         help="operator specs separated by ';', e.g. 'sr:factor=4;gaussian_blur:sigma=3' (repeatable; "
                              "required without --preset)")

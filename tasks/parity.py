@@ -27,8 +27,9 @@ PRESET_ARGUMENTS = {
 
 
 def preset_run(name: str, given: dict[str, Any], operators: list[str], methods: list[str],
-               options: dict[str, dict]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(arguments, record)`` of the preset ``name`` under the user's explicit values.
+               options: dict[str, dict], official_quirks: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(arguments, record)`` of the preset ``name`` (its parity variant with ``official_quirks``, see
+    :func:`guidance.presets.get_preset`) under the user's explicit values.
 
     ``given`` maps :data:`PRESET_ARGUMENTS` names to the user's values (None: not given). ``operators`` and
     ``methods`` replace the preset's when non-empty; ``options`` are laid over the preset method's options.
@@ -38,7 +39,7 @@ def preset_run(name: str, given: dict[str, Any], operators: list[str], methods: 
     """
     from guidance.presets import get_preset
 
-    preset = get_preset(name)
+    preset = get_preset(name, official_quirks)
     if preset.get("objective") is None:
         raise ValueError(f"the preset {name!r} is a {preset['method']} setting without a measurement; it cannot "
                          f"be benchmarked on restoration (use it with flowsteer edit)")
@@ -68,7 +69,8 @@ def preset_run(name: str, given: dict[str, Any], operators: list[str], methods: 
     arguments["methods"] = [method]
     arguments["space"] = objective.pop("space", "pixel")
     arguments["objective_options"] = objective
-    record = {"name": name, "source": preset.get("source"), "preset": preset, "overrides": overrides}
+    record = {"name": name, "source": preset.get("source"), "official_quirks": official_quirks, "preset": preset,
+              "overrides": overrides}
     return arguments, record
 
 

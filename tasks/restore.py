@@ -159,6 +159,12 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
                                       input_shape(operator, tuple(y.shape))[-2:]))
     objective_options = dict(objective_options or {})
+    recorded_objective = {k: v for k, v in objective_options.items() if k != "unmasked_image"}
+    if objective_options.get("official_quirks") and "unmasked_image" not in objective_options:
+        if reference is None:
+            raise ValueError("official_quirks=True encodes the complete image, as FlowChef's official code does: "
+                             "give the clean reference (or simulate the measurement from it)")
+        objective_options["unmasked_image"] = reference.to(device=device, dtype=torch.float32)
     objective = MeasurementFidelity(operator, y, space=space, **objective_options)
     # the user's options override the model's recommendation for this method on this operator
     options = {**model.recommended_options(method, operator_name(operator)), **(options or {})}
@@ -177,6 +183,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     count = y.shape[0]  # measurements; each restored from the same seeds as alone
     seeds = [torch.Generator(device="cpu").manual_seed(seed + 1 + k) for _ in range(count) for k in range(samples)]
     if samples > 1:
+        if "unmasked_image" in objective_options and objective_options["unmasked_image"].shape[0] > 1:
+            objective_options["unmasked_image"] = objective_options["unmasked_image"].repeat_interleave(samples, 0)
         objective = MeasurementFidelity(operator, y.repeat_interleave(samples, 0), space=space, **objective_options)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,8 +211,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
                 "space": space, "height": height, "width": width, "samples": samples,
                 "consistency_steps": consistency_steps,
                 "resolved": {k: v for k, v in (result.info or {}).items() if isinstance(v, (bool, int, float, str))}}
-    if objective_options:
-        settings["objective"] = objective_options
+    if recorded_objective:
+        settings["objective"] = recorded_objective
     if skipped:
         settings["consistency_skipped"] = skipped
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings,

@@ -167,7 +167,7 @@ def test_new_variants_shape_dtype_and_batch(entry, dtype):
 
 
 @pytest.mark.parametrize("entry", VARIANTS, ids=VARIANT_IDS)
-def test_new_variants_cuda_matches_cpu(entry, cuda_device):
+def test_cuda_matches_cpu_for_the_official_variants(entry, cuda_device):
     generic.test_cuda_matches_cpu(entry, cuda_device)
 
 

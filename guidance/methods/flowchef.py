@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..flow import euler_step, x0_from_velocity
-from ..objectives import Objective, objective_gradient
+from ..objectives import MeasurementFidelity, Objective, ResampledNoiseFidelity, objective_gradient
 from ..sampler import start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
                      data_term_gain, guided_steps, measurement_batch_size)
@@ -132,6 +132,7 @@ def flowchef(
     normalize_step: bool = False,
     normalize: str | None = None,
     check_divergence: bool = True,
+    official_quirks: bool = False,
 ) -> MethodResult:
     """Guide a frozen flow model toward low ``objective`` with FlowChef's gradient skipping (ICCV 2025).
 
@@ -166,6 +167,13 @@ def flowchef(
             guessing its scale; 0.02-0.1 suits unit-variance latents. None (default): the plain gradient.
         check_divergence: stop with a :class:`~guidance.methods.common.DivergenceError` naming the step when
             the state becomes NaN or infinite.
+        official_quirks: True reproduces, for parity runs, what FlowChef's official loop does differently: with
+            a pixel-space :class:`~guidance.objectives.MeasurementFidelity` whose noise_std is > 0 the
+            measurement noise is drawn anew, from ``generator`` after the starting noise, at every evaluation
+            of the loss (:class:`~guidance.objectives.ResampledNoiseFidelity`, after
+            ``inverseproblems/pixel_models/rfpp/generate_inverseproblems_flowchef.py``, FlowChef/FlowChef
+            commit 9b705fc). The quirks of the objective and the operator are switched on there:
+            ``MeasurementFidelity(official_quirks=True)``, ``GaussianBlur(centring="official")``.
 
     Returns:
         :class:`MethodResult` with ``info["loss"]`` (guided steps, K, B): the loss before each inner update,
@@ -188,6 +196,13 @@ def flowchef(
                          "and normalize_step=False")
     guided = guided_steps(window, num_steps)
     stop_sigma = check_nonnegative(stop_sigma, "stop_sigma")
+    loss_objective = objective
+    if check_flag(official_quirks, "official_quirks") and isinstance(objective, MeasurementFidelity) \
+            and objective.space == "pixel" and objective.noise_std > 0:
+        if generator is None:
+            raise ValueError("official_quirks=True re-samples the measurement noise at every loss evaluation and "
+                             "needs an explicit generator: pass generator=torch.Generator().manual_seed(0)")
+        loss_objective = ResampledNoiseFidelity(objective, generator)
 
     batch_size = measurement_batch_size(objective, batch_size, latents)
 
@@ -211,7 +226,7 @@ def flowchef(
             opt = InnerOptimizer(optimizer, x, lr, momentum)  # fresh optimizer state every step
             for _ in range(inner_steps):
                 x0_hat = x0_from_velocity(x, v, s_i)
-                loss, grad = objective_gradient(objective, model, x0_hat)  # = ∇_x L(x - s_i v)
+                loss, grad = objective_gradient(loss_objective, model, x0_hat)  # = ∇_x L(x - s_i v)
                 if normalize:
                     grad = grad / rms(grad)
                 x = opt.step(grad)
@@ -229,61 +244,173 @@ def flowchef(
     return MethodResult(x=x, image=image, nfe=model.nfe, sigmas=sigmas, info=info)
 
 
-# Parity settings from the paper's official experiments (design notes, section 6.1). Keys: method, num_steps,
-# options (flowchef keyword options), objective (MeasurementFidelity keyword arguments), operators (specs the
-# setting was published for, or None), source; some add resolution.
+# Parity settings of FlowChef's official experiments (Patel et al., "Steering Rectified Flow Models in the Vector Field
+# for Controlled Image Generation", ICCV 2025; official code FlowChef/FlowChef at commit 9b705fc). Keys: method,
+# num_steps, options (the method's keyword options), objective (MeasurementFidelity keyword arguments), operators
+# (specs the setting was published for, or None), source (the paper and the official files); some add resolution,
+# guidance_scale (the CFG scale, or Flux's distilled guidance, for model.condition) and alternatives (other official
+# values of the options, each with its origin). quirks names what the official code does that flowsteer does not
+# (name -> description); parity holds what reproduces them (guidance.presets.get_preset(name, official_quirks=True)):
+# "options" to merge into the method's options, "objective" into the MeasurementFidelity arguments (with
+# official_quirks=True it also needs unmasked_image, the complete image) and "operators", the official operators.
+OFFICIAL_COMMIT = "9b705fc"
+_PAPER = "Patel et al., Steering Rectified Flow Models in the Vector Field, ICCV 2025"
+
+
+def _source(files: str, setting: str) -> str:
+    return f"{_PAPER}; FlowChef/FlowChef commit {OFFICIAL_COMMIT}: {files}. {setting}"
+
+
+QUIRKS = {
+    "off_centre_blur_kernel": "Gaussian taps on linspace(-k//2 + 0.5, k//2 - 0.5, k) with k//2 zeros of padding: "
+                              "half a pixel off centre for odd k, an (H + 1) x (W + 1) output for even k "
+                              "(GaussianBlur(centring='official', padding='constant'))",
+    "resampled_measurement_noise": "the loss re-draws the measurement noise at every evaluation when noise_std > 0 "
+                                   "(flowchef(official_quirks=True))",
+    "unshifted_unmasked_latent_target": "the latent target is scaling_factor * E(x) without the VAE shift, encoded "
+                                        "from the complete (unmasked) image (MeasurementFidelity(official_quirks="
+                                        "True, unmasked_image=x); flowchef_edit(official_quirks=...))",
+    "binary_latent_mask": "the latent mask is binary: nearest-neighbour downsampling of the pixel mask, a cell is "
+                          "free when it exceeds 0.1 (MeasurementFidelity(official_quirks=True); "
+                          "flowchef_edit(official_quirks='flux'))",
+    "binary_bilinear_edit_mask": "the latent edit mask is binary: bilinear downsampling, a cell is edited when "
+                                 "it is not exactly 0 (flowchef_edit(official_quirks='instaflow'))",
+    "pull_with_source_velocity": "the source pull evaluates the clean estimate with the source-prompt velocity, "
+                                 "x - s v_src, while the Euler step uses the edit velocity "
+                                 "(flowchef_edit(official_quirks='instaflow'))",
+}
+
+
+def _quirks(*names: str) -> dict[str, str]:
+    return {name: QUIRKS[name] for name in names}
+
+
+_FLUX_INPAINT = dict(
+    method="flowchef",
+    num_steps=30,
+    objective={"space": "latent", "weight": 1000.0, "reduction": "mean"},
+    operators=["inpaint_box", "inpaint_freeform"],
+    resolution=1024,
+    guidance_scale=0.5,  # Flux's distilled guidance: demos/app_flux.py passes guidance_scale=0.5 to pipe.inpaint
+    quirks=_quirks("unshifted_unmasked_latent_target", "binary_latent_mask"),
+    parity={"options": {"official_quirks": True}, "objective": {"official_quirks": True}},
+)
+_FLUX_EDIT = dict(
+    method="flowchef_edit",
+    num_steps=30,
+    objective=None,
+    operators=None,
+    resolution=1024,
+    quirks=_quirks("unshifted_unmasked_latent_target", "binary_latent_mask"),
+    parity={"options": {"official_quirks": "flux"}},
+)
+_SD15 = "src/pipeline_rf_inverseproblems.py, src/instaflow_inverseproblems.py, src/inverse_operators.py, README.md"
+
 PRESETS: dict[str, dict[str, Any]] = {
     "flowchef_pixel_rf": {
         "method": "flowchef",
         "num_steps": 100,
-        # the official update is literally x - 500 * g: plain gradient descent ("sgd" without momentum is equal)
-        "options": {"optimizer": "gd", "step_size": 500.0, "inner_steps": 1, "window": (0, 99)},
+        # the official update is literally x - 500 * g at every step i < N - 1: plain gradient descent ("sgd"
+        # without momentum is equal); window (0, -1) is "every step but the last" at any number of steps
+        "options": {"optimizer": "gd", "step_size": 500.0, "inner_steps": 1, "window": (0, -1)},
         "objective": {"space": "pixel", "weight": 1.0, "reduction": "mean"},
         "operators": ["inpaint_box:size=20", "sr_avgpool:factor=4", "gaussian_blur:kernel_size=11,sigma=1.0"],
         "resolution": 64,
-        "source": "design.md 6.1 pixel RF++ row: 64x64, N 100, mean((A(x0_hat) - y)^2 * mask), plain SGD step 500, "
-                  "K 1, every step but the last",
+        "quirks": _quirks("off_centre_blur_kernel", "resampled_measurement_noise"),
+        "parity": {"options": {"official_quirks": True},
+                   "operators": ["inpaint_box:size=20", "sr_avgpool:factor=4",
+                                 "gaussian_blur:kernel_size=11,sigma=1.0,padding=constant,centring=official"]},
+        "source": _source("inverseproblems/pixel_models/rfpp/generate_inverseproblems_flowchef.py, inverse_operators.py "
+                          "and inverseproblems_flowchef.sh",
+                          "RF++ 64x64, N 100, mean((A(x0_hat) - y)^2 * mask), x - 500 * grad, K 1, every step but "
+                          "the last"),
     },
     "flowchef_sd15_pixel": {
         "method": "flowchef",
         "num_steps": 100,
         "options": {"optimizer": "adam", "step_size": 0.02, "inner_steps": 1, "window": None},
         "objective": {"space": "pixel", "weight": 1000.0, "reduction": "mean"},
-        # the official deblurring kernel is 50 taps (even, hence off-centre); 51 is the centred equivalent
+        # the official deblurring kernel has 50 taps (even: between pixels, output one pixel larger); 51 is the
+        # centred equivalent
         "operators": ["sr_avgpool:factor=4", "gaussian_blur:kernel_size=51,sigma=5.0"],
         "resolution": 512,
-        "source": "design.md 6.1 2-RF SD1.5 SR / deblur row: N 100, 1000 * MSE through the VAE decoder, Adam "
-                  "re-created every step, lr 0.02, K 1, every step",
+        "guidance_scale": 1.0,  # the script passes guidance_scale 0.5: the pipeline runs CFG only above 1
+        "quirks": _quirks("off_centre_blur_kernel", "resampled_measurement_noise"),
+        "parity": {"options": {"official_quirks": True},
+                   "operators": ["sr_avgpool:factor=4",
+                                 "gaussian_blur:kernel_size=50,sigma=5.0,padding=constant,centring=official"]},
+        "source": _source(_SD15, "2-RF (InstaFlow) from SD1.5, SR x4 / deblur: N 100 (max_steps 100, every step), "
+                                 "1000 * MSE through the VAE decoder, Adam re-created every step, lr 0.02, K 1"),
     },
     "flowchef_sd15_latent_inpaint": {
         "method": "flowchef",
         "num_steps": 200,
         "options": {"optimizer": "adam", "step_size": 0.5, "inner_steps": 1, "window": None},
         "objective": {"space": "latent", "weight": 0.001, "reduction": "mean"},
+        # a 128 box centred in 512 lies on the latent grid: the official bilinear-then-0.5 mask and the encoded
+        # masked image equal flowsteer's area mask and E(A^+ y) here, and SD1.5's VAE has no shift
         "operators": ["inpaint_box:size=128"],
         "resolution": 512,
-        "source": "design.md 6.1 2-RF SD1.5 box-inpainting row: N 200, 0.001 * masked latent MSE against the "
-                  "encoded observation, Adam re-created every step, lr 0.5, K 1, every step",
+        "guidance_scale": 1.0,  # the script passes guidance_scale 0.5: the pipeline runs CFG only above 1
+        "quirks": {},
+        "parity": {"options": {"official_quirks": True}},
+        "source": _source(_SD15, "2-RF (InstaFlow) from SD1.5, box inpainting: N 200 (max_steps 200, every step), "
+                                 "0.001 * masked latent MSE against the encoded observation, Adam re-created every "
+                                 "step, lr 0.5, K 1"),
     },
     "flowchef_flux_latent_inpaint": {
-        "method": "flowchef",
-        "num_steps": 30,
-        "options": {"optimizer": "gd", "step_size": 0.75, "inner_steps": 5, "window": None},
-        "objective": {"space": "latent", "weight": 1000.0, "reduction": "mean"},
-        "operators": ["inpaint_box", "inpaint_freeform"],
-        "resolution": 1024,
-        "source": "design.md 6.1 Flux latent-inpainting row: N 30, 1000 * masked latent MSE, plain GD with lr "
-                  "0.5-1.0 (0.75 chosen here, the middle) and K 1-10 (5 chosen, as in the official demo examples), "
-                  "every step",
+        **_FLUX_INPAINT,
+        "options": {"optimizer": "gd", "step_size": 1.0, "inner_steps": 5, "window": None},
+        "alternatives": [
+            {"options": {"window": (0, 20)},
+             "origin": "demos/app_flux.py example 2 (assets/saved_results/20241126_173140): max_steps 20 of 30"},
+            {"options": {"inner_steps": 3},
+             "origin": "demos/app_flux.py examples 5 and 6 (20241127_025429, 20241126_222257): K 3"},
+            {"options": {"inner_steps": 10},
+             "origin": "assets/saved_results/20241126_053639, 20241126_173140, 20241127_025429 parameters.json: K 10"},
+        ],
+        "source": _source("demos/app_flux.py (examples 1 and 2, pipe.inpaint with guidance_scale 0.5) and "
+                          "src/fluxcombined.py (FluxPipeline.inpaint)",
+                          "Flux.1 dev 1024, N 30, 1000 * masked latent MSE (mean), x - lr * grad with lr 1.0, "
+                          "K 5, every step (max_steps 30), distilled guidance 0.5"),
+    },
+    "flowchef_flux_latent_inpaint_ui_default": {
+        **_FLUX_INPAINT,
+        "options": {"optimizer": "gd", "step_size": 0.5, "inner_steps": 1, "window": None},
+        "source": _source("demos/app_flux.py (slider defaults) and src/fluxcombined.py (FluxPipeline.inpaint)",
+                          "Flux.1 dev 1024, N 30, 1000 * masked latent MSE (mean), x - lr * grad with the "
+                          "interface's defaults lr 0.5, K 1, max_steps 30 (every step), distilled guidance 0.5"),
     },
     "flowchef_flux_edit": {
+        **_FLUX_EDIT,
+        "options": {"step_size": 0.6, "inner_steps": 5, "source_steps": 10, "edit_guidance": 4.5,
+                    "guidance_scale": 0.0},
+        "source": _source("README.md (flux_edit.py command) and src/fluxcombined.py (FluxPipeline.edit, called with "
+                          "guidance_scale 0.0 by src/flux_edit.py and demos/app_flux.py)",
+                          "Flux.1 dev 1024, N 30, lr 0.6, K 5, source_steps 10, true_cfg 4.5, distilled guidance "
+                          "0.0, 1000 * latent MSE pulls, plain GD"),
+    },
+    "flowchef_flux_edit_script_default": {
+        **_FLUX_EDIT,
+        "options": {"step_size": 0.6, "inner_steps": 4, "source_steps": 10, "edit_guidance": 4.5,
+                    "guidance_scale": 0.0},
+        "source": _source("src/flux_edit.py (argument defaults) and src/fluxcombined.py (FluxPipeline.edit)",
+                          "Flux.1 dev 1024, N 30, lr 0.6, K 4 (the README command gives 5), source_steps 10, "
+                          "true_cfg 4.5, distilled guidance 0.0, 1000 * latent MSE pulls, plain GD"),
+    },
+    "flowchef_instaflow_edit": {
         "method": "flowchef_edit",
-        "num_steps": 30,
-        "options": {"step_size": 0.6, "inner_steps": 5, "source_steps": 10, "edit_guidance": 4.5},
+        "num_steps": 50,
+        "options": {"optimizer": "adam", "step_size": 0.5, "inner_steps": 5, "source_steps": 20,
+                    "edit_guidance": 2.0, "source_weight": 1e-5},
         "objective": None,
         "operators": None,
-        "resolution": 1024,
-        "source": "design.md 6.1 Flux editing reference: N 30, lr 0.6, K 5, source_steps 10, w 4.5 "
-                  "(1000 * latent MSE pulls, plain GD)",
+        "resolution": 512,
+        "quirks": _quirks("unshifted_unmasked_latent_target", "binary_bilinear_edit_mask", "pull_with_source_velocity"),
+        "parity": {"options": {"official_quirks": "instaflow"}},
+        "source": _source("README.md (instaflow_edit.py command) and src/pipeline_rf_inversionfree_edit.py",
+                          "2-RF (InstaFlow) from SD1.5, 512, N 50 (max_steps 50, every step), Adam re-created "
+                          "every step, lr 0.5, K 5, source_steps 20, guidance 2.0 inside the mask, "
+                          "0.00001 * latent MSE pulls"),
     },
 }

@@ -16,6 +16,9 @@ the clean estimate toward the encoded source z_src while a masked prompt contras
 
 The first ``source_steps`` steps anchor the whole layout to the source; afterwards only the preserved
 region is pulled, and the edit region follows the edit prompt.
+
+``official_quirks`` reproduces, for parity runs, the two official editing codes of FlowChef/FlowChef commit
+9b705fc where they differ from the above (see :data:`OFFICIAL_EDIT_QUIRKS`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,22 @@ from tqdm.auto import tqdm
 
 from ..flow import euler_step, x0_from_velocity
 from ..images import image_tensor
-from ..objectives import Objective, objective_gradient
+from ..objectives import Objective, objective_gradient, official_latent_mask, unshifted_latent
 from ..sampler import start_state, step_end
 from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
 from .flowchef import InnerOptimizer, check_optimizer, loss_history
 
-__all__ = ["SourcePull", "flowchef_edit", "latent_edit_mask"]
+__all__ = ["OFFICIAL_EDIT_QUIRKS", "SourcePull", "flowchef_edit", "instaflow_edit_mask", "latent_edit_mask"]
+
+#: ``official_quirks`` values of :func:`flowchef_edit` and the official file each reproduces (commit 9b705fc).
+OFFICIAL_EDIT_QUIRKS = {
+    "flux": "src/fluxcombined.py, FluxPipeline.edit: source latent a · E(x) without the VAE shift "
+            "(guidance.objectives.unshifted_latent); binary edit mask, nearest-neighbour samples of the pixel mask "
+            "> 0.1 (guidance.objectives.official_latent_mask)",
+    "instaflow": "src/pipeline_rf_inversionfree_edit.py: source latent a · E(x) without a shift; binary edit mask, "
+                 "cells where the bilinear downsampling of the pixel mask is not 0 (instaflow_edit_mask); the pull "
+                 "evaluates x0_hat = x − s v_src with the source-prompt velocity",
+}
 
 
 class SourcePull(Objective):
@@ -75,6 +88,28 @@ def _as_mask(mask: Any, height: int, width: int) -> torch.Tensor:
 def latent_edit_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """The pixel edit mask (B, 1, H, W) averaged over each latent cell: the fraction of edited pixels, (B, 1, h, w)."""
     return F.interpolate(mask, size=latent_hw, mode="area").clamp(0, 1)
+
+
+def instaflow_edit_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The official InstaFlow editing mask (1 = edit): bilinear downsampling (align_corners=False, no
+    antialiasing) of the pixel mask, a cell edited unless its value is exactly 0
+    (``src/pipeline_rf_inversionfree_edit.py``, FlowChef/FlowChef commit 9b705fc). flowsteer's
+    :func:`latent_edit_mask` keeps the fraction of edited pixels instead, so that a cell the mask barely
+    touches is mostly kept."""
+    m = F.interpolate(mask.float(), size=tuple(latent_hw), mode="bilinear", align_corners=False)
+    return (m != 0).float()
+
+
+def _check_quirks(official_quirks) -> str | None:
+    """The official code to reproduce: None (flowsteer's own computation), "flux" (also for True) or "instaflow"."""
+    if official_quirks is False:
+        return None
+    if official_quirks is True:
+        return "flux"
+    if isinstance(official_quirks, str) and official_quirks in OFFICIAL_EDIT_QUIRKS:
+        return official_quirks
+    raise ValueError(f"official_quirks must be False, True (= 'flux') or one of {tuple(OFFICIAL_EDIT_QUIRKS)}, got "
+                     f"{official_quirks!r}")
 
 
 def _is_text(prompt) -> bool:
@@ -135,6 +170,7 @@ def flowchef_edit(
     momentum: float = 0.0,
     window: tuple[int, int] | None = None,
     check_divergence: bool = True,
+    official_quirks: bool | str = False,
 ) -> MethodResult:
     """Edit ``source_image`` inside ``mask`` toward ``edit_prompt``, inversion-free (FlowChef, ICCV 2025).
 
@@ -168,6 +204,13 @@ def flowchef_edit(
         guidance_scale: the adapter's own guidance for both prompts given as text; None keeps the embedded default of
             guidance-distilled models (Flux dev) and turns classifier-free guidance off for the others (give
             e.g. 4.5 for SD3 to keep its usual guidance outside the mask, at twice the cost).
+        official_quirks: for parity runs, reproduce an official editing code (FlowChef/FlowChef commit 9b705fc)
+            instead of flowsteer's computation: ``"flux"`` (or True) follows ``src/fluxcombined.py``, whose
+            source latent lacks the VAE shift (flowsteer pulls toward the latent the flow samples in) and whose
+            edit mask is binary, nearest-neighbour > 0.1 (flowsteer averages each latent cell); ``"instaflow"``
+            follows ``src/pipeline_rf_inversionfree_edit.py``, whose edit mask is binary, bilinear != 0, and
+            whose pull takes x0_hat = x − s v_src with the source velocity although the Euler step moves along
+            v (flowsteer pulls the clean estimate of the trajectory it integrates). False (default): none.
 
     Returns:
         :class:`MethodResult`; ``info`` holds ``loss`` (guided steps, K, B), ``guided_steps``,
@@ -199,6 +242,7 @@ def flowchef_edit(
     check_nonnegative(source_weight, "source_weight")
     check_optimizer(optimizer, momentum)
     guided = guided_steps(window, num_steps)
+    quirks = _check_quirks(official_quirks)
 
     model = CountingModel(model)
     cond_src, cond_edit = _text_conditions(model, source_prompt, edit_prompt, guidance_scale)
@@ -220,8 +264,17 @@ def flowchef_edit(
             f"(n = {n} latent elements) and diverges; use step_size < "
             f"{2 * (1 + momentum) * n / (2 * source_weight):.3g} (the Flux reference's 0.6 is meant for 1024² images)")
 
-    z_src = model.encode(source_image.to(device=x.device, dtype=torch.float32)).expand_as(x)
-    M = latent_edit_mask(pixel_mask.to(x.device), tuple(x.shape[-2:])).expand(batch, -1, -1, -1)
+    source = source_image.to(device=x.device, dtype=torch.float32)
+    pixel_mask = pixel_mask.to(x.device)
+    latent_hw = tuple(x.shape[-2:])
+    if quirks is None:
+        z_src = model.encode(source).expand_as(x)
+        M = latent_edit_mask(pixel_mask, latent_hw)
+    else:
+        z_src = unshifted_latent(model, source).expand_as(x)
+        M = 1 - official_latent_mask(pixel_mask, latent_hw) if quirks == "flux" else \
+            instaflow_edit_mask(pixel_mask, latent_hw)
+    M = M.expand(batch, -1, -1, -1)
     pull = SourcePull(z_src, source_weight)
     if objective is not None:
         objective.bind(model, state.height, state.width)
@@ -240,7 +293,8 @@ def flowchef_edit(
             opt = InnerOptimizer(optimizer, x, step_size, momentum)
             for _ in range(inner_steps):
                 x0_hat = x0_from_velocity(x, v, s_i)
-                loss, grad = objective_gradient(pull, model, x0_hat)
+                x0_pull = x0_from_velocity(x, v_src, s_i) if quirks == "instaflow" else x0_hat
+                loss, grad = objective_gradient(pull, model, x0_pull)
                 if objective is not None:
                     extra_loss, extra_grad = objective_gradient(objective, model, x0_hat)
                     loss, grad = loss + extra_loss, grad + extra_grad
