@@ -268,13 +268,16 @@ def crw_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def load_crw(model, cond=None, height: int | None = None, width: int | None = None,
              cache_dir: str | os.PathLike | None = None) -> CRWTable | None:
-    """The cached table of ``model`` for this guidance setting and size; None when there is none.
+    """The table of ``model`` for this guidance setting and size: its cached calibration, else the official table
+    when the model is SD3.5-medium or -large at CFG scale 2 (:func:`official_crw_name`; its ``metadata["kind"]``
+    is "official"); None when there is neither.
 
-    Without an exact size match, the table of the same model and guidance at the nearest image area
+    Without an exact size match, the calibration of the same model and guidance at the nearest image area
     (|log area ratio|) is used.
     """
     folder = crw_cache_dir(cache_dir)
-    prefix = _prefix(model, model.condition() if cond is None else cond)  # as calibrate() stores it
+    cond = model.condition() if cond is None else cond
+    prefix = _prefix(model, cond)  # as calibrate() stores it
     exact = folder / f"{prefix}-{int(height or 0)}x{int(width or 0)}.json"
     if exact.is_file():
         return CRWTable.load(exact)
@@ -284,7 +287,10 @@ def load_crw(model, cond=None, height: int | None = None, width: int | None = No
         match = re.fullmatch(r"(\d+)x(\d+)", path.stem[len(prefix) + 1:])
         if match and int(match[1]) * int(match[2]) > 0:
             candidates.append((_area_distance(int(match[1]) * int(match[2]), wanted), path.name, path))
-    return CRWTable.load(min(candidates)[2]) if candidates else None
+    if candidates:
+        return CRWTable.load(min(candidates)[2])
+    official = official_crw_name(model, cond)
+    return official_crw_table(official) if official is not None else None
 
 
 def _area_distance(area: int, wanted: int) -> float:
@@ -321,10 +327,10 @@ def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | N
     * a :class:`CRWTable` (origin ``"given"``); a number: a constant weight (``"constant"``);
     * the name of an official table, ``"sd3.5-medium"`` or ``"sd3.5-large"`` (origin ``"official:<name>"``), or
       a path to a saved table (origin: the path);
-    * None (automatic): the model's cached calibration (:func:`load_crw`, ``"cache"``); else the official table
-      when the model is SD3.5-medium or -large at the official CFG scale 2 (:func:`official_crw_name`,
-      ``"official:<name>"``); else the table shipped with its weights (:func:`shipped_crw`, ``"shipped"``); else
-      :data:`DEFAULT_CRW` (``"default"``).
+    * None (automatic, :func:`load_crw`): the model's cached calibration (``"cache"``); else the official table
+      when the model is SD3.5-medium or -large at the official CFG scale 2 (``"official:<name>"``); else the
+      table shipped with its weights (:func:`shipped_crw`, ``"shipped"``); else :data:`DEFAULT_CRW`
+      (``"default"``).
     """
     if isinstance(crw, CRWTable):
         return crw, "given"
@@ -337,10 +343,8 @@ def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | N
     if crw is None:
         table = load_crw(model, cond, height, width, cache_dir)
         if table is not None:
-            return table, "cache"
-        official = official_crw_name(model, model.condition() if cond is None else cond)
-        if official is not None:
-            return official_crw_table(official), f"official:{official}"
+            official = table.metadata.get("kind") == "official"
+            return table, f"official:{table.metadata['name']}" if official else "cache"
         table = shipped_crw(model, (height or 0) * (width or 0)) if cond is None else None
         return (table, "shipped") if table is not None else (DEFAULT_CRW, "default")
     raise ValueError(f"crw must be a CRWTable, an official table name ({', '.join(sorted(OFFICIAL_TABLES))}), a "

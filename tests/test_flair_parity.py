@@ -11,7 +11,7 @@ import torch
 from tiny_models import PROMPT, sd3_pipeline, tiny_taesd
 
 from guidance import MeasurementFidelity, get_method
-from guidance.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, CRWTable, calibrate, official_crw_name,
+from guidance.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, calibrate, load_crw, official_crw_name,
                                   official_crw_table, resolve_crw)
 from guidance.loading import ModelNotFoundError, load_model
 from guidance.methods.flair import PRESETS, flair_grid
@@ -75,7 +75,10 @@ def test_load_picks_the_official_table_by_model_id(sd3, name_or_path, scale, exp
     cond = model.condition(PROMPT, "", scale)
     assert official_crw_name(model, cond) == expected
     table, origin = resolve_crw(None, model, cond, 32, 32, cache_dir=tmp_path)
+    found = load_crw(model, cond, 32, 32, cache_dir=tmp_path)
+    assert (found is None) == (expected is None)
     if expected:
+        assert found.metadata["kind"] == "official" and torch.equal(found.weights, table.weights)
         assert origin == f"official:{expected}" and torch.equal(table.mse, official_crw_table(expected).mse)
     else:
         assert origin == "default" and table is DEFAULT_CRW
@@ -239,3 +242,20 @@ def test_benchmark_preset_refuses_what_does_not_fit(hub_cache, tmp_path):
                       progress=False)
     with pytest.raises(ValueError, match="unknown preset"):
         run_benchmark(images, out=tmp_path / "c", preset="flair_sr13", progress=False)
+
+
+@pytest.mark.parametrize("name", ["flair_inpaint", "flair_motion_deblur"])
+def test_benchmark_runs_the_other_flair_presets_as_published(hub_cache, tmp_path, name):
+    from tasks.benchmark import run_benchmark
+
+    preset = get_preset(name)
+    result = run_benchmark(_photos(tmp_path / "images", 1), out=tmp_path / "out", preset=name, size=48,
+                           device="cpu", progress=False)
+    settings = result.summary["settings"]
+    assert settings["preset"]["overrides"] == {"size": {"preset": 768, "used": 48}}
+    assert settings["operators"] == preset["operators"] and settings["seed"] == 42
+    assert settings["prompt"] == "a high quality photo of a face" and settings["guidance_scale"] == 2.0
+    (row,) = result.summary["items"]
+    assert row["status"] == "ok" and row["nfe"] == 50
+    item = json.loads((tmp_path / "out" / "items" / f"{row['item']}.json").read_text())["settings"]
+    assert item["resolved"]["data_lr"] == 0.1 and item["resolved"]["crw_origin"] == "official:sd3.5-medium"
