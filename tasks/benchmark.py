@@ -10,6 +10,10 @@ and ``--methods`` may also be repeated)::
     flowsteer benchmark --images photos --operators "sr:factor=4;gaussian_blur:sigma=3" \\
         --methods flair,dps --model stabilityai/stable-diffusion-3.5-medium --out results/bench
     accelerate launch --num_processes 4 -m tasks.benchmark --images photos ...     # 4 GPUs, same arguments
+    flowsteer benchmark --preset flair_sr12 --images div2k --captions captions.txt --out results/sr12
+
+A ``--preset`` (``flowsteer presets``) runs a published setting whole (:mod:`tasks.parity`); what is given besides it
+overrides it and is recorded in the settings as an override.
 
 Protocol. Images (PNG, JPEG, BMP, TIFF, WebP; sorted by name; the first ``limit``) are center-cropped to a square
 and resized to ``size`` (bicubic). Image number i uses seed ``seed + 2 i``: :func:`tasks.restore.restore` draws

@@ -28,42 +28,102 @@ class MethodResult(ImageOutput):
 
 
 class DivergenceError(ValueError):
-    """The solver state became NaN or infinite."""
+    """The solver state became NaN, infinite, or far larger than any state of unguided sampling."""
 
 
-def _diverged(method: str, step: int, hint: str) -> DivergenceError:
-    return DivergenceError(f"{method} diverged: the state became NaN or infinite at step {step}; {hint}")
+#: A state whose per-sample RMS exceeds DIVERGENCE_FACTOR times its reference scale (:func:`reference_scale`)
+#: has diverged. Unguided states never come near it: along x_s = (1 − s) x0 + s ε the RMS stays below about
+#: max(RMS(x0), RMS(ε)) ≈ the reference itself.
+DIVERGENCE_FACTOR = 100.0
 
 
-def check_finite_state(x: torch.Tensor, step: int, method: str, hint: str = "use a smaller step size") -> None:
-    """Stop with a clear error when the state diverged (one host-device synchronisation)."""
-    if not bool(torch.isfinite(x).all()):
-        raise _diverged(method, step, hint)
+def state_rms(x: torch.Tensor) -> torch.Tensor:
+    """(B,) per-sample root mean square sqrt(mean(x²)), accumulated in float64 so that a finite float32 state
+    never overflows to inf (no host read)."""
+    flat = x.detach().flatten(1)
+    return (torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) / flat.shape[1] ** 0.5).float()
+
+
+def data_rms(model) -> float | None:
+    """The RMS of the model's data where the model knows it exactly: an analytic Gaussian-mixture prior gives
+    sqrt(Σ_k π_k (tr Σ_k + ‖μ_k‖²) / d). None for models that only sample (networks)."""
+    from ..models.analytic import GaussianMixture
+
+    prior = getattr(model, "prior", None)
+    if not isinstance(prior, GaussianMixture):
+        return None
+    second = prior.covariances.diagonal(dim1=-2, dim2=-1).sum(-1) + prior.means.square().sum(-1)
+    return float((prior.weights @ second / prior.dim).sqrt())
+
+
+def reference_scale(model, *states: torch.Tensor) -> torch.Tensor:
+    """(B,) the scale a sample's state is measured against: max(1, RMS of the model's data where known
+    (:func:`data_rms`), per-sample RMS of each given state). The states are where the method starts (the
+    initial noise, with RMS ≈ 1) and the data it is anchored to (FLAIR's E(A⁺y), an edit's source latent), so
+    images in [-1, 1] and unit-variance latents get 1, and a model or input of larger scale gets its own."""
+    scale = torch.ones((), dtype=torch.float32, device=states[0].device if states else "cpu")
+    known = data_rms(model)
+    if known is not None:
+        scale = scale.clamp_min(known)
+    for state in states:
+        scale = torch.maximum(scale, state_rms(state).to(scale.device))
+    return scale
+
+
+def beyond_bound(x: torch.Tensor, reference: torch.Tensor,
+                 factor: float = DIVERGENCE_FACTOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """The divergence test of every guided method: (diverged, rms) with rms = :func:`state_rms` (B,) and
+    diverged a 0-d bool tensor, true when some sample's RMS is NaN, infinite or above factor · reference
+    (the reference of :func:`reference_scale`). No host read."""
+    rms = state_rms(x)
+    return ~(rms <= factor * reference.to(rms.device)).all(), rms
 
 
 class DivergenceMonitor:
-    """Watch the state for NaN / inf without synchronising inside the loop: :meth:`update` records, on the
-    state's device, the first step at which it stopped being finite; :meth:`check` reads that once, after the
-    loop, and raises a :class:`DivergenceError` naming the step. ``enabled=False`` makes both no-ops."""
+    """Watch the state for divergence without synchronising inside the loop: :meth:`update` records, on the
+    state's device, the first step at which :func:`beyond_bound` held (NaN / inf, or a per-sample RMS above
+    ``factor`` × ``reference``) and the RMS at that step; :meth:`check` reads that once, after the loop (or
+    after each step, for loops that synchronise anyway), and raises a :class:`DivergenceError` naming the step,
+    the state's scale and ``hint``, the fix. ``reference``: (B,) or scalar scales from :func:`reference_scale`
+    (default 1). ``enabled=False`` makes both no-ops."""
 
-    def __init__(self, method: str, hint: str = "use a smaller step size", enabled: bool = True):
-        self.method, self.hint, self.enabled = method, hint, enabled
+    def __init__(self, method: str, hint: str = "use a smaller step size", enabled: bool = True,
+                 reference: torch.Tensor | float = 1.0, factor: float = DIVERGENCE_FACTOR):
+        self.method, self.hint, self.enabled, self.factor = method, hint, enabled, float(factor)
+        self.reference = torch.as_tensor(reference, dtype=torch.float32)
         self.first_bad: torch.Tensor | None = None
+        self.rms_at_bad: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, step: int) -> None:
         if not self.enabled:
             return
         if self.first_bad is None:
+            self.reference = self.reference.to(x.device)
             self.first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
-        bad = ~torch.isfinite(x).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+            self.rms_at_bad = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        bad, rms = beyond_bound(x, self.reference, self.factor)
+        new = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.rms_at_bad = torch.where(new, rms, self.rms_at_bad)
 
     def check(self) -> None:
         if self.first_bad is None:
             return
-        step = int(self.first_bad)  # the one host-device synchronisation, after the loop
+        step = int(self.first_bad)  # the one host-device synchronisation
         if step >= 0:
-            raise _diverged(self.method, step, self.hint)
+            raise self._error(step)
+
+    def _error(self, step: int) -> DivergenceError:
+        rms = self.rms_at_bad.double().cpu()
+        reference = self.reference.double().cpu().expand_as(rms)
+        if not bool(torch.isfinite(rms).all()):
+            what = "the state became NaN or infinite"
+        else:
+            worst = int((rms / reference).argmax())
+            what = (f"the state's scale (per-sample RMS) reached {float(rms[worst]):.3g}, "
+                    f"{float(rms[worst] / reference[worst]):.3g}× its reference scale {float(reference[worst]):.3g} "
+                    f"(unguided sampling stays near 1×; the bound is divergence_factor {self.factor:g}×)")
+        return DivergenceError(f"{self.method} diverged: {what} at step {step}; {self.hint}")
 
 
 def check_nonnegative(value, name: str) -> float:

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective
 from ..sampler import start_state, step_end
-from .common import (CountingModel, DivergenceError, MethodResult, check_finite_state, check_nonnegative,
-                     guided_steps, measurement_batch_size)
+from .common import (CountingModel, DivergenceError, DivergenceMonitor, MethodResult, check_nonnegative,
+                     guided_steps, measurement_batch_size, reference_scale)
 
 __all__ = ["dps", "activation_checkpointing"]
 
@@ -96,7 +96,10 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
             rewards, losses that may be negative). Default: True for a MeasurementFidelity, False otherwise.
         gradient_checkpointing: recompute the network's activations in the backward pass (diffusers models that
             support it) to cut the activation memory; the previous setting is restored after the run.
-        check_divergence: stop with a :class:`DivergenceError` naming the step when the state becomes NaN/inf.
+        check_divergence: stop with a :class:`DivergenceError` naming the step and the state's scale when the
+            residual or the state becomes NaN/inf, or a sample's RMS exceeds ``DIVERGENCE_FACTOR`` (100) times
+            its reference scale, as in :func:`~guidance.methods.flowchef.flowchef`. Checked after every step (one
+            host read, as the residual check already costs).
 
     Returns:
         :class:`MethodResult`; ``info["residual"]``: r at the last guided step per sample (None without one),
@@ -115,6 +118,8 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
     objective.bind(model, state.height, state.width)
 
     residual = None
+    hint = f"use a smaller step_size than {step_size}"
+    monitor = DivergenceMonitor("dps", hint, check_divergence, reference_scale(model, x))
     with activation_checkpointing(model, gradient_checkpointing):
         for i in tqdm(range(num_steps), disable=not progress, desc="dps"):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -136,10 +141,10 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
                 x = x - step_size * grad.to(x.dtype)
             x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
             if check_divergence:
-                hint = f"use a smaller step_size than {step_size}"
                 if residual is not None and i in guided and not bool(torch.isfinite(residual).all()):
                     raise DivergenceError(f"dps diverged: the residual r became NaN or infinite at step {i}; {hint}")
-                check_finite_state(x, i, "dps", hint=hint)
+                monitor.update(x, i)
+                monitor.check()  # stop at once: every further step would cost a network backward pass
 
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas,

@@ -33,8 +33,8 @@ from ..calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
 from ..sampler import initial_noise, start_state, step_end
-from .common import (CountingModel, MethodResult, check_count, check_finite_state, check_flag, check_nonnegative,
-                     initial_image)
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
+                     initial_image, reference_scale)
 
 __all__ = ["flair", "flair_grid", "dta_noise", "regularizer_step", "data_consistency", "initial_image",
            "default_data_lr", "operator_gain", "sr_data_lr", "PRESETS"]
@@ -153,7 +153,11 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
             or -large at CFG scale 2, else :data:`~guidance.calibration.DEFAULT_CRW` with a warning that
             calibration is advised (:func:`guidance.calibration.resolve_crw`).
         dta: deterministic trajectory adjustment (a = 1 − s); False draws fresh noise each step (a = 0).
-        check_divergence: stop with a DivergenceError naming the step when mu becomes NaN or infinite.
+        check_divergence: stop with a DivergenceError naming the step and mu's scale when mu becomes NaN or
+            infinite or a sample's RMS exceeds ``DIVERGENCE_FACTOR`` (100) times its reference scale, the larger of
+            1 and the RMS of the starting mu = E(A⁺y), of the starting noise and of the model's data where known
+            (:func:`~guidance.methods.common.reference_scale`): mu is a clean latent, whose RMS stays near that of
+            E(A⁺y). Checked after every step.
         crw_cache_dir: where automatic lookup searches for calibrated tables (default as in calibration).
 
     Returns:
@@ -206,6 +210,8 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     counted = CountingModel(model)
     mu = model.encode(init.contiguous()).float()
     step_counts, losses = [], []
+    hint = f"use a smaller data_lr than {data_lr:.3g} or fewer data_steps"
+    monitor = DivergenceMonitor("flair", hint, check_divergence, reference_scale(model, mu, eps_hat))
     for i in tqdm(range(num_steps), disable=not progress, desc="FLAIR"):
         s, w = float(grid[i]), weights[i]
         eps = dta_noise(eps_hat, initial_noise(tuple(mu.shape), generator, device), s, dta)
@@ -214,8 +220,8 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
         eps_hat = eps_from_velocity(x_s, v, s)
         mu = regularizer_step(mu, v, eps, w)
         mu, steps, loss = data_consistency(model, objective, mu, y, data_lr * w, data_steps, threshold)
-        if check_divergence:
-            check_finite_state(mu, i, "flair", "use a smaller data_lr or fewer data_steps")
+        monitor.update(mu, i)
+        monitor.check()  # the data steps read the device every iteration anyway
         step_counts.append(steps)
         losses.append(loss)
         if callback is not None:

@@ -31,7 +31,7 @@ from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective, ResampledNoiseFidelity, objective_gradient
 from ..sampler import start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
-                     data_term_gain, guided_steps, measurement_batch_size)
+                     data_term_gain, guided_steps, measurement_batch_size, reference_scale)
 
 __all__ = ["DEFAULT_STEP_SIZE", "OPTIMIZERS", "InnerOptimizer", "PRESETS", "flowchef", "loss_history"]
 
@@ -107,6 +107,15 @@ def loss_history(losses: list[list[torch.Tensor]], inner_steps: int, batch: int)
     return torch.stack([torch.stack(per_step) for per_step in losses]).float().cpu()
 
 
+def _divergence_hint(step_size: float, optimizer: str, normalize_step: bool, normalize: str | None) -> str:
+    """The fix a DivergenceError of flowchef names: a smaller step, and the scale-free steps not yet in use."""
+    hint = f"use a smaller step_size than {step_size}"
+    if optimizer != "adam" and not normalize_step and not normalize:
+        hint += (", or normalize_step=True (the step divided by ‖A‖² of a linear pixel-space operator) or "
+                 "normalize='grad' (a step of step_size in RMS, whatever the loss's scale)")
+    return hint
+
+
 @torch.no_grad()
 def flowchef(
     model,
@@ -165,8 +174,11 @@ def flowchef(
             ``step_size`` is the RMS move of x per update in latent units whatever the scale of the loss: the
             step for a custom objective (``CallableObjective``, ``RewardObjective``, a classifier) without
             guessing its scale; 0.02-0.1 suits unit-variance latents. None (default): the plain gradient.
-        check_divergence: stop with a :class:`~guidance.methods.common.DivergenceError` naming the step when
-            the state becomes NaN or infinite.
+        check_divergence: stop with a :class:`~guidance.methods.common.DivergenceError` naming the step and the
+            state's scale when the state becomes NaN or infinite, or when a sample's RMS exceeds
+            ``DIVERGENCE_FACTOR`` (100) times its reference scale, the larger of 1, the starting noise's RMS and
+            the model's data RMS where known (:func:`~guidance.methods.common.reference_scale`): unguided states
+            stay near 1×. Checked on the device and read once, after the loop.
         official_quirks: True reproduces, for parity runs, what FlowChef's official loop does differently: with
             a pixel-space :class:`~guidance.objectives.MeasurementFidelity` whose noise_std is > 0 the
             measurement noise is drawn anew, from ``generator`` after the starting noise, at every evaluation
@@ -216,7 +228,8 @@ def flowchef(
     lr = step_size / data_term_gain(objective, image_shape, x.device) if normalize_step else step_size
 
     losses: list[list[torch.Tensor]] = []
-    monitor = DivergenceMonitor("flowchef", f"use a smaller step_size than {step_size}", check_divergence)
+    monitor = DivergenceMonitor("flowchef", _divergence_hint(step_size, optimizer, normalize_step, normalize),
+                                check_divergence, reference_scale(model, x))
     for i in tqdm(range(num_steps), disable=not progress, desc="flowchef"):
         s_i, s_next = sigmas[i], sigmas[i + 1]
         v = model.velocity(x, s_i, cond)  # once per step, no autograd; held fixed below

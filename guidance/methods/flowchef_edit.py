@@ -33,7 +33,8 @@ from ..flow import euler_step, x0_from_velocity
 from ..images import image_tensor
 from ..objectives import Objective, objective_gradient, official_latent_mask, unshifted_latent
 from ..sampler import start_state, step_end
-from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps,
+                     reference_scale)
 from .flowchef import InnerOptimizer, check_optimizer, loss_history
 
 __all__ = ["OFFICIAL_EDIT_QUIRKS", "SourcePull", "flowchef_edit", "instaflow_edit_mask", "latent_edit_mask"]
@@ -196,8 +197,9 @@ def flowchef_edit(
             averaged over each latent cell.
         source_prompt, edit_prompt: text describing the source and the wanted result (strings or lists of n),
             or conditions from ``model.condition(...)``, used as they are.
-        step_size, inner_steps, optimizer, momentum, window, check_divergence: as in
-            :func:`~guidance.methods.flowchef.flowchef`.
+        step_size, inner_steps, optimizer, momentum, window: as in :func:`~guidance.methods.flowchef.flowchef`.
+        check_divergence: as in :func:`~guidance.methods.flowchef.flowchef`; the reference scale is the larger of
+            1, the RMS of the starting noise, of the source latent and of the model's data where known.
         source_steps: steps that pull the whole image toward the source (all steps when larger than num_steps).
         edit_guidance: w, the weight of the prompt contrast inside the mask (0: the edit prompt alone).
         source_weight: scale of the latent MSE pull (1000 in the official code).
@@ -280,7 +282,9 @@ def flowchef_edit(
         objective.bind(model, state.height, state.width)
 
     losses: list[list[torch.Tensor]] = []
-    monitor = DivergenceMonitor("flowchef_edit", f"use a smaller step_size than {step_size}", check_divergence)
+    # the reference scale: max(1, RMS of the starting noise, of the source latent, of the model's data if known)
+    monitor = DivergenceMonitor("flowchef_edit", f"use a smaller step_size than {step_size}", check_divergence,
+                                reference_scale(model, x, z_src))
     for i in tqdm(range(num_steps), disable=not progress, desc="flowchef edit"):
         s_i, s_next = sigmas[i], sigmas[i + 1]
         v_src = model.velocity(x, s_i, cond_src)

@@ -43,7 +43,7 @@ from ..flow import interpolate, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import initial_noise, start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
-                     data_term_gain, measurement_batch_size)
+                     data_term_gain, measurement_batch_size, reference_scale)
 
 __all__ = ["PRESETS", "TIME_GRIDS", "pnp_flow", "uniform_grid"]
 
@@ -84,7 +84,9 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
             objectives without a linear pixel-space operator.
         time_grid: "model" (the model's own schedule without its final 0) or "uniform" (the official
             s_i = 1 − i / N, also for a model whose schedule is shifted).
-        check_divergence: stop with a :class:`DivergenceError` naming the step when the state becomes NaN/inf.
+        check_divergence: stop with a :class:`DivergenceError` naming the step and the state's scale when the
+            state becomes NaN/inf or a sample's RMS exceeds ``DIVERGENCE_FACTOR`` (100) times its reference scale,
+            as in :func:`~guidance.methods.flowchef.flowchef`; read once, after the loop.
 
     Returns:
         :class:`MethodResult`; ``x`` is the last averaged clean estimate, ``sigmas`` the N levels used;
@@ -109,7 +111,9 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     gain = data_term_gain(objective, image_shape, x.device) if normalize_step else 1.0
 
     loss = None
-    monitor = DivergenceMonitor("pnp_flow", f"use a smaller step_size than {step_size}", check_divergence)
+    hint = f"use a smaller step_size than {step_size}" + ("" if normalize_step else
+                                                           ", or normalize_step=True (the step divided by ‖A‖²)")
+    monitor = DivergenceMonitor("pnp_flow", hint, check_divergence, reference_scale(model, x))
     for i in tqdm(range(num_steps), disable=not progress, desc="pnp_flow"):
         sigma = sigmas[i]
         gamma = step_size / gain * float(sigma) ** step_exponent
