@@ -28,6 +28,7 @@ _LAZY = {
     "FluxModel": "guidance.models.flux",
     "FluxCondition": "guidance.models.flux",
     "GenericFlowModel": "guidance.models.generic",
+    "flowsteer_reconstructor": "guidance.deepinv_reconstructor",
 }
 
 __all__ = [

@@ -5,6 +5,7 @@ from .base import LinearOperator, Operator, check_finite, check_image
 from .colorization import Colorization
 from .composition import Composition
 from .convolution import Convolution
+from .deepinv_bridge import DeepinvOperator, from_deepinv, to_deepinv  # deepinv itself is imported on first use
 from .denoising import Denoising
 from .function import FunctionOperator
 from .gaussian_blur import GaussianBlur
@@ -22,5 +23,5 @@ __all__ = [
     "Inpainting", "JPEGCompression", "LineMotionBlur", "LinearOperator", "MotionBlur", "Operator",
     "OperatorEntry", "RandomInpainting", "as_operator", "box_mask", "check_finite", "check_image", "freeform_mask",
     "get_entry", "list_operators", "make_operator", "mask_from_file", "operator_name", "operator_spec", "parse_spec",
-    "random_mask", "random_trajectory_kernel",
+    "random_mask", "random_trajectory_kernel", "DeepinvOperator", "from_deepinv", "to_deepinv",
 ]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import LinearOperator, Operator
+from .noise import randn_like
 
 
 class Composition(LinearOperator):
@@ -36,6 +37,41 @@ class Composition(LinearOperator):
 
     def check_input(self, x: torch.Tensor) -> None:
         self.parts[0].check_input(x)
+
+    def check_measurement(self, y: torch.Tensor) -> None:
+        self._require_linear()
+        self.parts[-1].check_measurement(y)
+
+    def _linear_tail(self) -> tuple[list[Operator], list[Operator]]:
+        """(the parts up to the last nonlinear one, the linear parts after it)."""
+        last = max((i for i, op in enumerate(self.parts) if not op.is_linear), default=-1)
+        return list(self.parts)[:last + 1], list(self.parts)[last + 1:]
+
+    @property
+    def structural_zeros(self) -> bool:
+        return any(op.structural_zeros for op in self._linear_tail()[1])
+
+    def measured_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Where A x can be nonzero, when a linear stage after the last nonlinear one has structural zeros (an
+        inpainting stage): the entries that those linear stages map a Gaussian probe (float64, drawn from a
+        fixed-seed generator) to a nonzero. A zero row of A gives an exact 0 for every input; a nonzero row gives
+        0 with probability 0. None when no such stage has structural zeros."""
+        head, tail = self._linear_tail()
+        if not any(op.structural_zeros for op in tail):
+            return None
+        with torch.no_grad():
+            for op in head:
+                x = op(x)
+            probe = randn_like(x.to(torch.float64 if x.device.type != "mps" else x.dtype),
+                               torch.Generator().manual_seed(0))
+            try:
+                for op in tail:
+                    probe = op(probe)
+            except RuntimeError:  # a wrapped module that computes in its own dtype only
+                probe = randn_like(x, torch.Generator().manual_seed(0))
+                for op in tail:
+                    probe = op(probe)
+        return probe != 0
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         for op in self.parts:

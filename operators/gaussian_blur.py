@@ -34,6 +34,11 @@ class GaussianBlur(Convolution):
     centres its kernels on a pixel and keeps the image size, so that A is a same-size blur; the official form
     exists for parity runs only and needs ``padding="constant"`` (zeros, as the official code pads).
 
+    The centred kernel is deepinv's ``physics.functional.gaussian_blur(sigma=(σ, σ), psf_size=(k, k))``, and the
+    operator equals deepinv's ``Blur(filter, padding=p)`` (``deepinv/physics/blur.py``) for every padding p here
+    (``constant`` being deepinv's zeros) and ``BlurFFT`` for ``circular``, to float64 precision: the kernel is
+    symmetric, so deepinv's convolution and this cross-correlation agree.
+
     Args:
         kernel_size: odd side of the kernel (61 in DPS / FLAIR benchmarks); any positive side with
             ``centring="official"``.

@@ -136,7 +136,9 @@ class MotionBlur(Convolution):
     a cross-correlation (kornia's ``filter2d``, the kernel is not flipped) over a reflect-padded image (k//2
     pixels, whole-sample reflection), which is exactly FLAIR's ``Blurkernel`` (``ReflectionPad2d(k//2)`` then
     ``Conv2d``, also a correlation, ``src/flair/utils/blur_util.py``); so ``padding="reflect"`` (the default)
-    gives the official measurement, and no flip is needed.
+    gives the official measurement, and no flip is needed. deepinv's ``Blur`` (``deepinv/physics/blur.py``) is a
+    true convolution: it equals this operator given the flipped kernel, ``Blur(filter=k.flip(-1, -2)[None, None],
+    padding="reflect")``, to float64 precision (tests/test_deepinv_parity.py).
     """
 
     def __init__(self, kernel_size: int = 61, intensity: float = 0.5, seed: int = 0, padding: str = "reflect",

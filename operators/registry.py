@@ -53,7 +53,7 @@ REGISTRY: dict[str, OperatorEntry] = {
     entry.name: entry
     for entry in [
         OperatorEntry("gaussian_blur", GaussianBlur),
-        OperatorEntry("motion_blur", MotionBlur),
+        OperatorEntry("motion_blur", MotionBlur, example={"kernel_size": 31}),
         OperatorEntry("line_motion_blur", LineMotionBlur),
         OperatorEntry("sr", BicubicDownsampling),
         OperatorEntry("sr_avgpool", AveragePoolDownsampling),

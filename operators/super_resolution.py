@@ -96,6 +96,14 @@ class BicubicDownsampling(Downsampling):
     offsets), while the taps here stay centred on the block (4f − 1 taps); the two differ for odd factors.
     The official operator applies the matrix through its SVD with 1-D singular values below 3e-2 zeroed; none
     are that small for these kernels (the smallest is 0.20, at ×12 on 768 pixels), so nothing is truncated.
+
+    deepinv (``deepinv/physics/blur.py``): ``DownsamplingMatlab(factor=f)`` (MATLAB's ``imresize``: the same centres,
+    stretched kernel and half-sample symmetric borders) equals ``padding="symmetric"`` for every factor, and
+    ``Downsampling(filter="bicubic", factor=2, padding="reflect")`` equals the default at f = 2, to float64
+    precision. For other factors deepinv's ``Downsampling`` keeps input sample m·f of its filtered image, with the
+    filter (4f taps at half-integer offsets) centred half a pixel later, so output m is centred at m·f + 1/2
+    rather than at the block centre (m + 1/2)·f − 1/2: (f − 2)/2 pixels earlier (one pixel at ×4); for odd f the
+    two centres differ by a half-integer and no shift aligns them.
     """
 
     def __init__(self, factor: int = 4, noise_std: float = 0.0, poisson_rate: float | None = None,

@@ -82,11 +82,15 @@ def default_data_lr(operator, image_shape: tuple[int, ...], pixel_space: bool, m
 
 
 def _image_size(operator, y: torch.Tensor) -> tuple[int, int]:
-    """The image size A⁺ maps the measurement to (y's own size for nonlinear operators)."""
+    """The image size A⁺ maps the measurement to (y's own size for nonlinear operators with image measurements);
+    a ValueError asking for height and width where the measurement does not tell it."""
     if getattr(operator, "is_linear", False):
         shape = operator.input_shape(tuple(y.shape))
-    else:
+    elif y.ndim == 4:
         shape = tuple(y.shape)
+    else:
+        raise ValueError(f"the measurement of shape {tuple(y.shape)} is not an image, so it does not tell the "
+                         f"image size; pass height= and width=")
     return int(shape[-2]), int(shape[-1])
 
 
