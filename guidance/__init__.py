@@ -14,20 +14,19 @@ from .loading import ModelNotFoundError, load_decoder, load_model
 from .methods import DivergenceError, MethodResult, get_method, list_methods
 from .objectives import (CallableObjective, ClassifierObjective, MeasurementFidelity, Objective, RewardObjective,
                          objective_gradient)
-from .models.analytic import AnalyticGMMFlow, GaussianMixture, image_patches
-from .models.analytic_simplex import AnalyticSimplexFlow, CategoricalMixture
-from .models.base import FlowModel
-from .models.simplex import GumbelSoftmaxPath, SequenceSample, SimplexFlow, check_simplex, sample_sequences
-from .models.simplex_network import EndpointNetwork, NetworkSimplexFlow, train_simplex_flow
+from .analytic import AnalyticGMMFlow, AnalyticSimplexFlow, CategoricalMixture, GaussianMixture, image_patches
+from .backbones import FlowModel
+from .sequences import (EndpointNetwork, GumbelSoftmaxPath, NetworkSimplexFlow, SequenceSample, SimplexFlow,
+                        check_simplex, sample_sequences, train_simplex_flow)
 from .sampler import SampleResult, initial_noise, sample, start_state
 from .sequence_classifier import SequenceClassifier, train_sequence_classifier
 
 _LAZY = {
-    "SD3Model": "guidance.models.sd3",
-    "SD3Condition": "guidance.models.sd3",
-    "FluxModel": "guidance.models.flux",
-    "FluxCondition": "guidance.models.flux",
-    "GenericFlowModel": "guidance.models.generic",
+    "SD3Model": "guidance.backbones.sd3",
+    "SD3Condition": "guidance.backbones.sd3",
+    "FluxModel": "guidance.backbones.flux",
+    "FluxCondition": "guidance.backbones.flux",
+    "GenericFlowModel": "guidance.backbones.generic",
     "flowsteer_reconstructor": "guidance.deepinv_reconstructor",
 }
 

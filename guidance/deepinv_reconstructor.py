@@ -81,7 +81,7 @@ def flowsteer_reconstructor(model, method: str = "flair", *, num_steps: int = 28
     """A ``deepinv.models.Reconstructor`` running flowsteer's ``method`` on ``model``: ``x_hat = rec(y, physics)``.
 
     Args:
-        model: a flowsteer flow model (:class:`~guidance.models.base.FlowModel`) whose images have the physics' input
+        model: a flowsteer flow model (:class:`~guidance.backbones.base.FlowModel`) whose images have the physics' input
             shape.
         method: a registered method name (:func:`guidance.methods.list_methods`), e.g. ``"flair"``, ``"flowchef"``.
         num_steps: sampling steps.

@@ -5,10 +5,10 @@
     load_model(pipe)                                # reuse a StableDiffusion3Pipeline / FluxPipeline as it is
 
 The kind of model is read from the folder's ``model_index.json``: Stable Diffusion 3 / 3.5 pipelines give an
-:class:`~guidance.models.sd3.SD3Model`, FLUX.1 pipelines a :class:`~guidance.models.flux.FluxModel`, and a
+:class:`~guidance.backbones.sd3.SD3Model`, FLUX.1 pipelines a :class:`~guidance.backbones.flux.FluxModel`, and a
 folder whose index lists a ``unet`` or ``transformer`` (plus optional ``vae`` and ``scheduler``) without text
-encoders a :class:`~guidance.models.generic.GenericFlowModel`. Only safetensors weights are loaded and no
-remote code is ever run.
+encoders a :class:`~guidance.backbones.generic.GenericFlowModel`; the families are the entries of
+:mod:`guidance.backbones.registry`. Only safetensors weights are loaded and no remote code is ever run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 
 from .devices import check_device, check_dtype
 from .manifest import DamagedModelError, verify_manifest
-from .models.base import FlowModel
+from .backbones.base import FlowModel
+from .backbones.registry import family_for_index, get_backbone, pipeline_families
 
 __all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model", "quiet_loading"]
 
@@ -116,18 +117,19 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def _classify(index: dict) -> str:
+    """The backbone family (a name in :data:`~guidance.backbones.registry.BACKBONES`) of a folder's index."""
+    family = family_for_index(index)
+    if family is not None:
+        return family.name
     name = str(index.get("_class_name", ""))
-    if name.startswith("StableDiffusion3"):
-        return "sd3"
-    if name.startswith("Flux"):
-        return "flux"
     has_text = any(key.startswith("text_encoder") for key in index)
     if not has_text and ("unet" in index or "transformer" in index):
         return "generic"
+    titles = [b.title for b in pipeline_families()]
     raise ValueError(
-        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads Stable Diffusion 3 / 3.5 and "
-        "FLUX.1 pipelines, or text-free folders with a 'unet' or 'transformer' (plus optional 'vae' and "
-        "'scheduler'); wrap other networks with GenericFlowModel"
+        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads "
+        f"{' and '.join(titles)} pipelines, or text-free folders with a 'unet' or 'transformer' (plus optional "
+        "'vae' and 'scheduler'); wrap other networks with GenericFlowModel"
     )
 
 
@@ -223,20 +225,16 @@ def _autoencoders(decoder, encoder, **kwargs) -> tuple[Any, Any]:
 
 
 def _adapter_for_pipeline(pipe, decoder, encoder=None) -> FlowModel:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
+    """The adapter of the family whose transformer class the pipeline holds."""
     transformer = getattr(pipe, "transformer", None)
-    if isinstance(transformer, SD3Transformer2DModel):
-        from .models.sd3 import SD3Model
-
-        return SD3Model(pipe, decoder=decoder, encoder=encoder)
-    if isinstance(transformer, FluxTransformer2DModel):
-        from .models.flux import FluxModel
-
-        return FluxModel(pipe, decoder=decoder, encoder=encoder)
+    families = pipeline_families()
+    for family in families:
+        if isinstance(transformer, family.transformer_class()):
+            return family.adapter_class()(pipe, decoder=decoder, encoder=encoder)
     raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}: pass a StableDiffusion3Pipeline or FluxPipeline (or a "
-        "pipeline with an SD3 / Flux transformer), or wrap the network with GenericFlowModel"
+        f"unsupported pipeline {type(pipe).__name__}: pass a {' or '.join(b.pipeline for b in families)} (or a "
+        f"pipeline with an {' / '.join(b.short for b in families)} transformer), or wrap the network with "
+        "GenericFlowModel"
     )
 
 
@@ -276,7 +274,7 @@ def load_model(
     torch_dtype: torch.dtype | str | None = None,
     **options,
 ) -> FlowModel:
-    """Build a :class:`~guidance.models.base.FlowModel`.
+    """Build a :class:`~guidance.backbones.base.FlowModel`.
 
     Args:
         source: a hub id ("stabilityai/stable-diffusion-3.5-medium"), a local folder with a
@@ -292,7 +290,7 @@ def load_model(
             with TAESD3: ``decoder="madebyollin/taesd3", encoder="madebyollin/taesd3"`` (loaded once).
         options: for SD3 / Flux sources, passed to the pipeline's ``from_pretrained`` (e.g. ``variant="fp16"``,
             or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic folders, passed to
-            :class:`~guidance.models.generic.GenericFlowModel` (``timestep_scale``, ``shift``, ...).
+            :class:`~guidance.backbones.generic.GenericFlowModel` (``timestep_scale``, ``shift``, ...).
 
     Raises:
         ModelNotFoundError: the weights are not on this machine (the message says how to get them).
@@ -328,7 +326,7 @@ def load_model(
         )
     source = os.fspath(source)
     if source == "default":
-        from .models.default import DefaultModelError, _restore_hint, check_default_model
+        from .backbones.default import DefaultModelError, _restore_hint, check_default_model
 
         folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
         try:
@@ -359,8 +357,6 @@ def load_model(
     index = _read_index(source, local_files_only)
     kind = _classify(index)
     if kind == "generic":
-        from .models.generic import GenericFlowModel
-
         network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)
         if device is not None:
             network = network.to(device)
@@ -371,18 +367,14 @@ def load_model(
         options.setdefault("scheduler", scheduler)
         for key, value in (index.get("flowsteer") or {}).items():  # the folder's own adapter settings
             options.setdefault(key, value)
-        model = GenericFlowModel(network, vae, decoder=decoder, encoder=encoder, **options)
+        model = get_backbone(kind).adapter_class()(network, vae, decoder=decoder, encoder=encoder, **options)
         model.name_or_path = source
         if Path(source, "calibration").is_dir():
             model.calibration_dir = Path(source, "calibration")
         return model
 
-    if kind == "sd3":
-        from diffusers import StableDiffusion3Pipeline as pipeline_class
-    else:
-        from diffusers import FluxPipeline as pipeline_class
-    pipe = _from_pretrained(pipeline_class, source, local_files_only, use_safetensors=True, **_dtype_kwargs(dtype),
-                            **options)
+    pipe = _from_pretrained(get_backbone(kind).pipeline_class(), source, local_files_only, use_safetensors=True,
+                            **_dtype_kwargs(dtype), **options)
     if device is not None:
         pipe = pipe.to(device)
     decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or pipe._execution_device,

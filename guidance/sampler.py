@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .flow import euler_step, x0_from_velocity
 from .images import ImageOutput
-from .models.base import FlowModel, check_num_steps
+from .backbones.base import FlowModel, check_num_steps
 
 __all__ = ["SampleResult", "StartState", "initial_noise", "sample", "start_state", "step_end"]
 
@@ -173,7 +173,7 @@ def sample(
     """Generate with the Euler sampler.
 
     Args:
-        model: a :class:`~guidance.models.base.FlowModel`.
+        model: a :class:`~guidance.backbones.base.FlowModel`.
         cond: conditioning from ``model.condition(...)``; None asks the model for its default (an empty prompt
             for text models, nothing for unconditional ones).
         num_steps: number of Euler steps (network evaluations, doubled inside the model with CFG).

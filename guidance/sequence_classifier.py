@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models.simplex import check_length_and_vocabulary
-from .models.simplex_network import check_positive_int, check_tokens, seed_from
+from .sequences.simplex import check_length_and_vocabulary
+from .sequences.network import check_positive_int, check_tokens, seed_from
 
 __all__ = ["SequenceClassifier", "train_sequence_classifier"]
 

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .base import LinearOperator, Operator
 from .noise import randn_like
+
+#: How a part that is not yet an Operator (a spec string, a callable, an ``nn.Module``) becomes one. The registry,
+#: which holds Composition as its ``compose`` entry, installs its :func:`operators.as_operator` here when it loads
+#: (``operators`` always loads it), so this module needs nothing from the registry.
+_part_resolver: Callable[[Any], Operator] | None = None
+
+
+def resolve_parts_with(resolver: Callable[[Any], Operator]) -> None:
+    """Make ``resolver`` turn the parts of every Composition built from now on into Operators."""
+    global _part_resolver
+    _part_resolver = resolver
+
+
+def _resolve_part(op: Any) -> Operator:
+    if _part_resolver is None:  # not reached: importing this module loads the operators package, hence the registry
+        if isinstance(op, Operator):
+            return op
+        raise ValueError("spec strings and callables in a composition need the operator registry: import operators")
+    return _part_resolver(op)
 
 
 class Composition(LinearOperator):
@@ -24,11 +44,9 @@ class Composition(LinearOperator):
     def __init__(self, operators: Sequence[Operator | str | Callable], noise_std: float = 0.0,
                  poisson_rate: float | None = None):
         super().__init__(noise_std=noise_std, poisson_rate=poisson_rate)
-        from .registry import as_operator
-
         if isinstance(operators, (str, Operator)) or not hasattr(operators, "__iter__"):
             raise ValueError(f"operators must be a list of operators or spec strings, got {type(operators).__name__}")
-        parts = [as_operator(op) for op in operators]
+        parts = [_resolve_part(op) for op in operators]
         if not parts:
             raise ValueError("a composition needs at least one operator")
         self.parts = nn.ModuleList(parts)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .base import Operator
 from .colorization import Colorization
-from .composition import Composition
+from .composition import Composition, resolve_parts_with
 from .denoising import Denoising
 from .function import FunctionOperator
 from .gaussian_blur import GaussianBlur
@@ -151,6 +151,9 @@ def as_operator(op: Any, **kwargs) -> Operator:
         return FunctionOperator(op, **kwargs)
     raise ValueError(f"an operator must be an operators.Operator, a spec string ('sr:factor=4'), a callable "
                      f"fn(x) -> y or an nn.Module, got {type(op).__name__}")
+
+
+resolve_parts_with(as_operator)  # Composition's parts (spec strings, callables) are built by this registry
 
 
 def make_operator(spec: str | Operator | Any, **kwargs) -> Operator:

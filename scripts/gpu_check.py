@@ -39,8 +39,8 @@ FORMAT = "flowsteer-gpu-check/1"
 #: Packages the kit imports and reports; the first four are what the GPU machine's image lacks (scripts/wheels.txt).
 PACKAGES = ("diffusers", "kornia", "kornia_rs", "lpips", "torch", "transformers", "accelerate", "safetensors",
             "tokenizers", "huggingface_hub", "numpy", "PIL", "skimage")
-FLOWSTEER_PACKAGES = ("guidance", "operators", "tasks", "tasks.cli", "tasks.speed", "guidance.models.sd3",
-                      "guidance.models.flux", "guidance.models.random_backbones")
+FLOWSTEER_PACKAGES = ("guidance", "operators", "tasks", "tasks.cli", "tasks.speed", "guidance.backbones.sd3",
+                      "guidance.backbones.flux", "tasks.random_backbones")
 METHODS = ("flowchef-latent", "flowchef-pixel", "flair", "pnp_flow", "dps")
 OPTIONS = {"flair": {"data_steps": 5}}
 #: (what, run_speed arguments) on the GPU, in the order they run.

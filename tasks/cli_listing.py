@@ -7,17 +7,13 @@ import inspect
 import json
 import re
 
+from guidance.backbones.registry import known_models
+
 from .cli import format_default, print_json
 
-# Backbones flowsteer has adapters for (any local diffusers folder of these families loads too).
-KNOWN_MODELS = (
-    ("default", "embedded", "flowsteer's own small latent rectified-flow prior (no download)"),
-    ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", "SD3 medium, 1024², 28 steps, CFG 7"),
-    ("stabilityai/stable-diffusion-3.5-medium", "sd3", "SD3.5 medium, 1024², 40 steps, CFG 4.5"),
-    ("stabilityai/stable-diffusion-3.5-large", "sd3", "SD3.5 large, 1024², 28 steps, CFG 3.5"),
-    ("black-forest-labs/FLUX.1-dev", "flux", "Flux dev, guidance-distilled, 28-50 steps"),
-    ("black-forest-labs/FLUX.1-schnell", "flux", "Flux schnell, 1-4 steps"),
-)
+# Backbones flowsteer has adapters for (any local diffusers folder of these families loads too): (source, family,
+# summary) rows read from the one backbone registry, guidance/backbones/registry.py.
+KNOWN_MODELS = known_models()
 
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")        # :func:`~a.b.c` -> c, :class:`a.B` -> a.B
@@ -86,7 +82,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def _cached(repo: str) -> str:
     if repo == "default":
         try:
-            from guidance.models.default import check_default_model
+            from guidance.backbones.default import check_default_model
 
             check_default_model()  # every file there and every weight file intact; nothing is loaded
             return "available"

@@ -114,7 +114,7 @@ def load_sequence_flow(spec: str, vocab_size: int) -> SimplexFlow:
                                           generator=torch.Generator().manual_seed(settings["seed"]))
         return AnalyticSimplexFlow(prior)
     if Path(spec).is_dir():
-        from guidance.models.simplex_network import NetworkSimplexFlow
+        from guidance.sequences.network import NetworkSimplexFlow
 
         flow = NetworkSimplexFlow.load(spec)
         if flow.vocab_size != vocab_size:
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_writable(Path(args.out).parent, "--out", "the folder of --out")
     if args.train:
-        from guidance.models.simplex_network import train_simplex_flow
+        from guidance.sequences.network import train_simplex_flow
 
         sequences = read_sequences(args.train, alphabet)
         print(f"training a simplex flow on {len(sequences)} sequences of length {sequences.shape[1]} "

@@ -7,7 +7,7 @@
 With ``--methods`` naming some of the four under unchanged settings, the others keep their earlier rows and run
 once more on each operator's first image, one sample, for the grid.
 
-Figures (held-out photos of :data:`guidance.models.train_default.HELD_OUT` only, 256x256):
+Figures (held-out photos of :data:`tasks.train_default.HELD_OUT` only, 256x256):
 
 * autoencoder reconstruction PSNR;
 * restoration PSNR / SSIM for SR x4, Gaussian deblurring (sigma 2) and box inpainting (a quarter of the image),
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from guidance.consistency import pixel_consistency
 from guidance.files import write_text_atomic
 from guidance.methods import get_method
-from guidance.models.default import default_model_dir
-from guidance.models.train_default import CLASSES, HELD_OUT, held_out_images
+from guidance.backbones.default import default_model_dir
+from tasks.train_default import CLASSES, HELD_OUT, held_out_images
 
 from .grid import save_grid
 from .metrics import LpipsUnavailable, psnr, ssim

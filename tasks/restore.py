@@ -374,7 +374,7 @@ def open_model(source: Any = "default", device: str | torch.device | None = None
     dtype or its name; default bfloat16 on CUDA, float32 on CPU), with the autoencoders ``decoder`` / ``encoder``
     in place of the model's VAE when given; a missing model's error suggests close known names."""
     from guidance.loading import ModelNotFoundError, load_model
-    from guidance.models.base import FlowModel
+    from guidance.backbones.base import FlowModel
 
     if isinstance(source, FlowModel):
         if decoder is not None or encoder is not None:

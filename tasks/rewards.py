@@ -224,7 +224,7 @@ BUNDLED_CLASSIFIERS = {
 
 def bundled_classifier_dir(name: str) -> Path:
     """The folder of the bundled classifier ``name`` (``default``, ``default:judge``) in the default model."""
-    from guidance.models.default import default_model_dir
+    from guidance.backbones.default import default_model_dir
 
     if name not in BUNDLED_CLASSIFIERS:
         raise ValueError(f"unknown bundled classifier {name!r}: use {' or '.join(map(repr, BUNDLED_CLASSIFIERS))}")

@@ -3,7 +3,7 @@
     python -m tasks.sequence_benchmark [--samples 512] [--steps 50] [--m 8] [--gamma 2.0] [--json out.json]
 
 The prior is a random mixture of three per-position categorical distributions over sequences of length 12 with
-4 tokens (:class:`~guidance.models.analytic_simplex.CategoricalMixture`, seed 0), sampled through its exact
+4 tokens (:class:`~guidance.analytic.categorical.CategoricalMixture`, seed 0), sampled through its exact
 clean-token posterior. The classifier is known and differentiable on one-hot rows: p(class 1) = sigmoid(<w, h> - 5)
 with w ~ N(0, 1) per position and token (seed 5), so that class 1 is rare under the prior (5 % of its samples). Every method generates the same number of sequences; best-of-N gets
 N = M x steps candidates per sequence, the number of classifier calls straight-through guidance makes (and, for

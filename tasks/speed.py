@@ -6,7 +6,7 @@ beside unguided sampling with the same backbone, image size and step count, all 
 
 Backbones: ``tiny-sd3`` and ``tiny-flux`` (the tests' random-weight miniatures), ``default`` (flowsteer's embedded
 model) and, on a CUDA GPU only, ``sd3.5-medium`` and ``flux-dev``: the full-size architectures with random bf16
-weights (the cost of a forward pass does not depend on the weights; see ``guidance.models.random_backbones``).
+weights (the cost of a forward pass does not depend on the weights; see ``tasks.random_backbones``).
 
 Rows (``METHODS``), all on the SR x4 measurement y of a smooth random image:
 
@@ -143,7 +143,7 @@ def unavailable(name: str, settings: Settings) -> str | None:
     if name in FULL_SIZE and not settings.cuda:
         return f"{name} needs a CUDA GPU (full-size random-weight architectures are timed on a GPU only)"
     if name == "default":
-        from guidance.models.default import DefaultModelError, check_default_model
+        from guidance.backbones.default import DefaultModelError, check_default_model
 
         try:
             check_default_model()
@@ -165,7 +165,7 @@ def _tiny_decoder(settings: Settings, scale: float, shift: float, latent_channel
     """A random-weight TAESD-style decoder reading latents with the VAE's ``scale`` and ``shift``: TAESD3 / TAEF1's
     architecture at ``width`` (a fraction of its 64 channels) for a VAE of factor ``factor``, or the tests'
     4-channel one when ``width`` is None."""
-    from guidance.models.random_backbones import taesd16, tiny_taesd
+    from .random_backbones import taesd16, tiny_taesd
 
     dtype = getattr(torch, settings.dtype)
     if width is None:
@@ -177,14 +177,14 @@ def _tiny_decoder(settings: Settings, scale: float, shift: float, latent_channel
 def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
     """(model, condition, description) of a backbone with the settings' decoder, compilation and tiling applied.
     The condition is encoded here, once: every cell reuses it (and the adapter caches it)."""
-    from guidance.models import random_backbones as rb
+    from . import random_backbones as rb
 
     reason = unavailable(name, settings)
     if reason:
         raise CellSkipped(reason, "backbone")
     dtype, device, tiny = getattr(torch, settings.dtype), settings.device, settings.decoder == "tiny"
     if name in ("tiny-sd3", "sd3.5-medium"):
-        from guidance.models.sd3 import SD3Model
+        from guidance.backbones.sd3 import SD3Model
 
         if name == "tiny-sd3":
             components = _placed(rb.sd3_components(), device, dtype)
@@ -196,7 +196,7 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         cond = model.condition(rb.PROMPT, rb.NEGATIVE, 7.0)
         condition = "prompt and negative prompt encoded once; CFG w = 7 as one batched call"
     elif name in ("tiny-flux", "flux-dev"):
-        from guidance.models.flux import FluxModel
+        from guidance.backbones.flux import FluxModel
 
         if name == "tiny-flux":
             components = _placed(rb.flux_components(dev=True), device, dtype)
@@ -210,7 +210,7 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         condition = "prompt encoded once; guidance embedding 3.5 (no CFG batch)"
     elif name == "default":
         from guidance import load_model
-        from guidance.models.autoencoder import LatentCodec, autoencoder_scale_shift
+        from guidance.backbones.autoencoder import LatentCodec, autoencoder_scale_shift
 
         model = load_model("default", device=device, dtype=dtype)
         if tiny:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import flux_pipeline, sd3_pipeline
 
-from guidance.models.flux import FluxModel
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.flux import FluxModel
+from guidance.backbones.sd3 import SD3Model
 
 
 #: Set to a device name (``cpu``) to run the CUDA tests there: the GPU kit's dry run does, to check them without a GPU.

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from guidance.flow import euler_step, interpolate, x0_from_velocity
-from guidance.models.analytic import AnalyticGMMFlow, GaussianMixture, image_patches
-from guidance.models.base import FlowModel
+from guidance.analytic.gaussian_mixture import AnalyticGMMFlow, GaussianMixture, image_patches
+from guidance.backbones.base import FlowModel
 
 F64 = torch.float64
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from guidance.models.analytic import AnalyticGMMFlow
+from guidance.analytic.gaussian_mixture import AnalyticGMMFlow
 from operators import make_operator
 
 SPECS = {

@@ -14,7 +14,7 @@ from guidance import AnalyticGMMFlow, MeasurementFidelity
 from guidance.calibration import (DEFAULT_CRW, CRWTable, calibrate, crw_cache_dir, crw_key, load_crw,
                                   model_identity)
 from guidance.methods.flair import flair, flair_grid
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.sd3 import SD3Model
 from operators import make_operator
 
 LAMBDAS = torch.linspace(0.05, 2.0, 16, dtype=torch.float64)

@@ -15,8 +15,8 @@ from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline, tiny_taes
 
 from guidance import AnalyticGMMFlow, MeasurementFidelity, get_method, sample
 from guidance.calibration import DEFAULT_CRW
-from guidance.models.flux import FluxModel
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.flux import FluxModel
+from guidance.backbones.sd3 import SD3Model
 from operators import make_operator
 
 #: torch.compile backend of the compile test: the GPU kit uses inductor, its CPU dry run eager (seconds, not minutes).

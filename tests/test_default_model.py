@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from guidance import load_model
 from guidance.methods import get_method
-from guidance.models.default import DEFAULT_MODEL_DIR, DefaultModelError, check_default_model
-from guidance.models.generic import GenericFlowModel
+from guidance.backbones.default import DEFAULT_MODEL_DIR, DefaultModelError, check_default_model
+from guidance.backbones.generic import GenericFlowModel
 from guidance.objectives import MeasurementFidelity
 from operators import make_operator
 from tasks.image_io import load_image
@@ -95,7 +95,7 @@ def test_flair_restores_a_held_out_crop(model):
 
 
 def test_classifiers_recognise_their_classes():
-    from guidance.models.train_default import CLASSES, CropSampler
+    from tasks.train_default import CLASSES, CropSampler
 
     photos = {photo: 1.0 for group in CLASSES.values() for photo in group}
     label_of = [i for i, group in enumerate(CLASSES.values()) for _ in group]
@@ -155,7 +155,7 @@ def test_manifest_covers_every_weight_file():
 
 
 def test_recommended_options_per_method_and_operator_match_the_training_script(model):
-    from guidance.models.train_default import OPERATOR_OPTIONS, RECOMMENDED_OPTIONS, RESTORE_OPTIONS
+    from tasks.train_default import OPERATOR_OPTIONS, RECOMMENDED_OPTIONS, RESTORE_OPTIONS
 
     assert (model.method_options, model.operator_options, model.restore_options) == (
         RECOMMENDED_OPTIONS, OPERATOR_OPTIONS, RESTORE_OPTIONS)

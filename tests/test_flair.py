@@ -12,8 +12,8 @@ from guidance.calibration import CRWTable
 from guidance.methods import method_options
 from guidance.methods.flair import (PRESETS, data_consistency, default_data_lr, dta_noise, flair, flair_grid,
                                     initial_image, operator_gain, regularizer_step, sr_data_lr)
-from guidance.models.flux import FluxModel
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.flux import FluxModel
+from guidance.backbones.sd3 import SD3Model
 from operators import make_operator
 from operators.composition import Composition
 from operators.gaussian_blur import GaussianBlur

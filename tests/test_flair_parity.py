@@ -15,7 +15,7 @@ from guidance.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, calibrate, load_
                                   official_crw_table, resolve_crw)
 from guidance.loading import ModelNotFoundError, load_model
 from guidance.methods.flair import PRESETS, flair_grid
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.sd3 import SD3Model
 from guidance.presets import get_preset
 from operators import make_operator
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import FluxPipeline
 from tiny_models import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, NEGATIVE, PROMPT, flux_pipeline
 
-from guidance.models.flux import FluxModel, latent_image_ids, pack_latents, unpack_latents
+from guidance.backbones.flux import FluxModel, latent_image_ids, pack_latents, unpack_latents
 from guidance.sampler import sample
 
 ATOL = 1e-5

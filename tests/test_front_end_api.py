@@ -208,7 +208,7 @@ def test_edit_takes_a_pil_image_and_a_numpy_mask_and_returns_images(tiny_sd3_fol
                         progress=False, output_type="np")
     assert edited.images.shape == (1, 32, 32, 3) and float(edited.mask.sum()) == 16 * 16
     from guidance.methods.flowchef_edit import flowchef_edit
-    from guidance.models.sd3 import SD3Model
+    from guidance.backbones.sd3 import SD3Model
     from tiny_models import sd3_pipeline
 
     model = SD3Model(sd3_pipeline())

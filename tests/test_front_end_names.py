@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from guidance import ClassifierObjective
-from guidance.models.default import default_model_dir
+from guidance.backbones.default import default_model_dir
 from tasks.generate import classifier_source
 from tasks.rewards import load_classifier
 

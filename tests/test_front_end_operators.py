@@ -30,8 +30,8 @@ def _float_parameters(model_modules):
 # -- 1. model.to(device, dtype) -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_pipeline_models_to_dtype_casts_every_component_and_still_samples(kind):
-    from guidance.models.flux import FluxModel
-    from guidance.models.sd3 import SD3Model
+    from guidance.backbones.flux import FluxModel
+    from guidance.backbones.sd3 import SD3Model
 
     model = SD3Model(sd3_pipeline()) if kind == "sd3" else FluxModel(flux_pipeline(dev=True))
     cond = model.condition(PROMPT) if kind == "sd3" else model.condition(PROMPT, max_sequence_length=32)
@@ -50,7 +50,7 @@ def test_pipeline_models_to_dtype_casts_every_component_and_still_samples(kind):
 def test_pipeline_model_moves_a_separate_tiny_decoder():
     from tiny_models import tiny_taesd
 
-    from guidance.models.sd3 import SD3Model
+    from guidance.backbones.sd3 import SD3Model
 
     model = SD3Model(sd3_pipeline(), decoder=tiny_taesd())
     model.to(device="cpu", dtype=torch.float64)

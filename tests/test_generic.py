@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tiny_models import SD3_VAE_SCALE, SD3_VAE_SHIFT, tiny_unet, tiny_vae
 
-from guidance.models.generic import GenericFlowModel, shifted_linear_sigmas
+from guidance.backbones.generic import GenericFlowModel, shifted_linear_sigmas
 from guidance.sampler import sample
 
 

@@ -9,9 +9,9 @@ from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline, tiny_taes
 from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler
 
 from guidance.loading import ModelNotFoundError, load_model
-from guidance.models.flux import FluxModel
-from guidance.models.generic import GenericFlowModel
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.flux import FluxModel
+from guidance.backbones.generic import GenericFlowModel
+from guidance.backbones.sd3 import SD3Model
 from guidance.sampler import sample
 
 

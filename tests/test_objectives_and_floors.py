@@ -6,8 +6,8 @@ from tiny_models import flux_components, sd3_pipeline
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from guidance import ClassifierObjective, MeasurementFidelity, RewardObjective, get_method, objective_gradient
-from guidance.models.flux import FluxModel
-from guidance.models.sd3 import SD3Model
+from guidance.backbones.flux import FluxModel
+from guidance.backbones.sd3 import SD3Model
 from guidance.objectives import transformers_preprocess
 from operators import make_operator
 

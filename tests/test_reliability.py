@@ -8,7 +8,7 @@ import torch
 
 from guidance import get_method, load_model
 from guidance.manifest import DamagedModelError
-from guidance.models.default import DEFAULT_MODEL_DIR
+from guidance.backbones.default import DEFAULT_MODEL_DIR
 
 
 @pytest.fixture()

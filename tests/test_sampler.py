@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidance.models.generic import GenericFlowModel
+from guidance.backbones.generic import GenericFlowModel
 from guidance.sampler import initial_noise, sample
 
 

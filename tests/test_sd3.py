@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import NEGATIVE, PROMPT, SD3_VAE_SCALE, SD3_VAE_SHIFT, sd3_pipeline, tiny_taesd
 
-from guidance.models.sd3 import SD3Condition, SD3Model
+from guidance.backbones.sd3 import SD3Condition, SD3Model
 from guidance.sampler import sample
 
 ATOL = 1e-5

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import RelaxedOneHotCategorical
 
-from guidance.models.analytic_simplex import AnalyticSimplexFlow, CategoricalMixture
-from guidance.models.simplex import (GumbelSoftmaxPath, SimplexFlow, check_simplex, sample_sequences,
+from guidance.analytic.categorical import AnalyticSimplexFlow, CategoricalMixture
+from guidance.sequences.simplex import (GumbelSoftmaxPath, SimplexFlow, check_simplex, sample_sequences,
                                      tangent_projection)
 
 PATH = GumbelSoftmaxPath()

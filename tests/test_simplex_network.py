@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidance.models.simplex import sample_sequences
-from guidance.models.simplex_network import (
+from guidance.sequences.simplex import sample_sequences
+from guidance.sequences.network import (
     EndpointNetwork,
     NetworkSimplexFlow,
     train_simplex_flow,

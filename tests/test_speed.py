@@ -10,9 +10,9 @@ import torch
 from tiny_models import NEGATIVE, PROMPT, measured_fidelity, sd3_pipeline, tiny_taesd
 
 from guidance import get_method
-from guidance.models import random_backbones as rb
-from guidance.models.flux import FluxCondition, FluxModel
-from guidance.models.sd3 import SD3Condition, SD3Model
+from tasks import random_backbones as rb
+from guidance.backbones.flux import FluxCondition, FluxModel
+from guidance.backbones.sd3 import SD3Condition, SD3Model
 from tasks.speed import Cell, CellSkipped, Settings, measure_cell
 
 
@@ -80,7 +80,7 @@ def test_default_backbone_gets_a_tiny_decoder_of_its_own_factor(offline_cache, t
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from tiny_models import tiny_unet
 
-    from guidance.models.default import write_manifest
+    from guidance.backbones.default import write_manifest
     from tasks.speed import open_backbone
 
     folder = tmp_path / "default_model"

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from guidance import AnalyticGMMFlow, CallableObjective, ClassifierObjective, get_method, sample
 from guidance.methods.best_of_n import best_of_n
 from guidance.methods.straight_through import hard_samples, straight_through, straight_through_gradient
-from guidance.models.analytic_simplex import AnalyticSimplexFlow, CategoricalMixture
-from guidance.models.simplex import sample_sequences
+from guidance.analytic.categorical import AnalyticSimplexFlow, CategoricalMixture
+from guidance.sequences.simplex import sample_sequences
 
 L, K = 12, 4
 PRIOR = CategoricalMixture.random(3, L, K, generator=torch.Generator().manual_seed(0))

@@ -8,8 +8,8 @@ import torch
 from guidance import load_model
 from guidance.calibration import resolve_crw
 from guidance.methods import get_method
-from guidance.models.default import check_default_model
-from guidance.models.train_default import HELD_OUT, TRAIN_PHOTOS, CropSampler, held_out_images, main
+from guidance.backbones.default import check_default_model
+from tasks.train_default import HELD_OUT, TRAIN_PHOTOS, CropSampler, held_out_images, main
 
 
 def test_held_out_photos_are_never_trained_on():

@@ -1,4 +1,4 @@
-"""Test helpers over the random-weight backbones, whose builders live in ``guidance.models.random_backbones``
+"""Test helpers over the random-weight backbones, whose builders live in ``tasks.random_backbones``
 (re-exported here, so tests and demos import them from one place)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import contextlib
 
 import torch
 
-from guidance.models.random_backbones import *  # noqa: F401,F403
-from guidance.models.random_backbones import (  # noqa: F401  (the names tests and demos import)
+from tasks.random_backbones import *  # noqa: F401,F403
+from tasks.random_backbones import (  # noqa: F401  (the names tests and demos import)
     FLUX_VAE_SCALE,
     FLUX_VAE_SHIFT,
     NEGATIVE,

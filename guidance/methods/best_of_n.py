@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..models.simplex import SimplexFlow, check_no_image_size, sample_sequences
+from ..sequences.simplex import SimplexFlow, check_no_image_size, sample_sequences
 from ..objectives import Objective
 from ..sampler import sample
 from .common import CountingModel, MethodResult, check_count

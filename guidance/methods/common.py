@@ -47,7 +47,7 @@ def state_rms(x: torch.Tensor) -> torch.Tensor:
 def data_rms(model) -> float | None:
     """The RMS of the model's data where the model knows it exactly: an analytic Gaussian-mixture prior gives
     sqrt(Σ_k π_k (tr Σ_k + ‖μ_k‖²) / d). None for models that only sample (networks)."""
-    from ..models.analytic import GaussianMixture
+    from ..analytic.gaussian_mixture import GaussianMixture
 
     prior = getattr(model, "prior", None)
     if not isinstance(prior, GaussianMixture):

@@ -151,7 +151,7 @@ def flowchef(
     (a batched classifier-free-guidance call counts once), whatever K is.
 
     Args:
-        model: a :class:`~guidance.models.base.FlowModel`.
+        model: a :class:`~guidance.backbones.base.FlowModel`.
         objective: a :class:`~guidance.objectives.Objective` (measurement fidelity, classifier, reward, ...).
         num_steps, cond, height, width, generator, progress, latents, decode: as in :func:`guidance.sample`.
         batch_size: as in :func:`guidance.sample`; by default one sample per measurement for a

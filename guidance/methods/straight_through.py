@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..hard_inputs import straight_through as through
-from ..models.simplex import SimplexFlow, check_no_image_size, tangent_projection
+from ..sequences.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from ..objectives import Objective
 from ..sampler import step_end
 from .common import DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
@@ -128,7 +128,7 @@ def straight_through(
     """Guide a simplex flow toward low ``objective`` with straight-through gradients through hard samples.
 
     Args:
-        model: a :class:`~guidance.models.simplex.SimplexFlow` (e.g. AnalyticSimplexFlow, NetworkSimplexFlow).
+        model: a :class:`~guidance.sequences.simplex.SimplexFlow` (e.g. AnalyticSimplexFlow, NetworkSimplexFlow).
         objective: an Objective on one-hot sequences (B, L, K); lower is better.
         num_steps: Euler steps (one endpoint evaluation each).
         generator: draws the starting noise, then the hard samples.

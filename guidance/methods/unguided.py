@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.simplex import SimplexFlow, check_no_image_size, sample_sequences
+from ..sequences.simplex import SimplexFlow, check_no_image_size, sample_sequences
 from ..sampler import sample
 from .common import CountingModel, MethodResult
 

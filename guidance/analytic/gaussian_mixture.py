@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..flow import expand_sigma
-from .base import FlowModel, check_num_steps, to_arguments
+from ..backbones.base import FlowModel, check_num_steps, to_arguments
 
 __all__ = ["GaussianMixture", "AnalyticGMMFlow", "image_patches"]
 

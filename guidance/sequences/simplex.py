@@ -22,7 +22,7 @@ alpha = exp(beta e_k) and temperature beta·tau, whose density is closed form::
     log q_t(x | k) = const(x) + beta - K · log sum_j exp(beta δ_jk - beta tau log x_j)
 
 which :meth:`GumbelSoftmaxPath.log_likelihood` evaluates; with a known prior over clean sequences it gives the
-exact p(x_1 | x_t) (:mod:`guidance.models.analytic_simplex`).
+exact p(x_1 | x_t) (:mod:`guidance.analytic.categorical`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..flow import euler_step, expand_sigma, to_data_time
-from .base import check_num_steps, module_attributes, move_modules
+from ..backbones.base import check_num_steps, module_attributes, move_modules
 
 __all__ = ["GumbelSoftmaxPath", "SequenceSample", "SimplexFlow", "check_simplex", "renormalize", "sample_sequences",
            "tangent_projection"]

@@ -27,7 +27,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import check_num_steps, repeat_for_batch, sigma_batch
-from .pipeline_model import PipelineFlowModel, prompt_list
+from .pipeline import PipelineFlowModel, prompt_list
 
 __all__ = ["FluxCondition", "FluxModel", "pack_latents", "unpack_latents", "latent_image_ids"]
 

@@ -1,7 +1,7 @@
 """A learned endpoint for the Gumbel-softmax simplex flow (Tang et al., "Gumbel-Softmax Flow Matching with
 Straight-Through Guidance for Controllable Biological Sequence Generation", 2025).
 
-The flow of :mod:`guidance.models.simplex` needs only the clean-token distribution p(x_1 | x_s) at every noisy
+The flow of :mod:`guidance.sequences.simplex` needs only the clean-token distribution p(x_1 | x_s) at every noisy
 state; the velocity follows from it in closed form. Here a small network f_theta(x_s, s) predicts its logits and
 is trained with the paper's endpoint (cross-entropy) objective on clean sequences x_1::
 
@@ -9,7 +9,7 @@ is trained with the paper's endpoint (cross-entropy) objective on clean sequence
     loss(theta) = E [ -(1/L) sum_l log softmax(f_theta(x_s, s))_{l, x_1,l} ]
 
 whose minimiser is the true posterior p(x_1,l = k | x_s). :class:`NetworkSimplexFlow` wraps the trained network
-as a frozen :class:`~guidance.models.simplex.SimplexFlow` (it is never differentiated: guidance methods use
+as a frozen :class:`~guidance.sequences.simplex.SimplexFlow` (it is never differentiated: guidance methods use
 straight-through or tangent-space gradients of objectives, not of the flow), with ``save`` / ``load`` as a JSON
 config plus safetensors weights.
 """
@@ -177,7 +177,7 @@ class NetworkSimplexFlow(SimplexFlow):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        fix = "train one with guidance.models.simplex_network.train_simplex_flow and save it with flow.save(folder)"
+        fix = "train one with guidance.sequences.network.train_simplex_flow and save it with flow.save(folder)"
         if not folder.is_dir():
             raise ValueError(f"no saved simplex flow at {str(folder)!r} (not a folder); {fix}")
         config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE

@@ -1,8 +1,8 @@
 """Train flowsteer's embedded default model from the photographs bundled with scikit-image.
 
     pip install -e ".[train]"
-    python -m guidance.models.train_default --out guidance/default_model        # every stage, seeded
-    python -m guidance.models.train_default --out DIR --stage flow              # one stage (needs the earlier ones)
+    python -m tasks.train_default --out guidance/default_model        # every stage, seeded
+    python -m tasks.train_default --out DIR --stage flow              # one stage (needs the earlier ones)
 
 Stages, each writing into ``--out`` (a diffusers-format folder loaded by ``guidance.load_model``):
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .default import write_manifest
+from guidance.backbones.default import write_manifest
 
 __all__ = ["CLASSES", "HELD_OUT", "TRAIN_PHOTOS", "CropSampler", "held_out_images", "load_photo", "main"]
 
@@ -436,8 +436,8 @@ def train_classifier(out: Path, kind: str, name: str, steps: int, batch: int, se
 
 # -- stage 4: calibration ------------------------------------------------------------------------------------
 def calibrate_default(out: Path, seed: int, count: int = 16, size: int = 256):
-    from ..calibration import calibrate
-    from ..loading import load_model
+    from guidance.calibration import calibrate
+    from guidance.loading import load_model
 
     model = load_model(str(out))
     names = ("astronaut", "rocket", "immunohistochemistry", "retina")[:count]
@@ -455,7 +455,7 @@ STAGES = ("autoencoder", "decoder", "flow", "classifiers", "calibrate")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m guidance.models.train_default", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.train_default", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (the shipped one is guidance/default_model)")
     parser.add_argument("--stage", choices=STAGES + ("all",), default="all")
     parser.add_argument("--seed", type=int, default=0)

@@ -103,7 +103,7 @@ class PipelineFlowModel(FlowModel):
 
     def enable_vae_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> "PipelineFlowModel":
         """Encode and decode on overlapping tiles of ``tile_size`` pixels (default: the autoencoder's own), which
-        bounds the autoencoder's memory for large images (see :func:`~guidance.models.autoencoder.set_tiling`)."""
+        bounds the autoencoder's memory for large images (see :func:`~guidance.backbones.autoencoder.set_tiling`)."""
         self.codec.enable_tiling(tile_size, overlap)
         return self
 

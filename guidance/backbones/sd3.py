@@ -23,7 +23,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from .base import check_num_steps, repeat_for_batch, sigma_batch
-from .pipeline_model import PipelineFlowModel, prompt_list
+from .pipeline import PipelineFlowModel, prompt_list
 
 __all__ = ["SD3Condition", "SD3Model"]
 

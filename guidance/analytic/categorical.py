@@ -8,7 +8,7 @@ Prior: a mixture of per-position categorical distributions,
     p(x_1,l = k | x, c) = softmax_k (log theta_{c,l,k} + ell_l(k))
     p(x_1,l = k | x)    = sum_c softmax_c(log w)_c · p(x_1,l = k | x, c)
 
-It plays for sequences the role :class:`~guidance.models.analytic.AnalyticGMMFlow` plays for images: exact, no
+It plays for sequences the role :class:`~guidance.analytic.gaussian_mixture.AnalyticGMMFlow` plays for images: exact, no
 training. Arithmetic is float64.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .base import to_arguments
-from .simplex import GumbelSoftmaxPath, SimplexFlow, check_length_and_vocabulary
+from ..backbones.base import to_arguments
+from ..sequences.simplex import GumbelSoftmaxPath, SimplexFlow, check_length_and_vocabulary
 
 __all__ = ["AnalyticSimplexFlow", "CategoricalMixture"]
 
