@@ -2,10 +2,13 @@
 names exactly the folders there are."""
 
 import fnmatch
+import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +76,16 @@ def test_the_backbone_registry_names_classes_that_exist():
             assert backbone.pipeline_class().__name__ == backbone.pipeline
             assert backbone.transformer_class().__name__ == backbone.transformer
     assert KNOWN_MODELS == known_models() and KNOWN_MODELS[0][0] == "default"
+
+
+def test_the_former_import_paths_are_the_moved_modules():
+    from guidance.models import MOVED
+
+    for former, now in MOVED.items():
+        assert importlib.import_module(f"guidance.models.{former}") is importlib.import_module(now), former
+    from guidance.models.simplex_network import train_simplex_flow  # the form the documentation used
+    from guidance.sequences.network import train_simplex_flow as moved
+
+    assert train_simplex_flow is moved
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("guidance.models.no_such_module")
