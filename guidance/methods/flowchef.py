@@ -299,6 +299,8 @@ def _quirks(*names: str) -> dict[str, str]:
 
 
 _FLUX_INPAINT = dict(
+    model="black-forest-labs/FLUX.1-dev",  # demos/app_flux.py loads FLUX.1-dev in float16
+    dtype="float16",
     method="flowchef",
     num_steps=30,
     objective={"space": "latent", "weight": 1000.0, "reduction": "mean"},
@@ -309,6 +311,8 @@ _FLUX_INPAINT = dict(
     parity={"options": {"official_quirks": True}, "objective": {"official_quirks": True}},
 )
 _FLUX_EDIT = dict(
+    model="black-forest-labs/FLUX.1-schnell",  # src/flux_edit.py loads FLUX.1-schnell in float16
+    dtype="float16",
     method="flowchef_edit",
     num_steps=30,
     objective=None,
@@ -400,15 +404,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "guidance_scale": 0.0},
         "source": _source("README.md (flux_edit.py command) and src/fluxcombined.py (FluxPipeline.edit, called with "
                           "guidance_scale 0.0 by src/flux_edit.py and demos/app_flux.py)",
-                          "Flux.1 dev 1024, N 30, lr 0.6, K 5, source_steps 10, true_cfg 4.5, distilled guidance "
-                          "0.0, 1000 * latent MSE pulls, plain GD"),
+                          "FLUX.1-schnell 1024 (demos/app_flux.py edits with FLUX.1-dev), N 30, lr 0.6, K 5, "
+                          "source_steps 10, true_cfg 4.5, distilled guidance 0.0, 1000 * latent MSE pulls, plain GD"),
     },
     "flowchef_flux_edit_script_default": {
         **_FLUX_EDIT,
         "options": {"step_size": 0.6, "inner_steps": 4, "source_steps": 10, "edit_guidance": 4.5,
                     "guidance_scale": 0.0},
         "source": _source("src/flux_edit.py (argument defaults) and src/fluxcombined.py (FluxPipeline.edit)",
-                          "Flux.1 dev 1024, N 30, lr 0.6, K 4 (the README command gives 5), source_steps 10, "
+                          "FLUX.1-schnell 1024, N 30, lr 0.6, K 4 (the README command gives 5), source_steps 10, "
                           "true_cfg 4.5, distilled guidance 0.0, 1000 * latent MSE pulls, plain GD"),
     },
     "flowchef_instaflow_edit": {
