@@ -2,12 +2,14 @@
 (per-sample RMS above DIVERGENCE_FACTOR times max(1, RMS of the data / starting noise)), not only on NaN / inf;
 check_divergence=False turns the check off."""
 
+import warnings
+
 import pytest
 import torch
 from tiny_models import PROMPT
 
 from guidance import AnalyticGMMFlow, DivergenceError, MeasurementFidelity, get_method
-from guidance.methods.common import DIVERGENCE_FACTOR, reference_scale, state_rms
+from guidance.methods.common import DIVERGENCE_FACTOR, WARNING_FACTOR, reference_scale, state_rms
 from operators import as_operator
 from operators.base import operator_gain
 from tasks.analytic_benchmark import smooth_image_prior
@@ -113,3 +115,18 @@ def test_a_prior_of_large_scale_does_not_trip_the_bound():
     far = AnalyticGMMFlow(torch.ones(1), torch.full((1, 64), 300.0), 0.01 * torch.eye(64)[None], (1, 8, 8))
     out, scales = _run("flowchef", model=far, step_size=0.0)
     assert scales[-1] == pytest.approx(300.0, rel=0.01)
+
+
+def test_a_run_that_goes_far_off_below_the_bound_finishes_with_a_warning():
+    """A step 40 % above the default on ‖A‖² = 5 ends 35× beyond the prior's scale (MSE several hundred times
+    unguided sampling's) without reaching the bound: the run finishes, and says so."""
+    with pytest.warns(UserWarning, match=r"flowchef: the state's scale reached [0-9.]+× its reference at step \d+ "
+                                         r".*normalize_step=True") as caught:
+        out, scales = _run("flowchef", step_size=0.7)
+    assert WARNING_FACTOR < max(scales) < DIVERGENCE_FACTOR
+    assert len([w for w in caught if "state's scale" in str(w.message)]) == 1
+    unguided, _ = _run("unguided")
+    assert (out.x - X_TRUE).square().mean() > 100 * (unguided.x - X_TRUE).square().mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default step stays within normal scales: no warning
+        _run("flowchef", step_size=0.5)

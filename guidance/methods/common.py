@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ class DivergenceError(ValueError):
 #: has diverged. Unguided states never come near it: along x_s = (1 − s) x0 + s ε the RMS stays below about
 #: max(RMS(x0), RMS(ε)) ≈ the reference itself.
 DIVERGENCE_FACTOR = 100.0
+#: A finished run whose state went above WARNING_FACTOR times its reference scale (still below the bound) gets a
+#: warning: its result is likely far from both the data and the prior (normal guided runs stay below about 5×).
+WARNING_FACTOR = 10.0
 
 
 def state_rms(x: torch.Tensor) -> torch.Tensor:
@@ -84,8 +88,10 @@ class DivergenceMonitor:
     state's device, the first step at which :func:`beyond_bound` held (NaN / inf, or a per-sample RMS above
     ``factor`` × ``reference``) and the RMS at that step; :meth:`check` reads that once, after the loop (or
     after each step, for loops that synchronise anyway), and raises a :class:`DivergenceError` naming the step,
-    the state's scale and ``hint``, the fix. ``reference``: (B,) or scalar scales from :func:`reference_scale`
-    (default 1). ``enabled=False`` makes both no-ops."""
+    the state's scale and ``hint``, the fix; :meth:`finish`, after the loop, checks once more and warns when the
+    state went above :data:`WARNING_FACTOR` × its reference without reaching the bound (a run gone far off that
+    still finished). ``reference``: (B,) or scalar scales from :func:`reference_scale` (default 1).
+    ``enabled=False`` makes all three no-ops."""
 
     def __init__(self, method: str, hint: str = "use a smaller step size", enabled: bool = True,
                  reference: torch.Tensor | float = 1.0, factor: float = DIVERGENCE_FACTOR):
@@ -93,6 +99,8 @@ class DivergenceMonitor:
         self.reference = torch.as_tensor(reference, dtype=torch.float32)
         self.first_bad: torch.Tensor | None = None
         self.rms_at_bad: torch.Tensor | None = None
+        self.peak: torch.Tensor | None = None  # the largest RMS / reference so far, and its step
+        self.peak_step: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, step: int) -> None:
         if not self.enabled:
@@ -101,10 +109,16 @@ class DivergenceMonitor:
             self.reference = self.reference.to(x.device)
             self.first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
             self.rms_at_bad = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+            self.peak = torch.zeros((), dtype=torch.float32, device=x.device)
+            self.peak_step = torch.zeros((), dtype=torch.long, device=x.device)
         bad, rms = beyond_bound(x, self.reference, self.factor)
         new = bad & (self.first_bad < 0)
         self.first_bad = torch.where(new, step, self.first_bad)
         self.rms_at_bad = torch.where(new, rms, self.rms_at_bad)
+        ratio = torch.nan_to_num(rms / self.reference, nan=0.0).max()
+        higher = ratio > self.peak
+        self.peak = torch.where(higher, ratio, self.peak)
+        self.peak_step = torch.where(higher, step, self.peak_step)
 
     def check(self) -> None:
         if self.first_bad is None:
@@ -112,6 +126,19 @@ class DivergenceMonitor:
         step = int(self.first_bad)  # the one host-device synchronisation
         if step >= 0:
             raise self._error(step)
+
+    def finish(self) -> None:
+        """After the loop: :meth:`check`, then a warning when the state's scale went above
+        :data:`WARNING_FACTOR` × its reference (naming the scale, the step and ``hint``)."""
+        self.check()
+        if self.peak is None:
+            return
+        peak = float(self.peak)
+        if peak > WARNING_FACTOR:
+            warnings.warn(f"{self.method}: the state's scale reached {peak:.3g}× its reference at step "
+                          f"{int(self.peak_step)} (unguided sampling stays near 1×, normal guidance below about 5×), "
+                          f"so the result is likely far from both the data and the prior; {self.hint}",
+                          UserWarning, stacklevel=2)
 
     def _error(self, step: int) -> DivergenceError:
         rms = self.rms_at_bad.double().cpu()

@@ -146,6 +146,7 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
                 monitor.update(x, i)
                 monitor.check()  # stop at once: every further step would cost a network backward pass
 
+    monitor.finish()
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas,
                         info={"residual": residual, "network_backward_passes": len(guided)})

@@ -232,6 +232,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
             callback({"step": i, "sigma": s, "x": mu, "x_s": x_s, "x0_hat": x0_from_velocity(x_s, v, s),
                       "weight": w, "data_steps": steps})
         mu = step_end(callback_on_step_end, i, s, {"x": mu})  # the state is the variational mean
+    monitor.finish()
     image = model.decode(mu) if decode else None
     info = {"weights": weights, "data_steps": torch.stack(step_counts).cpu(), "data_loss": torch.stack(losses).cpu(),
             "data_lr": float(data_lr), "threshold": threshold, "crw": table, "crw_origin": origin,

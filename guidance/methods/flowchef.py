@@ -250,7 +250,7 @@ def flowchef(
         x = euler_step(x, v, s_i, s_next)  # the old v: no re-evaluation, no noise
         x = step_end(callback_on_step_end, i, s_next, {"x": x})
         monitor.update(x, i)  # no host-device synchronisation inside the loop
-    monitor.check()
+    monitor.finish()
 
     image = model.decode(x) if decode else None
     info = {"loss": loss_history(losses, inner_steps, x.shape[0]), "guided_steps": list(guided)}

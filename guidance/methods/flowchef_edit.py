@@ -310,7 +310,7 @@ def flowchef_edit(
         x = euler_step(x, v, s_i, s_next)
         x = step_end(callback_on_step_end, i, s_next, {"x": x})
         monitor.update(x, i)
-    monitor.check()
+    monitor.finish()
 
     image = model.decode(x) if decode else None
     info = {"loss": loss_history(losses, inner_steps, batch), "guided_steps": list(guided),

@@ -130,7 +130,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
             callback({"step": i, "sigma": sigma, "x": x_s, "x0_hat": x})
         x = step_end(callback_on_step_end, i, sigma, {"x": x})
         monitor.update(x, i)
-    monitor.check()
+    monitor.finish()
 
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas, info={"loss": loss})

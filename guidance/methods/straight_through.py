@@ -188,7 +188,7 @@ def straight_through(
         x = model.step(x, v, s_i, s_next)
         x = step_end(callback_on_step_end, i, s_next, {"x": x})
         monitor.update(x, i)
-    monitor.check()
+    monitor.finish()
 
     info = {
         "tokens": model.tokens(x),
