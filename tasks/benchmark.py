@@ -48,6 +48,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -648,6 +649,9 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
                             None if captions is None else read_captions(captions))
     condition = {"negative_prompt": negative_prompt, "guidance_scale": guidance_scale}
     conditioned = prompt is not None or captions is not None or any(v is not None for v in condition.values())
+    text_given = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale,
+                  "captions": captions} if preset is None else {k: v for k, v in given.items() if k in
+                                                                 ("prompt", "negative_prompt", "guidance_scale")}
     out = Path(out)
     model_label = _model_label(model)
     settings: dict[str, Any] = _jsonable({
@@ -674,6 +678,16 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
     try:
         net = open_model(model, device=_default_device(device), dtype=dtype, progress=progress, decoder=decoder,
                          encoder=encoder)
+        if conditioned and not getattr(net, "takes_text", True) and preset is not None and captions is None \
+                and not any(v is not None for v in text_given.values()):
+            # the preset's text settings, not the user's: an unconditional model runs the rest of the setting
+            dropped = {k: settings.pop(k) for k in ("prompt", "negative_prompt", "guidance_scale") if k in settings}
+            run_extra = {k: v for k, v in run_extra.items() if k not in dropped}
+            settings["preset"]["not_applied"] = {**dropped, "reason": f"{_model_label(model)} takes no text"}
+            warnings.warn(f"the preset {preset!r} sets {', '.join(dropped)}, which {_model_label(model)!r} does "
+                          f"not take (an unconditional model): running without them, recorded as not applied",
+                          UserWarning, stacklevel=2)
+            conditioned = False
         if size is None:
             size = int(net.default_size[0]) if getattr(net, "default_size", None) else 256
         if allowed_size(net, size, size) != (size, size):

@@ -259,3 +259,21 @@ def test_benchmark_runs_the_other_flair_presets_as_published(hub_cache, tmp_path
     assert row["status"] == "ok" and row["nfe"] == 50
     item = json.loads((tmp_path / "out" / "items" / f"{row['item']}.json").read_text())["settings"]
     assert item["resolved"]["data_lr"] == 0.1 and item["resolved"]["crw_origin"] == "official:sd3.5-medium"
+
+
+def test_a_preset_on_an_unconditional_model_runs_without_its_text_settings(tmp_path, offline_cache):
+    from tasks.benchmark import run_benchmark
+
+    with pytest.warns(UserWarning, match="sets prompt, negative_prompt, guidance_scale, which 'default' does not take"):
+        result = run_benchmark(_photos(tmp_path / "images", 1), out=tmp_path / "out", preset="flair_sr12",
+                               model="default", decoder="none", encoder="none", dtype="float32", size=48,
+                               num_steps=2, device="cpu", progress=False)
+    settings = result.summary["settings"]
+    assert settings["preset"]["not_applied"]["prompt"] == "a high quality photo of"
+    assert "prompt" not in settings and "guidance_scale" not in settings
+    assert set(settings["preset"]["overrides"]) == {"model", "decoder", "encoder", "dtype", "size", "num_steps"}
+    assert result.summary["items"][0]["status"] == "ok"
+    with pytest.raises(ValueError, match="takes no prompt"):  # text the user asks for is never dropped
+        run_benchmark(_photos(tmp_path / "more", 1), out=tmp_path / "out2", preset="flair_sr12", model="default",
+                      decoder="none", encoder="none", size=48, num_steps=2, device="cpu", progress=False,
+                      prompt="a photo")
