@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from operators import FunctionOperator, Operator, as_operator, check_image
+from operators import Operator, as_operator, check_image
 from operators.noise import randn_like
 
 __all__ = [
@@ -98,10 +98,7 @@ class MeasurementFidelity(Objective):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         operator = as_operator(operator)  # an Operator, a spec string, a callable fn(x) -> y or an nn.Module
-        if isinstance(operator, FunctionOperator):
-            operator.check_measurement(y)  # any floating measurement, batch first: images, vectors (B, m), ...
-        else:
-            check_image(y, "y")
+        operator.check_measurement(y)  # an image batch, or what the operator measures (a function's (B, m), ...)
         if not bool(torch.isfinite(y).all()):
             raise ValueError("the measurement y contains NaN or infinite values")
         if space == "latent" and not (operator.is_linear and operator.has_pseudo_inverse):

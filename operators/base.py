@@ -106,6 +106,11 @@ class Operator(nn.Module):
         return None
 
     # -- input checks -------------------------------------------------------------------------------
+    def check_measurement(self, y: torch.Tensor) -> None:
+        """Raise a ValueError unless ``y`` can be a measurement of this operator (here: a floating 4-D image
+        batch; operators with other measurements override this)."""
+        check_image(y, "y")
+
     def check_input(self, x: torch.Tensor) -> None:
         """Shape checks only (no host-device synchronisation), so that A is cheap inside solver loops."""
         check_image(x, "x", self.in_channels)
@@ -148,11 +153,6 @@ class LinearOperator(Operator):
     def input_shape(self, output_shape: torch.Size) -> tuple[int, ...]:
         """Shape of x for a measurement of ``output_shape`` (same shape unless overridden)."""
         return tuple(output_shape)
-
-    def check_measurement(self, y: torch.Tensor) -> None:
-        """Raise a ValueError unless ``y`` can be a measurement of this operator (here: a floating 4-D image
-        batch; operators with other measurements override this)."""
-        check_image(y, "y")
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """A^T y."""

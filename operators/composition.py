@@ -57,7 +57,6 @@ class Composition(LinearOperator):
         self.parts[0].check_input(x)
 
     def check_measurement(self, y: torch.Tensor) -> None:
-        self._require_linear()
         self.parts[-1].check_measurement(y)
 
     def _linear_tail(self) -> tuple[list[Operator], list[Operator]]:
@@ -112,3 +111,7 @@ class Composition(LinearOperator):
         for op in reversed(self.parts):
             y = op.adjoint(y)
         return y
+
+    def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._require_linear()
+        return super().pseudo_inverse(y)

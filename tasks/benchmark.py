@@ -602,6 +602,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
     methods = split_methods(methods)
     options = {m: dict(o) for m, o in (options or {}).items()}
     space, objective_options, preset_record = "pixel", {}, None
+    user_text = any(v is not None for v in (prompt, negative_prompt, guidance_scale, captions))  # before a preset
     if preset is not None:
         given = dict(model=model, dtype=dtype, decoder=decoder, encoder=encoder, size=size, seed=seed,
                      num_steps=num_steps, prompt=prompt, negative_prompt=negative_prompt,
@@ -649,9 +650,6 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
                             None if captions is None else read_captions(captions))
     condition = {"negative_prompt": negative_prompt, "guidance_scale": guidance_scale}
     conditioned = prompt is not None or captions is not None or any(v is not None for v in condition.values())
-    text_given = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale,
-                  "captions": captions} if preset is None else {k: v for k, v in given.items() if k in
-                                                                 ("prompt", "negative_prompt", "guidance_scale")}
     out = Path(out)
     model_label = _model_label(model)
     settings: dict[str, Any] = _jsonable({
@@ -678,8 +676,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
     try:
         net = open_model(model, device=_default_device(device), dtype=dtype, progress=progress, decoder=decoder,
                          encoder=encoder)
-        if conditioned and not getattr(net, "takes_text", True) and preset is not None and captions is None \
-                and not any(v is not None for v in text_given.values()):
+        if conditioned and not getattr(net, "takes_text", True) and preset is not None and not user_text:
             # the preset's text settings, not the user's: an unconditional model runs the rest of the setting
             dropped = {k: settings.pop(k) for k in ("prompt", "negative_prompt", "guidance_scale") if k in settings}
             run_extra = {k: v for k, v in run_extra.items() if k not in dropped}

@@ -11,6 +11,7 @@ from operators import (BoxInpainting, Composition, FileMaskInpainting, FunctionO
                        RandomInpainting, make_operator)
 from operators.base import operator_gain, operator_state
 from operators.registry import EXAMPLE_MASK
+from test_operators_generic import dense_matrix, dense_top_eigenvalue
 
 
 def _gen(seed=0):
@@ -23,11 +24,7 @@ def _rand(shape, seed=0, dtype=torch.float64):
 
 def dense_gain(op, shape):
     """λ_max(AᵀA) of the dense float64 matrix of A (columns A e_j)."""
-    n = shape[1] * shape[2] * shape[3]
-    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape[1:])
-    with torch.no_grad():
-        a = torch.cat([op.double()(chunk).reshape(chunk.shape[0], -1) for chunk in basis.split(256)]).T
-    return float(torch.linalg.eigvalsh(a.T @ a)[-1])
+    return dense_top_eigenvalue(dense_matrix(op.double(), shape))
 
 
 # -- the gain ‖A‖² ---------------------------------------------------------------------------------------------
