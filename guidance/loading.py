@@ -2,13 +2,14 @@
 
     load_model("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16, device="cuda")
     load_model("/data/flux1-dev")                   # a folder written by save_pretrained / hf download
-    load_model(pipe)                                # reuse a StableDiffusion3Pipeline / FluxPipeline as it is
+    load_model(pipe)                                # reuse a FluxPipeline, Flux2KleinPipeline, ... as it is
 
-The kind of model is read from the folder's ``model_index.json``: Stable Diffusion 3 / 3.5 pipelines give an
-:class:`~guidance.backbones.sd3.SD3Model`, FLUX.1 pipelines a :class:`~guidance.backbones.flux.FluxModel`, and a
-folder whose index lists a ``unet`` or ``transformer`` (plus optional ``vae`` and ``scheduler``) without text
-encoders a :class:`~guidance.backbones.generic.GenericFlowModel`; the families are the entries of
-:mod:`guidance.backbones.registry`. Only safetensors weights are loaded and no remote code is ever run.
+The kind of model is read from the ``_class_name`` of the folder's ``model_index.json`` (or the class of a
+pipeline object): each family of :mod:`guidance.backbones.registry` (SD3 / 3.5, FLUX.1, FLUX.2, Qwen-Image,
+Z-Image, SANA, SANA-Sprint, Lumina 2, Chroma) lists the pipeline classes its adapter wraps, pipelines that need
+inputs a flow model does not take (Kontext, Fill, the Qwen-Image edit pipelines, ...) are refused with the
+reason, and a folder whose index lists a ``unet`` or ``transformer`` (plus optional ``vae`` and ``scheduler``)
+without text encoders gives a :class:`~guidance.backbones.generic.GenericFlowModel`. Only safetensors weights are loaded and no remote code is ever run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from .devices import check_device, check_dtype
 from .manifest import DamagedModelError, verify_manifest
 from .backbones.base import FlowModel
-from .backbones.registry import family_for_index, get_backbone, pipeline_families
+from .backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
+                                 supported_pipelines)
 
 __all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model", "quiet_loading"]
 
@@ -116,19 +118,22 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _classify(index: dict) -> str:
-    """The backbone family (a name in :data:`~guidance.backbones.registry.BACKBONES`) of a folder's index."""
-    family = family_for_index(index)
-    if family is not None:
-        return family.name
+def _classify(index: dict) -> tuple[str, str | None]:
+    """(backbone family, pipeline class that loads it) of a folder's index (a name in
+    :data:`~guidance.backbones.registry.BACKBONES`; no pipeline class for generic folders)."""
+    found = family_for_index(index)
+    if found is not None:
+        return found[0].name, found[1]
     name = str(index.get("_class_name", ""))
+    refused = refusal(name)
+    if refused:
+        raise ValueError(refused)
     has_text = any(key.startswith("text_encoder") for key in index)
     if not has_text and ("unet" in index or "transformer" in index):
-        return "generic"
-    titles = [b.title for b in pipeline_families()]
+        return "generic", None
     raise ValueError(
-        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads "
-        f"{' and '.join(titles)} pipelines, or text-free folders with a 'unet' or 'transformer' (plus optional "
+        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads the pipelines "
+        f"{', '.join(supported_pipelines())}, or text-free folders with a 'unet' or 'transformer' (plus optional "
         "'vae' and 'scheduler'); wrap other networks with GenericFlowModel"
     )
 
@@ -225,17 +230,19 @@ def _autoencoders(decoder, encoder, **kwargs) -> tuple[Any, Any]:
 
 
 def _adapter_for_pipeline(pipe, decoder, encoder=None) -> FlowModel:
-    """The adapter of the family whose transformer class the pipeline holds."""
-    transformer = getattr(pipe, "transformer", None)
-    families = pipeline_families()
-    for family in families:
-        if isinstance(transformer, family.transformer_class()):
-            return family.adapter_class()(pipe, decoder=decoder, encoder=encoder)
-    raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}: pass a {' or '.join(b.pipeline for b in families)} (or a "
-        f"pipeline with an {' / '.join(b.short for b in families)} transformer), or wrap the network with "
-        "GenericFlowModel"
-    )
+    """The adapter of the pipeline's family (by its class, else by its transformer's class)."""
+    refused = refusal(type(pipe).__name__)
+    if refused:
+        raise ValueError(refused)
+    family = family_for_pipeline(pipe)
+    if family is None:
+        families = pipeline_families()
+        raise ValueError(
+            f"unsupported pipeline {type(pipe).__name__}: pass one of {', '.join(supported_pipelines())} (or a "
+            f"pipeline with a {' / '.join(b.transformer for b in families)}), or wrap the network with "
+            "GenericFlowModel"
+        )
+    return family.adapter_class()(pipe, decoder=decoder, encoder=encoder)
 
 
 def _load_generic(source: str, index: dict, dtype, local_files_only: bool):
@@ -278,8 +285,9 @@ def load_model(
 
     Args:
         source: a hub id ("stabilityai/stable-diffusion-3.5-medium"), a local folder with a
-            ``model_index.json``, a diffusers ``StableDiffusion3Pipeline`` / ``FluxPipeline`` object (its
-            components are reused, nothing is reloaded), or a FlowModel (returned as is).
+            ``model_index.json``, a diffusers pipeline object of a supported family (``FluxPipeline``,
+            ``QwenImagePipeline``, ...; its components are reused, nothing is reloaded), or a FlowModel (returned
+            as is).
         dtype: weights dtype when loading (e.g. ``torch.bfloat16``, or a name: ``"bf16"``); for a pipeline object, a
             cast. ``torch_dtype`` is accepted for it, as diffusers names it.
         device: where to put the model; for a pipeline object left alone when None (keeps its offloading).
@@ -288,7 +296,7 @@ def load_model(
             used by ``decode``, e.g. "madebyollin/taesd3" for SD3.
         encoder: the same for ``encode`` (None: the full VAE encodes). FLAIR's official code decodes and encodes
             with TAESD3: ``decoder="madebyollin/taesd3", encoder="madebyollin/taesd3"`` (loaded once).
-        options: for SD3 / Flux sources, passed to the pipeline's ``from_pretrained`` (e.g. ``variant="fp16"``,
+        options: for pipeline sources (SD3, Flux, ...), passed to the pipeline's ``from_pretrained`` (e.g. ``variant="fp16"``,
             or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic folders, passed to
             :class:`~guidance.backbones.generic.GenericFlowModel` (``timestep_scale``, ``shift``, ...).
 
@@ -322,7 +330,7 @@ def load_model(
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(
             f"unknown model source of type {type(source).__name__}: pass a hub id, a local folder, "
-            "a diffusers StableDiffusion3Pipeline / FluxPipeline, or a FlowModel"
+            f"a diffusers pipeline ({', '.join(supported_pipelines())}), or a FlowModel"
         )
     source = os.fspath(source)
     if source == "default":
@@ -355,7 +363,7 @@ def load_model(
         verify_manifest(path)  # a folder with a manifest.json has its weights checked before they load
 
     index = _read_index(source, local_files_only)
-    kind = _classify(index)
+    kind, pipeline_class = _classify(index)
     if kind == "generic":
         network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)
         if device is not None:
@@ -373,8 +381,8 @@ def load_model(
             model.calibration_dir = Path(source, "calibration")
         return model
 
-    pipe = _from_pretrained(get_backbone(kind).pipeline_class(), source, local_files_only, use_safetensors=True,
-                            **_dtype_kwargs(dtype), **options)
+    pipe = _from_pretrained(get_backbone(kind).pipeline_class(pipeline_class), source, local_files_only,
+                            use_safetensors=True, **_dtype_kwargs(dtype), **options)
     if device is not None:
         pipe = pipe.to(device)
     decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or pipe._execution_device,

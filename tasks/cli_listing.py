@@ -7,7 +7,7 @@ import inspect
 import json
 import re
 
-from guidance.backbones.registry import known_models
+from guidance.backbones.registry import BACKBONES, known_models
 
 from .cli import format_default, print_json
 
@@ -106,9 +106,17 @@ def _classifier_labels(folder) -> tuple[list[str], str]:
         return [], f"not available: {str(error).splitlines()[0]}"
 
 
+def family_rows() -> list[dict]:
+    """One row per backbone family with a diffusers pipeline: its pipeline classes, defaults and limits."""
+    return [{"kind": "family", "source": None, "family": b.name, "title": b.title, "pipelines": list(b.pipelines),
+             "also_loads": list(b.also_loads), "default_size": b.default_size, "default_steps": b.default_steps,
+             "default_guidance": b.default_guidance, "notes": b.notes}
+            for b in BACKBONES if b.pipelines]
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    """List the flow models flowsteer knows, and whether each is on this machine (nothing is downloaded), then
-    the bundled classifiers with their labels."""
+    """List the flow models flowsteer knows, and whether each is on this machine (nothing is downloaded), the
+    bundled classifiers with their labels, then the pipeline families with their defaults."""
     from .rewards import BUNDLED_CLASSIFIERS, bundled_classifier_dir
 
     rows = [{"kind": "model", "source": source, "family": family, "summary": summary, "status": _cached(source)}
@@ -118,16 +126,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         labels, status = _classifier_labels(bundled_classifier_dir(name))
         classifiers.append({"kind": "classifier", "source": name, "family": "classifier", "summary": summary,
                             "labels": labels, "status": status})
+    families = family_rows()
     if args.json:
-        print_json(rows + classifiers)
+        print_json(rows + classifiers + families)
         return 0
     for row in rows:
         print(f"{row['source']}  [{row['family']}]  {row['summary']}\n    {row['status']}")
-    print("\nAny local folder written by save_pretrained (SD3, Flux, or a generic transformer + scheduler + VAE) "
-          "also works: --model path/to/folder.")
+    print("\nAny local folder written by save_pretrained (a pipeline of a family below, or a generic transformer + "
+          "scheduler + VAE) also works: --model path/to/folder.")
     print("\nBundled classifiers (flowsteer generate --classifier NAME --label LABEL):")
     for row in classifiers:
         print(f"{row['source']}  {row['summary']}\n    labels: {', '.join(row['labels']) or 'none'}; {row['status']}")
+    print("\nFamilies (load_model / --model take a hub id, a folder or a pipeline object of each):")
+    for row in families:
+        also = f" (also {', '.join(row['also_loads'])})" if row["also_loads"] else ""
+        print(f"{row['family']}  {row['title']}: {', '.join(row['pipelines'])}{also}\n    default "
+              f"{row['default_size']}², {row['default_steps']} steps, {row['default_guidance']}"
+              + (f"; {row['notes']}" if row["notes"] else ""))
     return 0
 
 

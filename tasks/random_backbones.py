@@ -177,13 +177,14 @@ def tiny_t5(d_model: int = 32, layers: int = 2) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def sd3_components(t5: bool = True, sd35: bool = False, patch_size: int = 1) -> dict:
+def sd3_components(t5: bool = True, sd35: bool | str = False, patch_size: int = 1) -> dict:
     """Components of a tiny StableDiffusion3Pipeline.
 
     CLIP-L-like (hidden 8) and CLIP-G-like (hidden 16) hidden states concatenate to 24 < 32 and are zero-padded
     to T5's width (the transformer's joint_attention_dim), as 768 + 1280 are padded to 4096 in the real model;
-    their projections (24 + 40) concatenate to the pooled width 64. ``sd35`` adds the SD3.5 dual attention and
-    RMS qk-norm. The scheduler is configured like the released checkpoints (static shift 3).
+    their projections (24 + 40) concatenate to the pooled width 64. ``sd35`` (True or "medium") adds SD3.5-medium's
+    dual attention and RMS qk-norm; ``sd35="large"`` SD3.5-large's RMS qk-norm without dual attention. The
+    scheduler is configured like the released checkpoints (static shift 3).
     """
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
@@ -197,7 +198,7 @@ def sd3_components(t5: bool = True, sd35: bool = False, patch_size: int = 1) -> 
         joint_attention_dim=32,
         pooled_projection_dim=64,
         out_channels=4,
-        dual_attention_layers=(0,) if sd35 else (),
+        dual_attention_layers=(0,) if sd35 in (True, "medium") else (),
         qk_norm="rms_norm" if sd35 else None,
     )
     torch.manual_seed(1)

@@ -5,8 +5,8 @@ import json
 import huggingface_hub
 import pytest
 import torch
-from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline, tiny_taesd, tiny_unet, tiny_vae
-from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler
+from tiny_models import NEGATIVE, PROMPT, flux_components, flux_pipeline, sd3_pipeline, tiny_taesd, tiny_unet, tiny_vae
+from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from guidance.loading import ModelNotFoundError, load_model
 from guidance.backbones.flux import FluxModel
@@ -134,3 +134,54 @@ def test_unsupported_folder_raises(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="no model_index.json"):
         load_model(tmp_path / ".." / tmp_path.name / "..")
+
+
+@pytest.mark.parametrize("class_name, reason", [
+    ("FluxFillPipeline", "384 input channels"),
+    ("FluxKontextPipeline", "reference image"),
+    ("QwenImageEditPipeline", "input image's tokens"),
+    ("StableDiffusion3ControlNetPipeline", "control image"),
+])
+def test_pipelines_that_need_other_inputs_are_refused_with_the_reason(tmp_path, class_name, reason):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name,
+                                                           "transformer": ["diffusers", "FluxTransformer2DModel"],
+                                                           "text_encoder": ["transformers", "T5EncoderModel"]}))
+    with pytest.raises(ValueError, match=f"{class_name} is not supported: .*{reason}.*Supported pipelines: "
+                                         f"StableDiffusion3Pipeline"):
+        load_model(tmp_path)
+
+
+def test_a_refused_pipeline_object_is_refused_although_its_transformer_is_known():
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline(**flux_components(dev=True))
+    with pytest.raises(ValueError, match="FluxKontextPipeline is not supported: .*FluxPipeline"):
+        load_model(pipe)
+
+
+def test_a_custom_pipeline_class_is_recognised_by_its_transformer():
+    from diffusers import DiffusionPipeline
+
+    class MyFlux(DiffusionPipeline):  # a user's own pipeline around Flux components
+        def __init__(self, **components):
+            super().__init__()
+            self.register_modules(**components)
+
+    from guidance.backbones.registry import family_for_pipeline
+
+    pipe = FluxPipeline(**flux_components(dev=True))
+    assert family_for_pipeline(MyFlux(transformer=pipe.transformer)).name == "flux"
+    assert isinstance(load_model(pipe), FluxModel)
+
+
+def test_registry_classes_exist_and_each_pipeline_belongs_to_one_family():
+    import diffusers
+
+    from guidance.backbones.registry import BACKBONES, REFUSED, supported_pipelines
+
+    names = supported_pipelines()
+    assert len(names) == len(set(names)) and not set(names) & set(REFUSED)
+    assert all(hasattr(diffusers, name) for name in (*names, *REFUSED))
+    for family in BACKBONES:
+        if family.pipelines:
+            assert family.default_size and family.default_steps and family.default_guidance, family.name

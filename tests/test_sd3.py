@@ -26,9 +26,10 @@ def _to_unit(image):
         (dict(t5=True), 5.0),
         (dict(t5=False), 5.0),
         (dict(sd35=True, patch_size=2), 4.5),
+        (dict(sd35="large", patch_size=2), 3.5),  # SD3.5-large: qk-norm, no dual attention
         (dict(t5=True), 1.0),  # CFG off: positive prompt only
     ],
-    ids=["sd3-t5", "sd3-no-t5", "sd35", "sd3-no-cfg"],
+    ids=["sd3-t5", "sd3-no-t5", "sd35", "sd35-large", "sd3-no-cfg"],
 )
 def test_matches_pipeline(variant, guidance):
     pipe = sd3_pipeline(**variant)

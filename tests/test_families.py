@@ -1,0 +1,178 @@
+"""Every guidance method on a tiny model of every pipeline family, through load_model's recognition.
+
+For each family of :mod:`guidance.backbones.registry` (tiny random components built from config, offline):
+
+* ``load_model`` recognises the pipeline object and a folder written by ``save_pretrained`` (its
+  ``model_index.json``) and gives the family's adapter;
+* FlowChef (latent and pixel loss), FLAIR, DPS and PnP-Flow each end with a smaller measurement residual (the
+  objective's own loss) than unguided sampling from the same seed;
+* FlowChef editing keeps the preserved region closer to the source than unguided sampling does;
+* FLAIR calibration runs, and FLAIR then reads the calibrated table.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from importlib import import_module
+
+import pytest
+import torch
+
+import guidance
+from guidance import MeasurementFidelity, get_method, load_model
+from guidance.backbones.registry import BACKBONES, get_backbone
+from guidance.calibration import calibrate
+from operators import make_operator
+
+PROMPT = "a photo of a red fox sitting in the snow"
+STEPS = 3
+
+#: family -> (builder module, builder, keyword arguments, condition keyword arguments)
+FAMILIES = {
+    "sd3": ("tasks.random_backbones", "sd3_pipeline", {}, {}),
+    "flux": ("tasks.random_backbones", "flux_pipeline", {"dev": True}, {"max_sequence_length": 32}),
+    "flux2-dev": ("tasks.random_flux2", "tiny_flux2_pipeline", {"variant": "dev"}, {}),
+    "flux2-klein": ("tasks.random_flux2", "tiny_flux2_pipeline", {"variant": "klein"}, {}),
+    "qwen_image": ("tasks.random_qwen_image", "tiny_qwen_image_pipeline", {}, {}),
+    "z_image": ("tasks.random_z_image", "tiny_z_image_pipeline", {}, {}),
+    "lumina2": ("tasks.random_lumina2", "tiny_lumina2_pipeline", {}, {}),
+    "sana": ("tasks.random_sana", "tiny_sana_pipeline", {}, {}),
+    "sana_sprint": ("tasks.random_sana", "tiny_sana_sprint_pipeline", {}, {}),
+    "chroma": ("tasks.random_chroma", "tiny_chroma_pipeline", {}, {}),
+}
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def family_of(case: str) -> str:
+    return case.split("-")[0]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_pipeline(case: str):
+    module, builder, kwargs, _ = FAMILIES[case]
+    return getattr(import_module(module), builder)(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(case: str):
+    return load_model(tiny_pipeline(case))
+
+
+def setting(case: str):
+    """(model, condition, image side) for a case: the smallest side with a 4x4 latent token grid at least."""
+    model = tiny_model(case)
+    cond = model.condition(PROMPT, **FAMILIES[case][3])
+    side = max(32, 2 * model.size_multiple)
+    return model, cond, side
+
+
+def test_every_pipeline_family_has_a_case():
+    families = {b.name for b in BACKBONES if b.pipelines}
+    assert families == {family_of(case) for case in FAMILIES}
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_load_model_recognises_the_pipeline_and_its_folder(case, tmp_path):
+    pipe = tiny_pipeline(case)
+    family = get_backbone(family_of(case))
+    assert type(pipe).__name__ in family.pipelines
+    model = tiny_model(case)
+    assert type(model) is family.adapter_class()
+    pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    loaded = load_model(str(tmp_path / "saved"), local_files_only=True)
+    assert type(loaded) is family.adapter_class()
+    model, cond, side = setting(case)
+    x = torch.randn(1, *model.latent_shape(side, side), generator=_gen(3))
+    again = loaded.condition(PROMPT, **FAMILIES[case][3])
+    torch.testing.assert_close(loaded.velocity(x, 0.7, again), model.velocity(x, 0.7, cond), rtol=0, atol=1e-6)
+
+
+def _measurement(model, cond, side):
+    """y = A(x_ref) for a decoded sample x_ref of another seed (so y is in the model's range)."""
+    reference = guidance.sample(model, cond, num_steps=STEPS, height=side, width=side, generator=_gen(7),
+                                progress=False).image
+    operator = make_operator("sr:factor=2")
+    return operator, operator(reference.clamp(-1, 1))
+
+
+METHODS = {
+    "flowchef-latent": ("flowchef", {"step_size": 0.5}, "latent"),
+    "flowchef-pixel": ("flowchef", {"step_size": 0.01, "inner_steps": 3}, "pixel"),
+    "flair": ("flair", {}, "pixel"),
+    "dps": ("dps", {}, "pixel"),
+    "pnp_flow": ("pnp_flow", {"step_size": 0.1}, "pixel"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", FAMILIES)
+def test_every_method_reduces_the_residual_on_every_family(case, method):
+    name, options, space = METHODS[method]
+    model, cond, side = setting(case)
+    operator, y = _measurement(model, cond, side)
+    objective = MeasurementFidelity(operator, y, space=space)
+    common = dict(cond=cond, num_steps=STEPS, height=side, width=side, progress=False)
+    unguided = guidance.sample(model, generator=_gen(1), **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = get_method(name, **options)(model, objective, generator=_gen(1), **common)
+    objective.bind(model, side, side)
+    with torch.no_grad():
+        before = float(objective(model, unguided.x).sum())
+        after = float(objective(model, out.x).sum())
+    assert torch.isfinite(out.x).all()
+    assert after < 0.9 * before, (case, method, before, after)
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_flowchef_editing_keeps_the_preserved_region_on_every_family(case):
+    model, cond, side = setting(case)
+    source = guidance.sample(model, cond, num_steps=STEPS, height=side, width=side, generator=_gen(5),
+                             progress=False)
+    mask = torch.zeros(side, side)
+    mask[: side // 2] = 1.0  # edit the top half, keep the bottom half
+    n = source.x[0].numel()
+    out = get_method("flowchef_edit", step_size=0.25 * n / 1000.0, inner_steps=2, source_steps=1)(
+        model, source_image=source.image.clamp(-1, 1), mask=mask, source_prompt=PROMPT,
+        edit_prompt="a photo of a cat", num_steps=STEPS, generator=_gen(1), progress=False)
+    unguided = guidance.sample(model, cond, num_steps=STEPS, height=side, width=side, generator=_gen(1),
+                               progress=False)
+    with torch.no_grad():
+        z_src = model.encode(source.image.clamp(-1, 1))
+    keep = z_src.shape[-2] // 2
+
+    def gap(x):
+        return float((x - z_src)[..., keep:, :].square().mean())
+
+    assert torch.isfinite(out.x).all()
+    assert gap(out.x) < 0.5 * gap(unguided.x), (case, gap(out.x), gap(unguided.x))
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_flair_calibration_runs_and_flair_reads_the_table_on_every_family(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSTEER_CACHE", str(tmp_path / "cache"))
+    model, _, side = setting(case)
+    cond = model.condition(PROMPT, "", 2.0, **FAMILIES[case][3])
+    images = torch.rand(2, 3, side, side, generator=_gen(0)) * 2 - 1
+    table = calibrate(model, images, cond, num_points=3, generator=_gen(1), batch_size=2, progress=False)
+    assert len(table) == 3 and torch.isfinite(table.weights).all() and (table.mse > 0).all()
+    operator, y = _measurement(model, cond, side)
+    out = get_method("flair")(model, MeasurementFidelity(operator, y), cond=cond, num_steps=STEPS, height=side,
+                              width=side, generator=_gen(1), progress=False)
+    assert out.info["crw_origin"] not in ("default", "constant", "given"), out.info["crw_origin"]
+
+
+def test_flowsteer_models_lists_every_family_with_its_defaults(cli):
+    import json
+
+    code, out, err = cli("models", "--json")
+    assert code == 0, err
+    rows = {row["family"]: row for row in json.loads(out) if row["kind"] == "family"}
+    assert set(rows) == {family_of(case) for case in FAMILIES}
+    assert rows["qwen_image"]["pipelines"] == ["QwenImagePipeline"] and rows["sana"]["default_steps"] == 20
+    code, text, err = cli("models")
+    assert "flux2  FLUX.2: Flux2Pipeline, Flux2KleinPipeline" in text
