@@ -6,7 +6,8 @@
     x_{s_{i+1}} = x_{s_i} + (s_{i+1} - s_i) v_i
 
 With the SD3 / Flux adapters and the same generator this reproduces the diffusers pipelines' latents
-(the pipelines' FlowMatchEulerDiscreteScheduler.step is this Euler update).
+(the pipelines' FlowMatchEulerDiscreteScheduler.step is this Euler update). ``stochastic=True`` takes the steps
+of the marginal-preserving SDE instead (:mod:`guidance.sde`): the same marginals p_s, fresh noise at every step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .flow import euler_step, x0_from_velocity
 from .images import ImageOutput
+from .sde import check_noise_scale, sde_step
 from .backbones.base import FlowModel, check_num_steps
 
 __all__ = ["SampleResult", "StartState", "initial_noise", "sample", "start_state", "step_end"]
@@ -169,8 +171,10 @@ def sample(
     latents: torch.Tensor | None = None,
     decode: bool = True,
     callback_on_step_end: Callable | None = None,
+    stochastic: bool = False,
+    noise_scale: float = 1.0,
 ) -> SampleResult:
-    """Generate with the Euler sampler.
+    """Generate with the Euler sampler (or, with ``stochastic=True``, the flow's SDE).
 
     Args:
         model: a :class:`~guidance.backbones.base.FlowModel`.
@@ -188,7 +192,17 @@ def sample(
         decode: also decode the final latent to an image.
         callback_on_step_end: ``(step, sigma, state) -> state`` after each step, which may change ``state["x"]``
             (see :func:`step_end`).
+        stochastic: take Euler-Maruyama steps of the SDE with the ODE's marginals (:func:`guidance.sde.sde_step`:
+            x_{s'} = x_s + (s' - s)(v + η eps_hat) + sqrt(2 η s (s - s')) z), the last step onto s = 0
+            deterministic; needs an explicit ``generator``, which then also draws the noise of every step.
+        noise_scale: η >= 0, the SDE's diffusion g(s)² = 2 η s (0: the ODE); used with ``stochastic=True``.
     """
+    if not isinstance(stochastic, bool):
+        raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+    check_noise_scale(noise_scale)
+    if stochastic and generator is None:
+        raise ValueError("stochastic sampling draws fresh noise at every step: pass an explicit generator, e.g. "
+                         "generator=torch.Generator().manual_seed(0)")
     state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas
     for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):
@@ -196,7 +210,8 @@ def sample(
         v = model.velocity(x, sigma, cond)
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_from_velocity(x, v, sigma)})
-        x = euler_step(x, v, sigma, sigma_next)
+        x = sde_step(x, v, sigma, sigma_next, noise_scale, generator) if stochastic else \
+            euler_step(x, v, sigma, sigma_next)
         x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
     image = model.decode(x) if decode else None
     return SampleResult(x=x, image=image, sigmas=sigmas)

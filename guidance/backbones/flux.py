@@ -19,14 +19,12 @@ Backbone conventions handled here and nowhere else:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import check_num_steps, repeat_for_batch, sigma_batch
+from .mechanics import classifier_free, scheduler_sigmas, token_shift
 from .pipeline import PipelineFlowModel, prompt_list
 
 __all__ = ["FluxCondition", "FluxModel", "pack_latents", "unpack_latents", "latent_image_ids"]
@@ -118,21 +116,7 @@ class FluxModel(PipelineFlowModel):
         height = height or self.default_size[0]
         width = width or self.default_size[1]
         _, h, w = self.latent_shape(height, width)
-        scheduler = copy.deepcopy(self.scheduler)
-        config = scheduler.config
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        if config.get("use_flow_sigmas", False):
-            scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
-        else:
-            base = np.linspace(1.0, 1 / num_steps, num_steps)
-            scheduler.set_timesteps(sigmas=base, device="cpu", mu=mu)
-        return scheduler.sigmas.to(torch.float32)
+        return scheduler_sigmas(self.scheduler, num_steps, token_shift(self.scheduler.config, (h // 2) * (w // 2)))
 
     # -- text -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,6 +243,6 @@ class FluxModel(PipelineFlowModel):
             v = self._call(tokens, timestep, guidance, embeds, pooled, img_ids)
             if cond.do_true_cfg:
                 v, v_neg = v.chunk(2)
-                v = v_neg + cond.true_cfg_scale * (v - v_neg)
+                v = classifier_free(v, v_neg, cond.true_cfg_scale)
             v = unpack_latents(v, h, w)
         return v.to(x.device)

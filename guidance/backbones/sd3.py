@@ -16,13 +16,12 @@ SD3.5's dual-attention and qk-norm transformers take the same inputs and run thr
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from .base import check_num_steps, repeat_for_batch, sigma_batch
+from .mechanics import classifier_free, scheduler_sigmas, token_shift
 from .pipeline import PipelineFlowModel, prompt_list
 
 __all__ = ["SD3Condition", "SD3Model"]
@@ -92,22 +91,13 @@ class SD3Model(PipelineFlowModel):
         """The pipeline's schedule: the scheduler's ``set_timesteps`` (static shift 3 for the released models,
         or a dynamic shift from the image token count when configured), run on a copy; a final 0 included."""
         check_num_steps(num_steps)
-        scheduler = copy.deepcopy(self.scheduler)
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
+        mu = None
+        if self.scheduler.config.get("use_dynamic_shifting", False):
             height = height or self.default_size[0]
             width = width or self.default_size[1]
             _, h, w = self.latent_shape(height, width)
-            tokens = (h // self.patch_size) * (w // self.patch_size)
-            kwargs["mu"] = calculate_shift(
-                tokens,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
-        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
-        return scheduler.sigmas.to(torch.float32)
+            mu = token_shift(self.scheduler.config, (h // self.patch_size) * (w // self.patch_size), max_shift=1.16)
+        return scheduler_sigmas(self.scheduler, num_steps, mu, linspace=False)
 
     # -- text -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -234,5 +224,5 @@ class SD3Model(PipelineFlowModel):
             )[0].float()
             if cond.do_cfg:
                 v_u, v_c = out.chunk(2)
-                out = v_u + cond.guidance_scale * (v_c - v_u)
+                out = classifier_free(v_c, v_u, cond.guidance_scale)
         return out.to(x.device)

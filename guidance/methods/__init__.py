@@ -30,6 +30,7 @@ REGISTRY: dict[str, str] = {
     "pnp_flow": "guidance.methods.pnp_flow:pnp_flow",
     "straight_through": "guidance.methods.straight_through:straight_through",
     "best_of_n": "guidance.methods.best_of_n:best_of_n",
+    "particles": "guidance.methods.particles:particles",
 }
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",
