@@ -91,11 +91,13 @@ BACKBONES: tuple[Backbone, ...] = (
               ("stabilityai/stable-diffusion-3.5-large-turbo", "SD3.5 large turbo, 4 steps, CFG off")),
              1024, 28, "CFG 7"),
     Backbone("flux", "guidance.backbones.flux:FluxModel", "FLUX.1", "Flux", ("FluxPipeline",),
-             "FluxTransformer2DModel", ("FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+             "FluxTransformer2DModel", ("FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline"),
              (("black-forest-labs/FLUX.1-dev", "Flux dev, guidance-distilled, 28-50 steps"),
-              ("black-forest-labs/FLUX.1-schnell", "Flux schnell, 1-4 steps")),
+              ("black-forest-labs/FLUX.1-schnell", "Flux schnell, 1-4 steps"),
+              ("black-forest-labs/FLUX.1-Kontext-dev", "Kontext dev, text-to-image only (no reference image)")),
              1024, 28, "distilled guidance 3.5 (dev); none (schnell)",
-             "guidance-distilled: no CFG unless true_cfg_scale > 1 with a negative prompt"),
+             "guidance-distilled: no CFG unless true_cfg_scale > 1 with a negative prompt; Kontext weights sample "
+             "text-to-image, without its reference-image input"),
     Backbone("flux2", "guidance.backbones.flux2:Flux2Model", "FLUX.2", "Flux2",
              ("Flux2Pipeline", "Flux2KleinPipeline"), "Flux2Transformer2DModel", (),
              (("black-forest-labs/FLUX.2-dev", "FLUX.2 dev, 32B, Mistral-Small-3.1 text encoder, distilled guidance"),
@@ -139,9 +141,6 @@ BACKBONES: tuple[Backbone, ...] = (
 REFUSED: dict[str, str] = {
     "FluxFillPipeline": "FLUX.1 Fill's transformer takes the masked image and the mask beside the latent "
                         "(384 input channels); restore with FLUX.1-dev and an inpainting operator instead",
-    "FluxKontextPipeline": "FLUX.1 Kontext is conditioned on a reference image's tokens, which the flow model does "
-                           "not take; edit with flowchef_edit on FLUX.1-dev, or load the Kontext weights with "
-                           "FluxPipeline for text-to-image",
     "FluxControlPipeline": "FLUX.1 Canny / Depth take a control image in extra input channels",
     "FluxPriorReduxPipeline": "Redux is an image encoder, not a flow model",
     "QwenImageEditPipeline": "Qwen-Image-Edit is conditioned on the input image's tokens; use Qwen-Image "

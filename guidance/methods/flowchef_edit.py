@@ -132,8 +132,8 @@ def _text_conditions(model, source_prompt, edit_prompt, guidance_scale):
     for prompt in (source_prompt, edit_prompt):
         cond = model.condition(prompt, **kwargs) if _is_text(prompt) else prompt
         if cond is None:
-            raise ValueError(f"flowchef_edit needs a text-conditioned model (SD3Model, FluxModel); {name} takes no "
-                             f"prompt")
+            raise ValueError(f"flowchef_edit needs a text-conditioned model (a pipeline family: SD3, FLUX.1, "
+                             f"FLUX.2, Qwen-Image, ...); {name} takes no prompt")
         conds.append(cond)
     n_src, n_edit = (getattr(c, "batch_size", 1) for c in conds)
     if n_src != n_edit:
@@ -186,7 +186,7 @@ def flowchef_edit(
     2 (1 + momentum) for "sgd") is refused up front.
 
     Args:
-        model: a text-conditioned latent flow model (SD3Model, FluxModel).
+        model: a text-conditioned latent flow model (any pipeline family of guidance.backbones.registry).
         objective: None, or an extra objective whose gradient is added to the source pull.
         num_steps, height, width, generator, progress, batch_size, latents, decode: as in :func:`guidance.sample`
             (height and width default to the source image's size).
