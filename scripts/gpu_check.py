@@ -8,8 +8,9 @@ In order, each phase within what is left of ``--budget`` seconds, every result w
 2. the CUDA tests: ``pytest -m cuda`` (every test that takes the ``cuda_device`` fixture) on the GPU
    (``pytest.log``);
 3. ``flowsteer speed`` on the full-size SD3.5-medium and FLUX.1-dev architectures (random bf16 weights) at 512,
-   768 and 1024 pixels, 28 steps, every method (FLAIR with 5 data steps), then ``--compile regional`` for the pair
-   the targets watch most closely (unguided and FlowChef with a latent loss) at 1024 (``table.md``,
+   768 and 1024 pixels, 28 steps, every method (FLAIR with 5 data steps), then today's models (FLUX.2 [klein] 4B
+   and Qwen-Image 20B) at 1024 with unguided, FlowChef (latent loss) and FLAIR, then ``--compile regional`` for the
+   pair the targets watch most closely (unguided and FlowChef with a latent loss) at 1024 (``table.md``,
    ``results.json``, rewritten after every row).
 
 ``--dry-run`` runs the same phases on the CPU with the tests' tiny backbones, 32 pixels and 2 steps, the CUDA
@@ -40,13 +41,17 @@ FORMAT = "flowsteer-gpu-check/1"
 PACKAGES = ("diffusers", "kornia", "kornia_rs", "lpips", "torch", "transformers", "accelerate", "safetensors",
             "tokenizers", "huggingface_hub", "numpy", "PIL", "skimage")
 FLOWSTEER_PACKAGES = ("guidance", "operators", "tasks", "tasks.cli", "tasks.speed", "guidance.backbones.sd3",
-                      "guidance.backbones.flux", "tasks.random_backbones")
+                      "guidance.backbones.flux", "guidance.backbones.flux2", "guidance.backbones.qwen_image",
+                      "tasks.random_backbones", "tasks.random_flux2", "tasks.random_qwen_image")
 METHODS = ("flowchef-latent", "flowchef-pixel", "flair", "pnp_flow", "dps")
 OPTIONS = {"flair": {"data_steps": 5}}
 #: (what, run_speed arguments) on the GPU, in the order they run.
 GPU_RUNS = (
     ("full-size backbones, every method, eager",
      dict(backbones=["sd3.5-medium", "flux-dev"], methods=list(METHODS), sizes=[512, 768, 1024], steps=[28])),
+    ("today's models at 1024: FLUX.2 [klein] 4B and Qwen-Image 20B, unguided, FlowChef (latent loss) and FLAIR",
+     dict(backbones=["flux2-klein-4b", "qwen-image"], methods=["flowchef-latent", "flair"], sizes=[1024],
+          steps=[28])),
     ("regional compile: unguided and FlowChef (latent loss) at 1024",
      dict(backbones=["sd3.5-medium", "flux-dev"], methods=["flowchef-latent"], sizes=[1024], steps=[28],
           compile="regional")),
@@ -55,6 +60,9 @@ GPU_RUNS = (
 DRY_RUNS = (
     ("tiny backbones, every method, eager",
      dict(backbones=["tiny-sd3", "tiny-flux"], methods=list(METHODS), sizes=[32], steps=[2])),
+    ("today's models in miniature: unguided, FlowChef (latent loss) and FLAIR",
+     dict(backbones=["tiny-flux2-klein", "tiny-qwen-image"], methods=["flowchef-latent", "flair"], sizes=[32],
+          steps=[2])),
     ("regional compile (eager backend): unguided and FlowChef (latent loss)",
      dict(backbones=["tiny-sd3", "tiny-flux"], methods=["flowchef-latent"], sizes=[32], steps=[2],
           compile="regional", compile_backend="eager")),

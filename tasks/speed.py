@@ -60,13 +60,18 @@ OUTPUT_NAMES = ("table.md", "results.json")
 BACKBONES = {
     "tiny-sd3": "random-weight SD3 miniature (the tests' architecture), CFG w = 7 as one batched call",
     "tiny-flux": "random-weight FLUX.1-dev miniature (guidance embedding 3.5)",
+    "tiny-flux2-klein": "random-weight FLUX.2 [klein] miniature (step-distilled, no CFG)",
+    "tiny-qwen-image": "random-weight Qwen-Image miniature (true CFG 4 as one batched call)",
     "default": "flowsteer's embedded default model (trained weights, no text)",
     "sd3.5-medium": "SD3.5-medium architecture, random weights, CFG w = 7 as one batched call (GPU only)",
     "flux-dev": "FLUX.1-dev architecture, random weights, guidance embedding 3.5 (GPU only)",
+    "flux2-klein-4b": "FLUX.2 [klein] 4B architecture (step-distilled, no CFG), random weights, full VAE (GPU only)",
+    "qwen-image": "Qwen-Image 20B architecture, random weights, true CFG 4 as one batched call, full VAE (GPU only)",
 }
-FULL_SIZE = ("sd3.5-medium", "flux-dev")
+FULL_SIZE = ("sd3.5-medium", "flux-dev", "flux2-klein-4b", "qwen-image")
 #: image sides each backbone takes are multiples of these (the latent factor times the transformer's patch)
-SIZE_MULTIPLES = {"tiny-sd3": 8, "tiny-flux": 16, "default": 16, "sd3.5-medium": 16, "flux-dev": 16}
+SIZE_MULTIPLES = {"tiny-sd3": 8, "tiny-flux": 16, "default": 16, "sd3.5-medium": 16, "flux-dev": 16,
+                  "tiny-flux2-klein": 16, "flux2-klein-4b": 16, "tiny-qwen-image": 16, "qwen-image": 16}
 #: name -> (registered method, objective space or None, what the row measures)
 METHODS = {
     "unguided": ("unguided", None, "plain Euler sampling (the reference of every ratio)"),
@@ -208,6 +213,26 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         model = FluxModel.from_components(decoder=decoder, **components)
         cond = model.condition(rb.PROMPT, guidance_scale=3.5)
         condition = "prompt encoded once; guidance embedding 3.5 (no CFG batch)"
+    elif name in ("tiny-flux2-klein", "flux2-klein-4b"):
+        from guidance.backbones.flux2 import Flux2Model
+
+        from .random_flux2 import flux2_klein_components, tiny_flux2_components
+
+        components = _placed(tiny_flux2_components("klein"), device, dtype) if name.startswith("tiny") \
+            else flux2_klein_components("4b", 1.0, device, dtype)
+        model = Flux2Model.from_components(is_distilled=True, **components)
+        cond = model.condition(rb.PROMPT)
+        condition = "prompt encoded once; step-distilled, no CFG batch; the full FLUX.2 VAE decodes"
+    elif name in ("tiny-qwen-image", "qwen-image"):
+        from guidance.backbones.qwen_image import QwenImageModel
+
+        from .random_qwen_image import qwen_image_components, tiny_qwen_image_components
+
+        components = _placed(tiny_qwen_image_components(), device, dtype) if name.startswith("tiny") \
+            else qwen_image_components(1.0, device, dtype)
+        model = QwenImageModel.from_components(**components)
+        cond = model.condition(rb.PROMPT, rb.NEGATIVE, true_cfg_scale=4.0)
+        condition = "prompt and negative prompt encoded once; true CFG 4 as one batched call; the full VAE decodes"
     elif name == "default":
         from guidance import load_model
         from guidance.backbones.autoencoder import LatentCodec, autoencoder_scale_shift

@@ -69,15 +69,17 @@ def test_dry_run_runs_every_phase_and_writes_every_row(dry_run):
             assert f"| {r['method']} | {r['size']} | {r['steps']} |" in table
     flair = [r for r in report["speed"][0]["results"]["rows"] if r["method"] == "flair"]
     assert report["speed"][0]["results"]["settings"]["options"] == {"flair": {"data_steps": 5}} and flair
-    compiled = report["speed"][1]["results"]["backbones"]
+    compiled = report["speed"][-1]["results"]["backbones"]
     assert all("regional" in info["compile"] for info in compiled.values())
     assert "all measured, tests passed" in done.stdout
 
 
 def test_the_gpu_runs_are_the_dry_runs_at_full_size():
     """What the GPU run measures: the full-size backbones at 512, 768 and 1024 pixels and 28 steps, every method,
-    then the regional compile of the watched pair at 1024; the dry run has the same methods and switches."""
-    full, compiled = gpu_check.GPU_RUNS[0][1], gpu_check.GPU_RUNS[1][1]
+    today's models (FLUX.2 klein, Qwen-Image) at 1024, then the regional compile of the watched pair at 1024; the
+    dry run has the same methods and switches."""
+    full, today, compiled = (run[1] for run in gpu_check.GPU_RUNS)
+    assert today["backbones"] == ["flux2-klein-4b", "qwen-image"] and today["sizes"] == [1024]
     assert full["backbones"] == ["sd3.5-medium", "flux-dev"] and full["sizes"] == [512, 768, 1024]
     assert full["steps"] == [28] and set(full["methods"]) == {"flowchef-latent", "flowchef-pixel", "flair",
                                                                "pnp_flow", "dps"}

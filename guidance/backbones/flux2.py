@@ -176,11 +176,10 @@ class Flux2Model(PipelineFlowModel):
         encoder: optional cheaper autoencoder of the 32-channel VAE latent for :meth:`encode`.
     """
 
+    codec_class = Flux2Codec
+
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
-        self.codec = Flux2Codec(pipeline.vae, decoder, encoder)
-        self.spatial_factor = self.codec.spatial_factor
-        self.image_channels = self.codec.image_channels
         self.size_multiple = self.spatial_factor
         side = int(getattr(pipeline, "default_sample_size", 128)) * (self.spatial_factor // 2)  # 1024 px
         self.default_size = (side, side)

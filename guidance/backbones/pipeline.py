@@ -45,10 +45,13 @@ class PipelineFlowModel(FlowModel):
 
     condition_cache_size = 16
     takes_text = True
+    #: the map between images and latents; families whose pipeline normalises latents otherwise (per-channel
+    #: statistics, patchifying, a 3D VAE) name their own :class:`LatentCodec` subclass here.
+    codec_class: type[LatentCodec] = LatentCodec
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         self.pipeline = pipeline
-        self.codec = LatentCodec(pipeline.vae, decoder, encoder)
+        self.codec = self.codec_class(pipeline.vae, decoder, encoder)
         self.spatial_factor = self.codec.spatial_factor
         self.image_channels = self.codec.image_channels
         self._conditions: OrderedDict = OrderedDict()

@@ -137,12 +137,10 @@ class SanaModel(PipelineFlowModel):
     #: SANA's transformer holds its repeated blocks here (for :meth:`compile`).
     repeated_blocks = ("transformer_blocks",)
     default_guidance_scale = 4.5
+    codec_class = DCAECodec
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
-        self.codec = DCAECodec(pipeline.vae, decoder, encoder)
-        self.spatial_factor = self.codec.spatial_factor
-        self.image_channels = self.codec.image_channels
         config = pipeline.transformer.config
         self.patch_size = int(config.patch_size)
         self.size_multiple = self.spatial_factor * self.patch_size
