@@ -5,7 +5,9 @@
 
 A score maps hard one-hot sequences (B, L, K) to (B,) values, higher is better, and must be differentiable in its
 input (a motif count written as products of one-hot entries, a small classifier's log-probability, a regressor);
-straight-through guidance feeds it hard samples only, so it never sees a soft state.
+straight-through guidance feeds it hard samples only, so it never sees a soft state. ``--method particles``
+(particle search, :mod:`guidance.methods.particles`) and ``--method best_of_n`` only evaluate the score, so any
+score works with them, differentiable or not.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from guidance import AnalyticSimplexFlow, CategoricalMixture, RewardObjective, S
 
 from guidance.files import write_text_atomic
 
-__all__ = ["DesignResult", "decode", "design", "encode", "load_score", "load_sequence_flow", "motif_score",
+__all__ = ["DESIGN_METHODS", "DesignResult", "decode", "design", "encode", "load_score", "load_sequence_flow", "motif_score",
            "read_sequences"]
+
+
+#: The methods `flowsteer design` runs: straight-through guidance (gradients through hard samples), particle search
+#: and best-of-N (the score is only evaluated).
+DESIGN_METHODS = ("straight_through", "particles", "best_of_n")
 
 
 def motif_score(motif: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -160,15 +167,28 @@ class DesignResult:
 
 def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alphabet: str, *, num_sequences: int = 64,
            num_steps: int = 50, gamma: float = 2.0, samples: int = 8, source: str = "endpoint", draw: str = "sample",
-           seed: int = 0, progress: bool = True) -> DesignResult:
-    """Generate ``num_sequences`` with straight-through guidance toward high ``score`` (and as many unguided from
-    the same seed, for comparison); return them sorted by score."""
+           seed: int = 0, progress: bool = True, method: str = "straight_through",
+           particles: int = 8) -> DesignResult:
+    """Generate ``num_sequences`` with ``method`` toward high ``score`` (and as many unguided from the same seed, for
+    comparison); return them sorted by score. straight_through uses ``gamma``, ``samples``, ``source`` and
+    ``draw``; particles runs ``particles`` (K) particles per sequence and best_of_n as many candidates, both at K
+    times the flow evaluations of one sequence."""
     check_alphabet(alphabet)
     check_num(num_sequences)
+    if method not in DESIGN_METHODS:
+        raise ValueError(f"design runs one of {', '.join(DESIGN_METHODS)}, not {method!r}")
     if len(alphabet) != flow.vocab_size:
         raise ValueError(f"the alphabet has {len(alphabet)} letters but the flow's vocabulary has {flow.vocab_size}")
     objective = RewardObjective(score, space="latent")
-    run = get_method("straight_through", gamma=gamma, samples=samples, source=source, draw=draw)
+    if method == "straight_through":
+        run = get_method("straight_through", gamma=gamma, samples=samples, source=source, draw=draw)
+        settings = {"gamma": gamma, "samples": samples, "source": source, "draw": draw}
+    elif method == "particles":
+        run = get_method("particles", particles=particles)
+        settings = {"particles": particles}
+    else:
+        run = get_method("best_of_n", candidates=particles)
+        settings = {"candidates": particles}
     begin = time.perf_counter()
     guided = run(flow, objective, num_steps=num_steps, batch_size=num_sequences, progress=progress,
                  generator=torch.Generator().manual_seed(seed))
@@ -183,12 +203,17 @@ def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alp
 
     values = hard_scores(guided.info["tokens"])
     order = values.argsort(descending=True)
-    curve = (-guided.info["loss"].mean(1)).tolist()
+    if method == "straight_through":
+        curve = (-guided.info["loss"].mean(1)).tolist()
+    elif method == "particles":
+        curve = list(guided.info["mean_reward"])  # the particles' mean score at each resampling
+    else:
+        curve = []
     return DesignResult(sequences=decode(guided.info["tokens"][order], alphabet), scores=values[order].tolist(),
                         curve=curve, unguided_mean=hard_scores(unguided.info["tokens"]).mean().item(),
                         guided_mean=values.mean().item(), seconds=seconds,
-                        settings={"alphabet": alphabet, "num": num_sequences, "steps": num_steps, "gamma": gamma,
-                                  "samples": samples, "source": source, "draw": draw, "seed": seed})
+                        settings={"alphabet": alphabet, "num": num_sequences, "steps": num_steps, "method": method,
+                                  **settings, "seed": seed})
 
 
 def save_result(result: DesignResult, path: str | Path, overwrite: bool = False) -> Path:
@@ -243,11 +268,12 @@ def run(args: argparse.Namespace) -> int:
         flow = load_sequence_flow(args.flow, len(alphabet))
     result = design(flow, score, alphabet, num_sequences=args.num, num_steps=args.steps, gamma=args.gamma,
                     samples=args.samples, source=args.source, draw=args.draw, seed=args.seed,
-                    progress=not args.quiet)
+                    progress=not args.quiet, method=args.method, particles=args.particles)
     print(f"mean score: unguided {result.unguided_mean:.3f} -> guided {result.guided_mean:.3f} "
-          f"({args.num} sequences, {result.seconds:.1f} s)")
-    print(f"score of the hard samples per step: {_sparkline(result.curve)}  "
-          f"{result.curve[0]:.3f} -> {result.curve[-1]:.3f}")
+          f"({args.num} sequences, {args.method}, {result.seconds:.1f} s)")
+    if result.curve:
+        what = "of the hard samples per step" if args.method == "straight_through" else "of the particles per resampling"
+        print(f"score {what}: {_sparkline(result.curve)}  {result.curve[0]:.3f} -> {result.curve[-1]:.3f}")
     for sequence, value in list(zip(result.sequences, result.scores))[: args.top]:
         print(f"{value:8.3f}  {sequence}")
     if args.out:
@@ -273,6 +299,11 @@ def add_parser(commands) -> None:
     design.add_argument("--alphabet", default="ACGT", help="the vocabulary, one letter per token (default ACGT)")
     design.add_argument("--num", type=int, default=64, help="sequences to generate (default 64)")
     design.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
+    design.add_argument("--method", choices=DESIGN_METHODS, default="straight_through",
+                        help="straight_through (gradients through hard samples, default), particles (particle "
+                             "search: the score is only evaluated) or best_of_n")
+    design.add_argument("--particles", type=int, default=8,
+                        help="particles per sequence with --method particles, candidates with best_of_n (default 8)")
     design.add_argument("--gamma", type=float, default=2.0, help="guidance scale (default 2.0)")
     design.add_argument("--samples", type=int, default=8, help="M, hard samples per step (default 8)")
     design.add_argument("--source", choices=("endpoint", "state"), default="endpoint",

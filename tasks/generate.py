@@ -37,7 +37,7 @@ from .rewards import BUNDLED_CLASSIFIERS, DEFAULT_CLIP, classifier_source, make_
 
 __all__ = ["BUNDLED_CLASSIFIERS", "METHODS", "Generation", "classifier_source", "generate"]
 
-METHODS = ("flowchef", "best_of_n", "dps", "unguided")
+METHODS = ("flowchef", "best_of_n", "particles", "dps", "unguided")
 
 @dataclass
 class Generation(ImageOutput):
@@ -81,7 +81,7 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     """Generate ``num`` images guided toward a ``reward`` (``"clip:TEXT"``, ``"module:function"`` or a callable
     images -> (B,)) or toward class ``label`` (an index or a class name) of a ``classifier`` (``"default"`` or
     ``"default:judge"``, the default model's own, a transformers hub id or folder, ``"module:function"`` or a
-    callable images -> logits), with ``method`` (flowchef, best_of_n, dps or unguided)
+    callable images -> logits), with ``method`` (flowchef, best_of_n, particles, dps or unguided)
     and its ``options``. ``weight`` scales the objective. With ``out``, writes sample_<i>.png, grid.png and
     metrics.json (and unguided_<i>.png with ``compare``); everything cheap is checked before the model loads.
     ``output_type`` is the form of the result's ``images``; ``num_inference_steps`` is diffusers' ``num_steps``."""
