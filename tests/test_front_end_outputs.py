@@ -118,7 +118,7 @@ def test_design_json_records_every_setting_to_rerun_it(tmp_path, cli):
     saved = json.loads(out.read_text())
     assert saved["settings"] == {"flow": "analytic:length=8,components=2,seed=3", "score": "motif:GAT",
                                  "alphabet": "ACGT", "num": 6, "steps": 5, "gamma": 1.5, "samples": 3,
-                                 "source": "state", "draw": "argmax", "seed": 7}
+                                 "source": "state", "draw": "argmax", "seed": 7, "method": "straight_through"}
     assert len(saved["sequences"]) == 6 and len(saved["curve"]) == 5
     # rerunning with the recorded settings gives the same sequences
     s = saved["settings"]

@@ -138,10 +138,12 @@ def test_true_cfg_rescales_every_token_to_the_conditional_norm(model):
     assert (v - v_pos).abs().max() > 1e-3
 
 
-def test_guidance_scale_is_ignored_without_guidance_embedding(model):
+def test_guidance_scale_is_ignored_without_guidance_embedding_with_a_warning(model):
     x = torch.randn(1, 16, 8, 8, generator=_gen())
-    a = model.velocity(x, 0.6, model.condition(PROMPT, guidance_scale=2.0))
-    b = model.velocity(x, 0.6, model.condition(PROMPT, guidance_scale=6.0))
+    with pytest.warns(UserWarning, match="guidance_scale=2 is ignored.*true_cfg_scale"):
+        a = model.velocity(x, 0.6, model.condition(PROMPT, guidance_scale=2.0))
+    with pytest.warns(UserWarning, match="guidance_scale=6 is ignored"):
+        b = model.velocity(x, 0.6, model.condition(PROMPT, guidance_scale=6.0))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

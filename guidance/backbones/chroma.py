@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import check_num_steps, repeat_for_batch, sigma_batch
-from .flux import latent_image_ids, pack_latents, unpack_latents
-from .mechanics import classifier_free, scheduler_sigmas, token_shift
+from .base import repeat_for_batch, sigma_batch
+from .flux import FluxModel, latent_image_ids, pack_latents, unpack_latents
+from .mechanics import classifier_free
 from .pipeline import PipelineFlowModel, prompt_list
 
 __all__ = ["ChromaCondition", "ChromaModel"]
@@ -103,41 +103,18 @@ class ChromaModel(PipelineFlowModel):
         encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAEF1).
     """
 
+    pipeline_class = "ChromaPipeline"
+
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
         self.size_multiple = 2 * self.spatial_factor
         side = 128 * self.spatial_factor  # the pipeline's default_sample_size (1024 px)
         self.default_size = (side, side)
-        in_channels = int(pipeline.transformer.config.in_channels)
-        if 4 * self.codec.latent_channels != in_channels:
-            raise ValueError(
-                f"the VAE has {self.codec.latent_channels} latent channels, packed 2x2 into "
-                f"{4 * self.codec.latent_channels}, but the transformer takes {in_channels}; "
-                "the components do not belong together"
-            )
-
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "ChromaModel":
-        """Build from ``transformer, scheduler, vae, text_encoder, tokenizer`` (``image_encoder`` and
-        ``feature_extractor``, for IP-Adapters, are optional)."""
-        from diffusers import ChromaPipeline
-
-        return cls(ChromaPipeline(**components), decoder=decoder, encoder=encoder)
+        self.check_latent_channels(pipeline.transformer.config.in_channels, packed=4)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (self.codec.latent_channels, height // f, width // f)
-
-    def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """linspace(1, 1/N, N), shifted by the scheduler with mu = token_shift(tokens), then a final 0."""
-        check_num_steps(num_steps)
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
-        _, h, w = self.latent_shape(height, width)
-        mu = token_shift(self.scheduler.config, (h // 2) * (w // 2))
-        return scheduler_sigmas(self.scheduler, num_steps, mu)
+    #: FLUX.1's schedule: linspace(1, 1/N, N) shifted with mu from the packed token count, then a final 0
+    sigmas = FluxModel.sigmas
 
     # -- text -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -79,25 +79,14 @@ class FluxModel(PipelineFlowModel):
         encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAEF1).
     """
 
+    pipeline_class = "FluxPipeline"
+
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
         self.size_multiple = 2 * self.spatial_factor
         side = 128 * self.spatial_factor  # the pipeline's default_sample_size (1024 px for FLUX.1)
         self.default_size = (side, side)
-        in_channels = int(pipeline.transformer.config.in_channels)
-        if 4 * self.codec.latent_channels != in_channels:
-            raise ValueError(
-                f"the VAE has {self.codec.latent_channels} latent channels, packed 2x2 into "
-                f"{4 * self.codec.latent_channels}, but the transformer takes {in_channels}; "
-                "the components do not belong together"
-            )
-
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "FluxModel":
-        """Build from ``transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2``."""
-        from diffusers import FluxPipeline
-
-        return cls(FluxPipeline(**components), decoder=decoder, encoder=encoder)
+        self.check_latent_channels(pipeline.transformer.config.in_channels, packed=4)
 
     @property
     def has_guidance_embedding(self) -> bool:
@@ -105,17 +94,10 @@ class FluxModel(PipelineFlowModel):
         return bool(self.transformer.config.guidance_embeds)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (self.codec.latent_channels, height // f, width // f)
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N), shifted by the scheduler with mu = calculate_shift(tokens), then a final 0."""
         check_num_steps(num_steps)
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
-        _, h, w = self.latent_shape(height, width)
+        h, w = self.latent_grid(height, width)
         return scheduler_sigmas(self.scheduler, num_steps, token_shift(self.scheduler.config, (h // 2) * (w // 2)))
 
     # -- text -------------------------------------------------------------------------------------------

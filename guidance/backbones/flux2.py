@@ -222,17 +222,10 @@ class Flux2Model(PipelineFlowModel):
         return not self.has_guidance_embedding and not self.is_distilled
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (self.codec.latent_channels, height // f, width // f)
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N), shifted by the scheduler with mu = compute_empirical_mu(tokens, N), then a final 0."""
         check_num_steps(num_steps)
-        height = height or self.default_size[0]
-        width = width or self.default_size[1]
-        _, h, w = self.latent_shape(height, width)
+        h, w = self.latent_grid(height, width)
         return scheduler_sigmas(self.scheduler, num_steps, mu=compute_empirical_mu(h * w, num_steps))
 
     # -- text -------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class Lumina2Model(PipelineFlowModel):
         encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAEF1).
     """
 
+    pipeline_class = "Lumina2Pipeline"
+
     #: Lumina 2's transformer holds its repeated blocks here (refiners and joint layers).
     repeated_blocks = ("noise_refiner", "context_refiner", "layers")
 
@@ -88,25 +90,9 @@ class Lumina2Model(PipelineFlowModel):
         side = int(config.sample_size) * self.spatial_factor
         self.default_size = (side, side)
         self.max_size = rope_max_size(config.axes_lens, self.patch_size, self.spatial_factor)
-        if self.codec.latent_channels != int(config.in_channels):
-            raise ValueError(
-                f"the VAE has {self.codec.latent_channels} latent channels but the transformer takes "
-                f"{config.in_channels}; the components do not belong together"
-            )
-
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "Lumina2Model":
-        """Build from ``transformer, scheduler, vae, text_encoder, tokenizer``."""
-        from diffusers import Lumina2Pipeline
-
-        return cls(Lumina2Pipeline(**components), decoder=decoder, encoder=encoder)
+        self.check_latent_channels(config.in_channels)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (self.codec.latent_channels, height // f, width // f)
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N) through the scheduler with mu = the shift line at the latent channel count (the
         pipeline's rule), then a final 0; the same at every image size."""

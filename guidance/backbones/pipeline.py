@@ -48,6 +48,8 @@ class PipelineFlowModel(FlowModel):
     #: the map between images and latents; families whose pipeline normalises latents otherwise (per-channel
     #: statistics, patchifying, a 3D VAE) name their own :class:`LatentCodec` subclass here.
     codec_class: type[LatentCodec] = LatentCodec
+    #: the diffusers pipeline class :meth:`from_components` builds (the family's text-to-image pipeline)
+    pipeline_class: str = ""
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         self.pipeline = pipeline
@@ -56,9 +58,36 @@ class PipelineFlowModel(FlowModel):
         self.image_channels = self.codec.image_channels
         self._conditions: OrderedDict = OrderedDict()
 
+    @classmethod
+    def from_components(cls, decoder=None, encoder=None, **components) -> "PipelineFlowModel":
+        """Build from the components of the family's pipeline (``transformer``, ``scheduler``, ``vae``, its text
+        encoders and tokenizers, by the pipeline's own names)."""
+        import diffusers
+
+        return cls(getattr(diffusers, cls.pipeline_class)(**components), decoder=decoder, encoder=encoder)
+
     @property
     def transformer(self):
         return self.pipeline.transformer
+
+    def check_latent_channels(self, in_channels: int, packed: int = 1) -> None:
+        """The transformer must take the autoencoder's latent channels, times ``packed`` (4 for 2x2 packing)."""
+        channels = self.codec.latent_channels
+        if packed * channels != int(in_channels):
+            how = f", packed {int(packed ** 0.5)}x{int(packed ** 0.5)} into {packed * channels}," if packed > 1 else ""
+            raise ValueError(f"the VAE has {channels} latent channels{how} but the transformer takes {in_channels}; "
+                             "the components do not belong together")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent for an image of ``height`` x ``width`` pixels, after :meth:`check_size`."""
+        self.check_size(height, width)
+        f = self.spatial_factor
+        return (self.codec.latent_channels, height // f, width // f)
+
+    def latent_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(h, w) of the latent for an image size (each side defaults to the model's default size)."""
+        _, h, w = self.latent_shape(height or self.default_size[0], width or self.default_size[1])
+        return h, w
 
     @property
     def scheduler(self):

@@ -37,6 +37,7 @@ Backbone conventions handled here and nowhere else:
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,8 @@ class QwenImageModel(PipelineFlowModel):
         encoder: optional replacement VAE for :meth:`encode` (a Qwen-Image video VAE).
     """
 
+    pipeline_class = "QwenImagePipeline"
+
     repeated_blocks = ("transformer_blocks",)
     codec_class = QwenImageLatentCodec
 
@@ -212,24 +215,12 @@ class QwenImageModel(PipelineFlowModel):
                 "guidance_embeds=False (every released Qwen-Image checkpoint)"
             )
 
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "QwenImageModel":
-        """Build from ``transformer, scheduler, vae, text_encoder, tokenizer``."""
-        from diffusers import QwenImagePipeline
-
-        return cls(QwenImagePipeline(**components), decoder=decoder, encoder=encoder)
-
     @property
     def has_guidance_embedding(self) -> bool:
         """True for a guidance-distilled transformer (none is released), False for Qwen-Image."""
         return bool(self.transformer.config.guidance_embeds)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (self.codec.latent_channels, height // f, width // f)
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N) through the scheduler with mu = token_shift(tokens) (the released config shifts
         exponentially and stretches the end to ``shift_terminal``), then a final 0. N = 1 is refused with a
@@ -290,6 +281,10 @@ class QwenImageModel(PipelineFlowModel):
             raise ValueError(f"max_sequence_length must be an integer in [1, 1024] (Qwen-Image's limit), "
                              f"got {max_sequence_length!r}")
         g_used = g if self.has_guidance_embedding else None
+        if g is not None and not self.has_guidance_embedding:
+            warnings.warn(f"guidance_scale={g:g} is ignored: this Qwen-Image transformer has no guidance embedding; "
+                          f"classifier-free guidance is true_cfg_scale with a negative prompt "
+                          f"(e.g. condition(prompt, ' ', true_cfg_scale={g:g}))", stacklevel=2)
         if self.has_guidance_embedding and g_used is None:
             raise ValueError("this transformer is guidance-distilled: pass guidance_scale (e.g. 3.5)")
         want_negative = t > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)

@@ -134,6 +134,8 @@ class SanaModel(PipelineFlowModel):
         encoder: optional cheaper autoencoder for :meth:`encode` with DC-AE's latents.
     """
 
+    pipeline_class = "SanaPipeline"
+
     #: SANA's transformer holds its repeated blocks here (for :meth:`compile`).
     repeated_blocks = ("transformer_blocks",)
     default_guidance_scale = 4.5
@@ -147,25 +149,9 @@ class SanaModel(PipelineFlowModel):
         side = int(config.sample_size) * self.spatial_factor  # the pipeline's 1024 px for sample_size 32
         self.default_size = (side, side)
         self.instruction = default_instruction(type(pipeline))
-        if self.codec.latent_channels != int(config.in_channels):
-            raise ValueError(
-                f"the VAE has {self.codec.latent_channels} latent channels but the transformer takes "
-                f"{config.in_channels}; the components do not belong together"
-            )
-
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "SanaModel":
-        """Build from ``tokenizer, text_encoder, vae, transformer, scheduler``."""
-        from diffusers import SanaPipeline
-
-        return cls(SanaPipeline(**components), decoder=decoder, encoder=encoder)
+        self.check_latent_channels(config.in_channels)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (int(self.transformer.config.in_channels), height // f, width // f)
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The pipeline's schedule: its scheduler's ``set_timesteps(num_steps)`` on a copy (DPM-Solver flow sigmas
         or the Euler scheduler's, both with the static flow shift; no image-size dependence), a final 0 included."""

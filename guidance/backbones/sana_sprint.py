@@ -85,6 +85,8 @@ class SanaSprintModel(SanaModel):
         intermediate_timesteps: the middle angle of a two-step schedule (default: the pipeline's 1.3).
     """
 
+    pipeline_class = "SanaSprintPipeline"
+
     def __init__(self, pipeline, decoder=None, encoder=None, max_timesteps: float | None = None,
                  intermediate_timesteps: float | None = None):
         super().__init__(pipeline, decoder, encoder)
@@ -98,13 +100,6 @@ class SanaSprintModel(SanaModel):
         if not 0 < self.intermediate_timesteps < self.max_timesteps <= math.pi / 2 + 1e-4:
             raise ValueError(f"the TrigFlow angles must satisfy 0 < intermediate_timesteps < max_timesteps <= pi/2, "
                              f"got {self.intermediate_timesteps} and {self.max_timesteps}")
-
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "SanaSprintModel":
-        """Build from ``tokenizer, text_encoder, vae, transformer, scheduler`` (an ``SCMScheduler``)."""
-        from diffusers import SanaSprintPipeline
-
-        return cls(SanaSprintPipeline(**components), decoder=decoder, encoder=encoder)
 
     @property
     def sigma_data(self) -> float:

@@ -55,6 +55,8 @@ class SD3Model(PipelineFlowModel):
         encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAESD3).
     """
 
+    pipeline_class = "StableDiffusion3Pipeline"
+
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
         config = pipeline.transformer.config
@@ -65,27 +67,17 @@ class SD3Model(PipelineFlowModel):
         max_patches = getattr(config, "pos_embed_max_size", None)
         if max_patches:
             self.max_size = int(max_patches) * self.size_multiple
-        if self.codec.latent_channels != int(config.in_channels):
-            raise ValueError(
-                f"the VAE has {self.codec.latent_channels} latent channels but the transformer takes "
-                f"{config.in_channels}; the components do not belong together"
-            )
+        self.check_latent_channels(config.in_channels)
 
     @classmethod
     def from_components(cls, decoder=None, encoder=None, **components) -> "SD3Model":
         """Build from ``transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
         text_encoder_3, tokenizer_3`` (the last two may be None: no T5)."""
-        from diffusers import StableDiffusion3Pipeline
-
         components.setdefault("text_encoder_3", None)
         components.setdefault("tokenizer_3", None)
-        return cls(StableDiffusion3Pipeline(**components), decoder=decoder, encoder=encoder)
+        return super().from_components(decoder=decoder, encoder=encoder, **components)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (int(self.transformer.config.in_channels), height // f, width // f)
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The pipeline's schedule: the scheduler's ``set_timesteps`` (static shift 3 for the released models,

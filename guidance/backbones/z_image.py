@@ -84,6 +84,8 @@ class ZImageModel(PipelineFlowModel):
         encoder: optional cheaper autoencoder for :meth:`encode` (e.g. TAEF1).
     """
 
+    pipeline_class = "ZImagePipeline"
+
     #: Z-Image's transformer holds its repeated blocks here (refiners and main layers).
     repeated_blocks = ("noise_refiner", "context_refiner", "layers")
 
@@ -97,25 +99,9 @@ class ZImageModel(PipelineFlowModel):
         self.size_multiple = self.patch_size * self.spatial_factor
         self.default_size = (1024, 1024)  # the pipeline's default height and width
         self.max_size = rope_max_size(config.axes_lens, self.patch_size, self.spatial_factor)
-        if self.codec.latent_channels != int(config.in_channels):
-            raise ValueError(
-                f"the VAE has {self.codec.latent_channels} latent channels but the transformer takes "
-                f"{config.in_channels}; the components do not belong together"
-            )
-
-    @classmethod
-    def from_components(cls, decoder=None, encoder=None, **components) -> "ZImageModel":
-        """Build from ``transformer, scheduler, vae, text_encoder, tokenizer``."""
-        from diffusers import ZImagePipeline
-
-        return cls(ZImagePipeline(**components), decoder=decoder, encoder=encoder)
+        self.check_latent_channels(config.in_channels)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self.check_size(height, width)
-        f = self.spatial_factor
-        return (self.codec.latent_channels, height // f, width // f)
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """float32 linspace(1, 1/N, N) through the scheduler with mu = the shift line at the image token count,
         then a final 0 (the rule of older diffusers releases where the pipeline module predates it)."""
