@@ -104,6 +104,8 @@ class ChromaModel(PipelineFlowModel):
     """
 
     pipeline_class = "ChromaPipeline"
+    condition_type = ChromaCondition
+    latent_multiple = 2
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
@@ -206,13 +208,7 @@ class ChromaModel(PipelineFlowModel):
                  ) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1, on unpacked latents
         (B, C, h, w); float32."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, ChromaCondition):
-            raise TypeError(f"cond must come from ChromaModel.condition(...), got {type(cond).__name__}")
-        channels = self.codec.latent_channels
-        if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"x must have shape (B, {channels}, h, w) with even h and w, got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch, _, h, w = x.shape
         device, dtype = self.device, self.dtype
         tokens = pack_latents(x.to(device=device, dtype=dtype))

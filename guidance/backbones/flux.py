@@ -80,6 +80,8 @@ class FluxModel(PipelineFlowModel):
     """
 
     pipeline_class = "FluxPipeline"
+    condition_type = FluxCondition
+    latent_multiple = 2
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
@@ -198,13 +200,7 @@ class FluxModel(PipelineFlowModel):
 
     def velocity(self, x: torch.Tensor, sigma, cond: FluxCondition | None = None, grad: bool = False) -> torch.Tensor:
         """v_theta(x, s, c) on unpacked latents (B, C, h, w); float32."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, FluxCondition):
-            raise TypeError(f"cond must come from FluxModel.condition(...), got {type(cond).__name__}")
-        channels = self.codec.latent_channels
-        if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"x must have shape (B, {channels}, h, w) with even h and w, got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch, _, h, w = x.shape
         device = self.device
         tokens = pack_latents(x.to(device=device, dtype=self.dtype))

@@ -177,6 +177,7 @@ class Flux2Model(PipelineFlowModel):
     """
 
     codec_class = Flux2Codec
+    condition_type = Flux2Condition
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
@@ -329,14 +330,7 @@ class Flux2Model(PipelineFlowModel):
     def velocity(self, x: torch.Tensor, sigma, cond: Flux2Condition | None = None, grad: bool = False) -> torch.Tensor:
         """v_theta(x, s, c) on (B, 128, h, w) latents; v_u + w (v_c - v_u) in one batched call under klein's CFG;
         float32."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, Flux2Condition):
-            raise TypeError(f"cond must come from Flux2Model.condition(...), got {type(cond).__name__}")
-        channels = self.codec.latent_channels
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"x must have shape (B, {channels}, h, w) (patchified, normalised FLUX.2 latents), "
-                             f"got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch, _, h, w = x.shape
         device, dtype = self.device, self.dtype
         tokens = pack_tokens(x.to(device=device, dtype=dtype))

@@ -75,6 +75,7 @@ class Lumina2Model(PipelineFlowModel):
     """
 
     pipeline_class = "Lumina2Pipeline"
+    condition_type = Lumina2Condition
 
     #: Lumina 2's transformer holds its repeated blocks here (refiners and joint layers).
     repeated_blocks = ("noise_refiner", "context_refiner", "layers")
@@ -83,6 +84,7 @@ class Lumina2Model(PipelineFlowModel):
         super().__init__(pipeline, decoder, encoder)
         config = pipeline.transformer.config
         self.patch_size = int(config.patch_size)
+        self.latent_multiple = self.patch_size
         if self.spatial_factor != pipeline.vae_scale_factor:
             raise ValueError(f"the VAE scales by {self.spatial_factor} but Lumina2Pipeline assumes "
                              f"{pipeline.vae_scale_factor}; use an autoencoder made for this model")
@@ -215,14 +217,7 @@ class Lumina2Model(PipelineFlowModel):
     def velocity(self, x: torch.Tensor, sigma, cond: Lumina2Condition | None = None, grad: bool = False
                  ) -> torch.Tensor:
         """v_theta(x, s, c) = -transformer(x, 1 - (1000 s) / 1000, c) on latents (B, C, h, w); float32."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, Lumina2Condition):
-            raise TypeError(f"cond must come from Lumina2Model.condition(...), got {type(cond).__name__}")
-        channels = self.codec.latent_channels
-        if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
-            raise ValueError(f"x must have shape (B, {channels}, h, w) with h and w multiples of {self.patch_size}, "
-                             f"got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch = x.shape[0]
         device = self.device
         s = sigma_batch(sigma, batch, device)

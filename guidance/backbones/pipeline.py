@@ -50,6 +50,10 @@ class PipelineFlowModel(FlowModel):
     codec_class: type[LatentCodec] = LatentCodec
     #: the diffusers pipeline class :meth:`from_components` builds (the family's text-to-image pipeline)
     pipeline_class: str = ""
+    #: the class of what :meth:`condition` returns, which :meth:`velocity_inputs` checks
+    condition_type: type | None = None
+    #: latent height and width must be multiples of this for the transformer (its patch, 2 for 2x2 packing)
+    latent_multiple: int = 1
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         self.pipeline = pipeline
@@ -83,6 +87,22 @@ class PipelineFlowModel(FlowModel):
         self.check_size(height, width)
         f = self.spatial_factor
         return (self.codec.latent_channels, height // f, width // f)
+
+    def velocity_inputs(self, x: torch.Tensor, cond: Any) -> Any:
+        """The condition for :meth:`velocity`: ``cond``, or the model's default (the empty prompt) when None, which
+        must come from this model's :meth:`condition`; ``x`` must be (B, C, h, w) latents with h and w multiples
+        of :attr:`latent_multiple`."""
+        if cond is None:
+            cond = self.condition()
+        if self.condition_type is not None and not isinstance(cond, self.condition_type):
+            raise TypeError(f"cond must come from {type(self).__name__}.condition(...), got {type(cond).__name__}")
+        channels, m = self.codec.latent_channels, self.latent_multiple
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels or x.shape[2] % m \
+                or x.shape[3] % m:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            sides = "" if m == 1 else " with even h and w" if m == 2 else f" with h and w multiples of {m}"
+            raise ValueError(f"x must have shape (B, {channels}, h, w){sides}, got {shape}")
+        return cond
 
     def latent_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(h, w) of the latent for an image size (each side defaults to the model's default size)."""

@@ -188,6 +188,8 @@ class QwenImageModel(PipelineFlowModel):
     """
 
     pipeline_class = "QwenImagePipeline"
+    condition_type = QwenImageCondition
+    latent_multiple = 2
 
     repeated_blocks = ("transformer_blocks",)
     codec_class = QwenImageLatentCodec
@@ -359,13 +361,7 @@ class QwenImageModel(PipelineFlowModel):
     def velocity(self, x: torch.Tensor, sigma, cond: QwenImageCondition | None = None,
                  grad: bool = False) -> torch.Tensor:
         """v_theta(x, s, c) on unpacked latents (B, C, h, w); float32."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, QwenImageCondition):
-            raise TypeError(f"cond must come from QwenImageModel.condition(...), got {type(cond).__name__}")
-        channels = self.codec.latent_channels
-        if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"x must have shape (B, {channels}, h, w) with even h and w, got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch, _, h, w = x.shape
         device, dtype = self.device, self.dtype
         copies = 2 if cond.do_true_cfg else 1

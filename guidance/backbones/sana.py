@@ -135,6 +135,7 @@ class SanaModel(PipelineFlowModel):
     """
 
     pipeline_class = "SanaPipeline"
+    condition_type = SanaCondition
 
     #: SANA's transformer holds its repeated blocks here (for :meth:`compile`).
     repeated_blocks = ("transformer_blocks",)
@@ -144,7 +145,7 @@ class SanaModel(PipelineFlowModel):
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
         config = pipeline.transformer.config
-        self.patch_size = int(config.patch_size)
+        self.patch_size = self.latent_multiple = int(config.patch_size)
         self.size_multiple = self.spatial_factor * self.patch_size
         side = int(config.sample_size) * self.spatial_factor  # the pipeline's 1024 px for sample_size 32
         self.default_size = (side, side)
@@ -261,15 +262,6 @@ class SanaModel(PipelineFlowModel):
         return SanaCondition(pos, mask, neg if w > 1 else None, neg_mask if w > 1 else None, w)
 
     # -- velocity ---------------------------------------------------------------------------------------
-    def _check_latent(self, x: torch.Tensor) -> None:
-        channels = int(self.transformer.config.in_channels)
-        p = self.patch_size
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels or x.shape[2] % p \
-                or x.shape[3] % p:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            sides = f" with h and w multiples of {p}" if p > 1 else ""
-            raise ValueError(f"x must have shape (B, {channels}, h, w){sides}, got {shape}")
-
     def _transformer(self, hidden, timestep, embeds, mask, guidance=None) -> torch.Tensor:
         """One transformer call on latents (B, C, h, w); float32 output with a learned-sigma half dropped."""
         device, dtype = self.device, self.dtype
@@ -288,11 +280,7 @@ class SanaModel(PipelineFlowModel):
 
     def velocity(self, x: torch.Tensor, sigma, cond: SanaCondition | None = None, grad: bool = False) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1; float32 like ``x``."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, SanaCondition):
-            raise TypeError(f"cond must come from SanaModel.condition(...), got {type(cond).__name__}")
-        self._check_latent(x)
+        cond = self.velocity_inputs(x, cond)
         batch = x.shape[0]
         device = self.device
         config = self.transformer.config

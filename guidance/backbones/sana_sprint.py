@@ -86,6 +86,7 @@ class SanaSprintModel(SanaModel):
     """
 
     pipeline_class = "SanaSprintPipeline"
+    condition_type = SanaSprintCondition
 
     def __init__(self, pipeline, decoder=None, encoder=None, max_timesteps: float | None = None,
                  intermediate_timesteps: float | None = None):
@@ -180,11 +181,7 @@ class SanaSprintModel(SanaModel):
                  grad: bool = False) -> torch.Tensor:
         """v = F(x_s, timestep=s, guidance=w * guidance_embeds_scale), the transformer's output: its clean estimate
         x_s - s v is the pipeline's denoised latent (see the module docstring); float32 like ``x``."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, SanaSprintCondition):
-            raise TypeError(f"cond must come from SanaSprintModel.condition(...), got {type(cond).__name__}")
-        self._check_latent(x)
+        cond = self.velocity_inputs(x, cond)
         batch = x.shape[0]
         device = self.device
         timestep = sigma_batch(sigma, batch, device)

@@ -56,6 +56,7 @@ class SD3Model(PipelineFlowModel):
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
+    condition_type = SD3Condition
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
@@ -187,13 +188,7 @@ class SD3Model(PipelineFlowModel):
     # -- velocity ---------------------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, sigma, cond: SD3Condition | None = None, grad: bool = False) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1; float32 like ``x``."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, SD3Condition):
-            raise TypeError(f"cond must come from SD3Model.condition(...), got {type(cond).__name__}")
-        channels = int(self.transformer.config.in_channels)
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"x must have shape (B, {channels}, h, w), got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch = x.shape[0]
         device, dtype = self.device, self.dtype
         scale = float(self.scheduler.config.get("num_train_timesteps", 1000))

@@ -85,6 +85,7 @@ class ZImageModel(PipelineFlowModel):
     """
 
     pipeline_class = "ZImagePipeline"
+    condition_type = ZImageCondition
 
     #: Z-Image's transformer holds its repeated blocks here (refiners and main layers).
     repeated_blocks = ("noise_refiner", "context_refiner", "layers")
@@ -93,6 +94,7 @@ class ZImageModel(PipelineFlowModel):
         super().__init__(pipeline, decoder, encoder)
         config = pipeline.transformer.config
         self.patch_size = 2  # what the pipeline runs (the transformer's forward default)
+        self.latent_multiple = self.patch_size
         if self.patch_size not in tuple(config.all_patch_size):
             raise ValueError(f"the transformer has patch sizes {tuple(config.all_patch_size)} but the pipeline uses 2; "
                              "the components do not belong together")
@@ -212,14 +214,7 @@ class ZImageModel(PipelineFlowModel):
     def velocity(self, x: torch.Tensor, sigma, cond: ZImageCondition | None = None, grad: bool = False
                  ) -> torch.Tensor:
         """v_theta(x, s, c) = -transformer(x, (1000 - 1000 s) / 1000, c) on latents (B, C, h, w); float32."""
-        if cond is None:
-            cond = self.condition()
-        if not isinstance(cond, ZImageCondition):
-            raise TypeError(f"cond must come from ZImageModel.condition(...), got {type(cond).__name__}")
-        channels = self.codec.latent_channels
-        if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
-            raise ValueError(f"x must have shape (B, {channels}, h, w) with h and w multiples of {self.patch_size}, "
-                             f"got {tuple(x.shape)}")
+        cond = self.velocity_inputs(x, cond)
         batch = x.shape[0]
         device = self.device
         steps = float(self.scheduler.config.num_train_timesteps)
