@@ -66,13 +66,17 @@ def test_one_step_matches_pipeline(pipe, prompt, call, batch_size):
 
 
 def test_one_step_default_angle_is_just_past_pure_noise(pipe, model):
-    """The released first angle 1.57080 is 3.7e-6 past pi/2 (s = 1.0000037, input scaled by as much); flowsteer
-    starts at s = 1, which moves a one-step sample by about 1e-5."""
+    """The released first angle 1.57080 is 3.7e-6 past pi/2 (s_0 = 1.0000037, input scaled by as much); flowsteer
+    starts at s = 1 and reads it as the pipeline's first level, so the default call is reproduced too."""
     assert trigflow_to_flow(torch.tensor(1.57080)).item() > 1 and model.sigmas(1)[0] == 1
+    assert model.start_level().item() > 1
     latent, image = _reference(pipe, PROMPT, 1)
     cond = model.condition(PROMPT, max_sequence_length=SEQ)
     out = sample(model, cond, num_steps=1, height=SIZE, width=SIZE, generator=_gen(), progress=False)
-    assert max(_errors(out, latent, image)) <= 5e-5
+    assert max(_errors(out, latent, image)) <= ATOL
+    x = torch.randn(1, *model.latent_shape(SIZE, SIZE), generator=_gen(3))
+    below = model.velocity(x, 1 - 1e-6, cond)  # just below pure noise: the plain transformer output
+    assert (model.velocity(x, 1.0, cond) - below).abs().max() < 1e-4  # continuous up to the 3.7e-6 offset
 
 
 @pytest.mark.parametrize("steps", [2, 3])

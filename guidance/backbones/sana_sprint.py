@@ -25,8 +25,9 @@ Backbone conventions handled here and nowhere else (text and latents as in :mod:
   has no effect (a warning says so). With no prompt the condition is "" encoded without the instruction;
 * schedule: the scheduler's angles (``max_timesteps`` 1.5708 and, for two steps, ``intermediate_timesteps`` 1.3;
   otherwise ``linspace(max_timesteps, 0, N + 1)``) mapped to s as above. The released 1.57080 lies 3.7e-6 above
-  pi/2, where s = 1.0000037 > 1; flowsteer's schedule starts at s = 1 exactly (pure noise), so a one-step sample
-  equals the pipeline's called with ``max_timesteps=pi/2`` and differs from the default call by about 1e-5;
+  pi/2, where s_0 = 1.0000037 > 1: flowsteer's schedule starts at s = 1 exactly (pure noise), and the velocity at
+  s = 1 reads the state as the pipeline's first step does (the noise times sqrt(s_0² + (1 - s_0)²) at level
+  s_0, v = x - x0_hat), so that x0_hat there is the pipeline's first denoised latent;
 * several steps: the SCM scheduler re-noises after each step with fresh noise, x_{s'} = (1 - s') x0_hat + s' n,
   n ~ N(0, I) drawn from the generator (stochastic consistency sampling). flowsteer's sampler takes deterministic
   Euler steps on the same noise levels instead, x_{s'} = x0_hat + (s' / s)(x_s - x0_hat), which reuses the
@@ -96,11 +97,19 @@ class SanaSprintModel(SanaModel):
                              "has none: use SanaModel for a SANA transformer")
         defaults = _call_defaults(type(pipeline))
         self.max_timesteps = float(defaults["max_timesteps"] if max_timesteps is None else max_timesteps)
+        self._start = None
         self.intermediate_timesteps = float(defaults["intermediate_timesteps"] if intermediate_timesteps is None
                                             else intermediate_timesteps)
         if not 0 < self.intermediate_timesteps < self.max_timesteps <= math.pi / 2 + 1e-4:
             raise ValueError(f"the TrigFlow angles must satisfy 0 < intermediate_timesteps < max_timesteps <= pi/2, "
                              f"got {self.intermediate_timesteps} and {self.max_timesteps}")
+
+    def start_level(self) -> torch.Tensor:
+        """s_0 = sin(theta_0) / (cos(theta_0) + sin(theta_0)) of the first angle ``max_timesteps`` (float32, as the
+        pipeline computes it; 1.0000037 for the released 1.57080), the level the pipeline's first step reads."""
+        if self._start is None:
+            self._start = trigflow_to_flow(self.angles(1)[:1])[0]
+        return self._start.to(self.device)
 
     @property
     def sigma_data(self) -> float:
@@ -180,18 +189,27 @@ class SanaSprintModel(SanaModel):
     def velocity(self, x: torch.Tensor, sigma, cond: SanaSprintCondition | None = None,
                  grad: bool = False) -> torch.Tensor:
         """v = F(x_s, timestep=s, guidance=w * guidance_embeds_scale), the transformer's output: its clean estimate
-        x_s - s v is the pipeline's denoised latent (see the module docstring); float32 like ``x``."""
+        x_s - s v is the pipeline's denoised latent (see the module docstring; at s = 1 the pipeline's first level
+        s_0 is read); float32 like ``x``."""
         cond = self.velocity_inputs(x, cond)
         batch = x.shape[0]
         device = self.device
-        timestep = sigma_batch(sigma, batch, device)
+        s = sigma_batch(sigma, batch, device)
+        # s = 1 (pure noise) is the pipeline's first angle, at s_0 = 1.0000037 for the released 1.57080: its input
+        # there is the noise times sqrt(s_0² + (1 - s_0)²), and x0_hat = x_in - s_0 F
+        first = s >= 1
+        timestep = torch.where(first, self.start_level(), s)
+        gain = torch.where(first, torch.sqrt(timestep**2 + (1 - timestep) ** 2), torch.ones_like(s))
         embeds = repeat_for_batch(cond.prompt_embeds, batch)
         mask = repeat_for_batch(cond.prompt_attention_mask, batch)
         guidance = torch.full((batch,), cond.guidance_scale, device=device, dtype=torch.float32).to(embeds.dtype)
         guidance = guidance * self.transformer.config.guidance_embeds_scale
         with torch.set_grad_enabled(grad):
-            out = self._transformer(x, timestep, embeds, mask, guidance)
-        return out.to(x.device)
+            x = x.to(device)
+            x_in = x * gain.view(-1, 1, 1, 1)
+            out = self._transformer(x_in, timestep, embeds, mask, guidance)
+            out = torch.where(first.view(-1, 1, 1, 1), x - x_in + timestep.view(-1, 1, 1, 1) * out, out)
+        return out
 
     # -- stochastic consistency sampling ----------------------------------------------------------------
     def consistency_sampling(self, generator: torch.Generator | None = None) -> dict[str, Callable]:
