@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--default-model", action="store_true",
                         help="also run the default model with its bundled classifier's hard decision (slow on CPU)")
+    parser.add_argument("--default-outputs", type=int, default=64,
+                        help="images of the default-model run (default 64; fewer is faster but noisier)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     options = {"temperature": args.temperature, "every": args.every, "noise_scale": args.noise_scale}
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           options, args.seed, args.motif)
     rows += found
     if args.default_model:
-        rows += default_model_rows(16, 4, 10, args.temperature, options, args.seed)
+        rows += default_model_rows(args.default_outputs, 4, 10, args.temperature, options, args.seed)
     print(markdown(rows, targets))
     if args.json:
         write_text_atomic(args.json, json.dumps({"rows": [asdict(r) for r in rows], "targets": targets}, indent=2))
