@@ -18,15 +18,16 @@ from .analytic import AnalyticGMMFlow, AnalyticSimplexFlow, CategoricalMixture, 
 from .backbones import FlowModel
 from .sequences import (EndpointNetwork, GumbelSoftmaxPath, NetworkSimplexFlow, SequenceSample, SimplexFlow,
                         check_simplex, sample_sequences, train_simplex_flow)
+from .backbones.registry import BACKBONES as _BACKBONES
 from .sampler import SampleResult, initial_noise, sample, start_state
 from .sequence_classifier import SequenceClassifier, train_sequence_classifier
 
+#: names imported on first use: every backbone adapter of the registry (SD3Model, FluxModel, Flux2Model,
+#: QwenImageModel, ...) and a few more, so that ``import guidance`` loads no diffusers pipeline module
 _LAZY = {
-    "SD3Model": "guidance.backbones.sd3",
+    **{b.adapter.partition(":")[2]: b.adapter.partition(":")[0] for b in _BACKBONES},
     "SD3Condition": "guidance.backbones.sd3",
-    "FluxModel": "guidance.backbones.flux",
     "FluxCondition": "guidance.backbones.flux",
-    "GenericFlowModel": "guidance.backbones.generic",
     "flowsteer_reconstructor": "guidance.deepinv_reconstructor",
 }
 

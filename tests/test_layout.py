@@ -70,10 +70,13 @@ def test_the_backbone_registry_names_classes_that_exist():
     from tasks.cli_listing import KNOWN_MODELS
 
     assert len({b.name for b in BACKBONES}) == len(BACKBONES)
+    import guidance
+
     for backbone in BACKBONES:
         assert issubclass(backbone.adapter_class(), FlowModel)
-        if backbone.pipeline:
-            assert backbone.pipeline_class().__name__ == backbone.pipeline
+        assert getattr(guidance, backbone.adapter_class().__name__) is backbone.adapter_class()  # guidance.QwenImageModel
+        for name in backbone.pipelines:
+            assert backbone.pipeline_class(name).__name__ == name
             assert backbone.transformer_class().__name__ == backbone.transformer
     assert KNOWN_MODELS == known_models() and KNOWN_MODELS[0][0] == "default"
 
