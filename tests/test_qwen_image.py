@@ -216,7 +216,7 @@ def test_vae_tiling_switches_on_and_off(model):
     finally:
         model.disable_vae_tiling()
     torch.testing.assert_close(model.decode(latent), whole, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="multiple of the VAE's factor 8"):
+    with pytest.raises(ValueError, match="multiple of the autoencoder's factor 8"):
         model.enable_vae_tiling(36)
 
 

@@ -217,8 +217,8 @@ def test_image_with_wrong_channels_raises(model):
 def test_from_components_and_dc_ae_tiling(pipe):
     model = SanaModel.from_components(**pipe.components)
     assert model.default_size == (1024, 1024) and model.max_size is None
-    model.enable_vae_tiling(64, 0.25)
-    assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_height == 64 and pipe.vae.tile_sample_stride_height == 32
+    model.enable_vae_tiling(128, 0.25)  # 4 latent pixels, one shared: a 96-pixel stride
+    assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_height == 128 and pipe.vae.tile_sample_stride_height == 96
     assert model.encode(torch.zeros(1, 3, 128, 128)).shape == (1, 8, 4, 4)
     model.disable_vae_tiling()
     assert not pipe.vae.use_tiling

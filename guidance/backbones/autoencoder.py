@@ -28,13 +28,24 @@ def autoencoder_scale_shift(autoencoder) -> tuple[float, float]:
 
 
 def autoencoder_spatial_factor(autoencoder) -> int:
-    """Image pixels per latent pixel: 2 ** (levels - 1) for AutoencoderKL, the same rule for AutoencoderTiny."""
+    """Image pixels per latent pixel: 2 ** (levels - 1) for AutoencoderKL, the same rule for AutoencoderTiny and
+    AutoencoderDC (its decoder's levels), 2 ** (downsampling levels) for the Wan / Qwen-Image video VAEs."""
     config = autoencoder.config
+    temporal = getattr(config, "temperal_downsample", None)  # the config's own spelling
+    if temporal is not None:
+        return int(2 ** len(temporal))
     levels = getattr(config, "block_out_channels", None) or getattr(config, "decoder_block_out_channels", None)
     if levels is None:
         raise ValueError(f"cannot tell the downsampling factor of {type(autoencoder).__name__} from its config")
     factor = getattr(config, "upsampling_scaling_factor", 2)
     return int(factor ** (len(levels) - 1))
+
+
+def autoencoder_latent_channels(autoencoder) -> int:
+    """Latent channels from a diffusers autoencoder's config (``latent_channels``, or ``z_dim`` for video VAEs)."""
+    config = autoencoder.config
+    channels = getattr(config, "latent_channels", None)
+    return int(config.z_dim if channels is None else channels)
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
@@ -49,26 +60,51 @@ def execution_device(module: torch.nn.Module) -> torch.device:
 
 def set_tiling(autoencoder, tile_size: int | None = None, overlap: float | None = None) -> None:
     """Turn on a diffusers autoencoder's tiled encode / decode with tiles of ``tile_size`` image pixels
-    (``tile_size / f`` latent pixels) overlapping by the fraction ``overlap`` (None keeps the autoencoder's own
-    values: its config's sample_size and 1/4 for AutoencoderKL, 512 and 1/8 for AutoencoderTiny)."""
-    if not hasattr(autoencoder, "enable_tiling") or not hasattr(autoencoder, "tile_sample_min_size"):
-        raise ValueError(f"{type(autoencoder).__name__} cannot tile; use a diffusers AutoencoderKL or AutoencoderTiny")
+    (``tile_size / f`` latent pixels) overlapping by the fraction ``overlap``. None keeps the autoencoder's own
+    values: its config's sample_size and 1/4 for AutoencoderKL, 512 and 1/8 for AutoencoderTiny and AutoencoderDC,
+    256 and 1/4 for the Qwen-Image VAE. Autoencoders that take a tile and a stride (AutoencoderDC, the video VAEs)
+    get the stride that leaves the overlap, rounded to whole latent pixels."""
+    if not hasattr(autoencoder, "enable_tiling") or not (hasattr(autoencoder, "tile_sample_min_size")
+                                                         or hasattr(autoencoder, "tile_sample_stride_height")):
+        raise ValueError(f"{type(autoencoder).__name__} cannot tile; use a diffusers AutoencoderKL, AutoencoderTiny, "
+                         f"AutoencoderDC or a video VAE")
     factor = autoencoder_spatial_factor(autoencoder)
-    size = autoencoder.tile_sample_min_size if tile_size is None else tile_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    fraction = autoencoder.tile_overlap_factor if overlap is None else overlap
+    strided = hasattr(autoencoder, "tile_sample_stride_height")
+    own = autoencoder.tile_sample_min_height if strided else autoencoder.tile_sample_min_size
+    own = own[0] if isinstance(own, (tuple, list)) else own
+    size = own if tile_size is None else tile_size
+    if overlap is not None:
+        fraction = overlap
+    elif strided:
+        fraction = 1 - autoencoder.tile_sample_stride_height / own
+    else:
+        fraction = autoencoder.tile_overlap_factor
     if isinstance(size, bool) or not isinstance(size, int) or size < factor or size % factor:
         raise ValueError(f"tile_size must be a positive multiple of the autoencoder's factor {factor} (pixels), "
                          f"got {size!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
         raise ValueError(f"the tile overlap must be a fraction in (0, 0.5], got {fraction!r}")
-    if int(size // factor * fraction) < 1:
+    shared = int(size // factor * fraction)  # latent pixels two neighbouring tiles share
+    if shared < 1:
         raise ValueError(f"tiles of {size} pixels ({size // factor} latent pixels) overlapping by {fraction} share "
                          f"less than one latent pixel; use a larger tile_size or overlap")
+    if strided:
+        stride = size - shared * factor
+        autoencoder.enable_tiling(size, size, stride, stride)
+        return
     autoencoder.enable_tiling()
     autoencoder.tile_sample_min_size = size
     autoencoder.tile_latent_min_size = size // factor
     autoencoder.tile_overlap_factor = float(fraction)
+
+
+def encoder_output(out, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The latent of an autoencoder's ``encode`` output: a posterior sample drawn with ``generator`` (its mean
+    without one), AutoencoderTiny's ``latents`` or AutoencoderDC's deterministic ``latent``."""
+    if hasattr(out, "latent_dist"):
+        dist = out.latent_dist
+        return dist.mean if generator is None else dist.sample(generator=generator)
+    return out.latents if hasattr(out, "latents") else out.latent
 
 
 class LatentCodec:
@@ -89,14 +125,16 @@ class LatentCodec:
         self.decoder = autoencoder if decoder is None else decoder
         self.encoder = autoencoder if encoder is None else encoder
         self.spatial_factor = autoencoder_spatial_factor(autoencoder)
-        self.latent_channels = int(autoencoder.config.latent_channels)
-        self.image_channels = int(autoencoder.config.in_channels)
+        self.latent_channels = autoencoder_latent_channels(autoencoder)
+        config = autoencoder.config
+        self.image_channels = int(getattr(config, "in_channels", None) or getattr(config, "input_channels", 3))
         for role, module in (("decoder", decoder), ("encoder", encoder)):
             if module is None:
                 continue
-            if int(module.config.latent_channels) != self.latent_channels:
+            channels = autoencoder_latent_channels(module)
+            if channels != self.latent_channels:
                 raise ValueError(
-                    f"{role} has {module.config.latent_channels} latent channels but the model's autoencoder has "
+                    f"{role} has {channels} latent channels but the model's autoencoder has "
                     f"{self.latent_channels}; use an autoencoder made for this model (e.g. TAESD3 for SD3)"
                 )
             if autoencoder_spatial_factor(module) != self.spatial_factor:
@@ -143,13 +181,8 @@ class LatentCodec:
         self.check_image(image)
         module = self.encoder
         out = module.encode(image.to(device=execution_device(module), dtype=module.dtype))
-        if hasattr(out, "latent_dist"):
-            dist = out.latent_dist
-            latent = dist.mean if generator is None else dist.sample(generator=generator)
-        else:
-            latent = out.latents
         scale, shift = autoencoder_scale_shift(module)
-        return (latent.float() - shift) * scale
+        return (encoder_output(out, generator).float() - shift) * scale
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """x = D(z / a + b), float32, in about [-1, 1] (not clamped)."""

@@ -121,16 +121,7 @@ class Flux2Codec(LatentCodec):
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = (patchify(E(x)) - m) / s; a posterior sample drawn with ``generator``, or its mean (the pipeline's
         ``argmax`` mode) when it is None."""
-        self.check_image(image)
-        module = self.encoder
-        out = module.encode(image.to(device=execution_device(module), dtype=module.dtype))
-        if hasattr(out, "latent_dist"):
-            dist = out.latent_dist
-            latent = dist.mean if generator is None else dist.sample(generator=generator)
-        else:
-            latent = out.latents
-        scale, shift = autoencoder_scale_shift(module)
-        latent = patchify((latent.float() - shift) * scale)
+        latent = patchify(super().encode(image, generator))
         mean, std = self.statistics(latent.device, latent.dtype)
         return (latent - mean) / std
 

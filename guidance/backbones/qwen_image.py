@@ -42,21 +42,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .autoencoder import LatentCodec, execution_device
+from .autoencoder import LatentCodec, encoder_output, execution_device
 from .base import check_num_steps, repeat_for_batch, sigma_batch
 from .flux import pack_latents, unpack_latents
 from .mechanics import classifier_free, rescale_to_norm, scheduler_sigmas, token_shift
 from .pipeline import PipelineFlowModel, prompt_list
 
 __all__ = ["QwenImageCondition", "QwenImageLatentCodec", "QwenImageModel"]
-
-
-def _vae_factor(autoencoder) -> int:
-    """Image pixels per latent pixel of a Wan / Qwen-Image video VAE: 2 ** (number of downsampling levels)."""
-    levels = getattr(autoencoder.config, "temperal_downsample", None)
-    if levels is None or not hasattr(autoencoder.config, "z_dim"):
-        raise ValueError(f"{type(autoencoder).__name__} is not a Qwen-Image video VAE; use AutoencoderKLQwenImage")
-    return 2 ** len(levels)
 
 
 class QwenImageLatentCodec(LatentCodec):
@@ -74,20 +66,11 @@ class QwenImageLatentCodec(LatentCodec):
     """
 
     def __init__(self, autoencoder, decoder=None, encoder=None):
-        self.autoencoder = autoencoder
-        self.decoder = autoencoder if decoder is None else decoder
-        self.encoder = autoencoder if encoder is None else encoder
-        self.spatial_factor = _vae_factor(autoencoder)
-        self.latent_channels = int(autoencoder.config.z_dim)
-        self.image_channels = int(getattr(autoencoder.config, "input_channels", 3))
-        for role, module in (("decoder", decoder), ("encoder", encoder)):
-            if module is None:
-                continue
-            if _vae_factor(module) != self.spatial_factor or int(module.config.z_dim) != self.latent_channels:
-                raise ValueError(
-                    f"{role} has {module.config.z_dim} latent channels and factor {_vae_factor(module)} but the "
-                    f"model's VAE has {self.latent_channels} and {self.spatial_factor}; use a Qwen-Image VAE"
-                )
+        super().__init__(autoencoder, decoder, encoder)
+        for module in self.modules():
+            if getattr(module.config, "latents_mean", None) is None or not hasattr(module.config, "z_dim"):
+                raise ValueError(f"{type(module).__name__} is not a Qwen-Image video VAE (no latents_mean / "
+                                 f"latents_std); use AutoencoderKLQwenImage")
 
     @staticmethod
     def statistics(module, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,34 +80,12 @@ class QwenImageLatentCodec(LatentCodec):
         inv_std = 1.0 / torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return mean, inv_std
 
-    def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
-        """Encode and decode on overlapping square tiles of ``tile_size`` pixels (default 256) overlapping by the
-        fraction ``overlap`` (default 1/4), with the VAE's own tiling."""
-        size = 256 if tile_size is None else tile_size
-        fraction = 0.25 if overlap is None else overlap
-        f = self.spatial_factor
-        if isinstance(size, bool) or not isinstance(size, int) or size < f or size % f:
-            raise ValueError(f"tile_size must be a positive multiple of the VAE's factor {f} (pixels), got {size!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
-            raise ValueError(f"the tile overlap must be a fraction in (0, 0.5], got {fraction!r}")
-        stride = size - int(size * fraction) // f * f
-        if stride == size:
-            raise ValueError(f"tiles of {size} pixels overlapping by {fraction} share less than one latent pixel; "
-                             f"use a larger tile_size or overlap")
-        for module in self.modules():
-            module.enable_tiling(size, size, stride, stride)
-
-    def disable_tiling(self) -> None:
-        for module in self.modules():
-            module.use_tiling = False
-
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = (E(x) - mean_c) / std_c; a posterior sample drawn with ``generator``, or its mean when it is None."""
         self.check_image(image)
         module = self.encoder
         frames = image.unsqueeze(2).to(device=execution_device(module), dtype=module.dtype)
-        dist = module.encode(frames).latent_dist
-        latent = (dist.mean if generator is None else dist.sample(generator=generator))[:, :, 0].float()
+        latent = encoder_output(module.encode(frames), generator)[:, :, 0].float()
         mean, inv_std = self.statistics(module, latent.device)
         return (latent - mean) * inv_std
 

@@ -19,7 +19,7 @@ Backbone conventions handled here and nowhere else:
   text at all, :meth:`SanaModel.condition` gives the unconditional branch: "" encoded without the instruction, and
   no CFG;
 * latents z = E(x) * scaling_factor with DC-AE (``AutoencoderDC``: deterministic, its ``encode`` returns
-  ``.latent``, no shift), x = D(z / scaling_factor), in :class:`DCAECodec`. Image sides are multiples of
+  ``.latent``, no shift), x = D(z / scaling_factor), by the shared latent codec. Image sides are multiples of
   ``32 * patch size`` (32);
 * schedule: the pipeline's scheduler's own ``set_timesteps`` (the released checkpoints: DPM-Solver++ with
   ``use_flow_sigmas`` and ``flow_shift`` 3, or 6 at 4096 px). flowsteer takes Euler steps on those sigmas; with
@@ -41,67 +41,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .autoencoder import LatentCodec, autoencoder_scale_shift, execution_device, set_tiling
 from .base import check_num_steps, repeat_for_batch, sigma_batch
 from .mechanics import classifier_free, scheduler_sigmas
 from .pipeline import PipelineFlowModel, prompt_list
 
-__all__ = ["DCAECodec", "SanaCondition", "SanaModel", "default_instruction"]
+__all__ = ["SanaCondition", "SanaModel", "default_instruction"]
 
 
 def default_instruction(pipeline_class) -> tuple[str, ...]:
     """The pipeline's default ``complex_human_instruction`` (read from its ``__call__`` signature)."""
     return tuple(inspect.signature(pipeline_class.__call__).parameters["complex_human_instruction"].default)
-
-
-class DCAECodec(LatentCodec):
-    """:class:`~guidance.backbones.autoencoder.LatentCodec` for a deep-compression autoencoder (``AutoencoderDC``):
-    z = E(x) * a (``E(x)`` is the deterministic ``.latent``; ``generator`` is not used), x = D(z / a). The
-    downsampling factor is the pipeline's ``2 ** (len(encoder_block_out_channels) - 1)`` (32 for DC-AE f32).
-    Another autoencoder given as ``decoder`` / ``encoder`` is applied as :class:`LatentCodec` does."""
-
-    def __init__(self, autoencoder, decoder=None, encoder=None):
-        super().__init__(autoencoder, decoder, encoder)
-        levels = getattr(autoencoder.config, "encoder_block_out_channels", None)
-        if levels is not None:
-            self.spatial_factor = 2 ** (len(levels) - 1)
-
-    @staticmethod
-    def _is_dc(module) -> bool:
-        from diffusers import AutoencoderDC
-
-        return isinstance(module, AutoencoderDC)
-
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = E(x) * a (DC-AE is deterministic)."""
-        module = self.encoder
-        if not self._is_dc(module):
-            return super().encode(image, generator)
-        self.check_image(image)
-        latent = module.encode(image.to(device=execution_device(module), dtype=module.dtype)).latent
-        scale, shift = autoencoder_scale_shift(module)
-        return (latent.float() - shift) * scale
-
-    def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
-        """Tiled encode / decode: DC-AE tiles of ``tile_size`` pixels (default: its own 512) whose strides leave an
-        ``overlap`` fraction (default 1/8: DC-AE's own 448-pixel stride on 512-pixel tiles) to blend."""
-        for module in self.modules():
-            if not self._is_dc(module):
-                set_tiling(module, tile_size, overlap)
-                continue
-            size = module.tile_sample_min_height if tile_size is None else tile_size
-            fraction = 0.125 if overlap is None else overlap
-            if isinstance(size, bool) or not isinstance(size, int) or size < self.spatial_factor \
-                    or size % self.spatial_factor:
-                raise ValueError(f"tile_size must be a positive multiple of the autoencoder's factor "
-                                 f"{self.spatial_factor} (pixels), got {size!r}")
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
-                raise ValueError(f"the tile overlap must be a fraction in (0, 0.5], got {fraction!r}")
-            stride = size - max(self.spatial_factor, round(size * fraction / self.spatial_factor) * self.spatial_factor)
-            if stride < self.spatial_factor:
-                raise ValueError(f"tiles of {size} pixels overlapping by {fraction} leave no stride; use a larger "
-                                 f"tile_size or a smaller overlap")
-            module.enable_tiling(size, size, stride, stride)
 
 
 @dataclass(frozen=True)
@@ -140,7 +89,6 @@ class SanaModel(PipelineFlowModel):
     #: SANA's transformer holds its repeated blocks here (for :meth:`compile`).
     repeated_blocks = ("transformer_blocks",)
     default_guidance_scale = 4.5
-    codec_class = DCAECodec
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
