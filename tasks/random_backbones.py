@@ -45,7 +45,7 @@ from transformers import (
 
 __all__ = [
     "CLIP_G_WIDTH", "CLIP_L_WIDTH", "FLUX_DEV_TRANSFORMER", "FLUX_VAE_SCALE", "FLUX_VAE_SHIFT",
-    "FULL_SIZE_PARAMETERS", "NEGATIVE", "PROMPT", "SD35_MEDIUM_TRANSFORMER", "SD3_VAE_SCALE", "SD3_VAE_SHIFT",
+    "FULL_SIZE_PARAMETERS", "full_size_device", "NEGATIVE", "PROMPT", "SD35_MEDIUM_TRANSFORMER", "SD3_VAE_SCALE", "SD3_VAE_SHIFT",
     "T5_WIDTH", "TAESD16", "VAE16", "buffers_to", "building", "check_scale", "flux_components",
     "flux_dev_components", "flux_dev_config", "flux_dev_transformer", "flux_pipeline", "flux_scheduler",
     "parameter_count", "scaled_count", "scaled_width", "sd35_medium_components", "sd35_medium_config",
@@ -343,11 +343,14 @@ def text_widths(scale: float = 1.0) -> tuple[int, int, int]:
     return tuple(scaled_width(n, check_scale(scale)) for n in (CLIP_L_WIDTH, CLIP_G_WIDTH, T5_WIDTH))
 
 
-def _check_device(scale: float, device, what: str) -> torch.device:
+def full_size_device(scale: float, device, what: str, parameters: str | None = None) -> torch.device:
+    """``device`` as a torch.device; a full-size (``scale`` 1) architecture of ``parameters`` parameters is built on a
+    CUDA GPU (or the meta device, to count them) only."""
     device = torch.device(device)
     if scale == 1 and device.type not in ("cuda", "meta"):
+        parameters = FULL_SIZE_PARAMETERS.get(what) if parameters is None else parameters
         raise ValueError(
-            f"the full-size {what} architecture ({FULL_SIZE_PARAMETERS[what]} parameters) is built with random "
+            f"the full-size {what} architecture ({parameters} parameters) is built with random "
             f"weights on a CUDA GPU only, not on {device.type!r}: run on a machine with a GPU, or pass scale < 1 "
             f"for a miniature of the same architecture"
         )
@@ -407,7 +410,7 @@ def flux_dev_config(scale: float = 1.0) -> dict:
 def sd35_medium_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """SD3Transformer2DModel with SD3.5-medium's architecture (:func:`sd35_medium_config`) and random weights."""
     scale = check_scale(scale)
-    device = _check_device(scale, device, "SD3.5-medium")
+    device = full_size_device(scale, device, "SD3.5-medium")
     torch.manual_seed(0)
     with building(device, dtype):
         return buffers_to(SD3Transformer2DModel(**sd35_medium_config(scale)).eval(), dtype)
@@ -416,7 +419,7 @@ def sd35_medium_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtyp
 def flux_dev_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """FluxTransformer2DModel with FLUX.1-dev's architecture (:func:`flux_dev_config`) and random weights."""
     scale = check_scale(scale)
-    device = _check_device(scale, device, "FLUX.1-dev")
+    device = full_size_device(scale, device, "FLUX.1-dev")
     torch.manual_seed(0)
     with building(device, dtype):
         return buffers_to(FluxTransformer2DModel(**flux_dev_config(scale)).eval(), dtype)

@@ -23,6 +23,7 @@ from .random_backbones import (
     FLUX_VAE_SHIFT,
     T5_WIDTH,
     buffers_to,
+    full_size_device,
     building,
     check_scale,
     flux_scheduler,
@@ -108,21 +109,10 @@ def chroma_hd_config(scale: float = 1.0) -> dict:
             "approximator_layers": scaled_count(base["approximator_layers"], scale)}
 
 
-def _check_device(scale: float, device) -> torch.device:
-    device = torch.device(device)
-    if scale == 1 and device.type not in ("cuda", "meta"):
-        raise ValueError(
-            f"the full-size Chroma1-HD architecture ({_PARAMETERS} parameters) is built with random weights on a "
-            f"CUDA GPU only, not on {device.type!r}: run on a machine with a GPU, or pass scale < 1 for a miniature "
-            f"of the same architecture"
-        )
-    return device
-
-
 def chroma_hd_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """ChromaTransformer2DModel with Chroma1-HD's architecture (:func:`chroma_hd_config`) and random weights."""
     scale = check_scale(scale)
-    device = _check_device(scale, device)
+    device = full_size_device(scale, device, "Chroma1-HD", _PARAMETERS)
     torch.manual_seed(0)
     with building(device, dtype):
         return buffers_to(ChromaTransformer2DModel(**chroma_hd_config(scale)).eval(), dtype)

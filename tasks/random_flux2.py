@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from .random_backbones import (
-    NEGATIVE, PROMPT, buffers_to, building, check_scale, flux_scheduler, scaled_count, scaled_width,
+    NEGATIVE, PROMPT, buffers_to, building, check_scale, flux_scheduler, full_size_device, scaled_count, scaled_width,
 )
 
 __all__ = [
@@ -194,24 +194,13 @@ QWEN3_WIDTHS = {"4b": 2560, "9b": 4096}
 #: The FLUX.2 VAE (AutoencoderKLFlux2's defaults: f = 8, 32 latent channels, quant convs, batch norm over 128).
 FLUX2_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32, norm_num_groups=32,
                  sample_size=1024, use_quant_conv=True, use_post_quant_conv=True)
-_FULL_SIZE = {"4b": "FLUX.2-klein-4B (3.9B)", "9b": "FLUX.2-klein-9B (9.1B)"}
+_FULL_SIZE = {"4b": ("FLUX.2-klein-4B", "3.9B"), "9b": ("FLUX.2-klein-9B", "9.1B")}
 
 
 def _check_size(size: str) -> str:
     if size not in FLUX2_KLEIN_TRANSFORMERS:
         raise ValueError(f"size must be '4b' or '9b' (FLUX.2 [klein] 4B / 9B), got {size!r}")
     return size
-
-
-def _check_device(scale: float, device, size: str) -> torch.device:
-    device = torch.device(device)
-    if scale == 1 and device.type not in ("cuda", "meta"):
-        raise ValueError(
-            f"the full-size {_FULL_SIZE[size]} architecture is built with random weights on a CUDA GPU only, not on "
-            f"{device.type!r}: run on a machine with a GPU, use device='meta' to count parameters, or pass scale < 1 "
-            f"for a miniature of the same architecture"
-        )
-    return device
 
 
 def _text_width(size: str, scale: float) -> int:
@@ -232,7 +221,7 @@ def flux2_klein_config(size: str = "4b", scale: float = 1.0) -> dict:
 def flux2_klein_transformer(size: str = "4b", scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """Flux2Transformer2DModel with the klein architecture (:func:`flux2_klein_config`) and random weights."""
     scale = check_scale(scale)
-    device = _check_device(scale, device, _check_size(size))
+    device = full_size_device(scale, device, *_FULL_SIZE[_check_size(size)])
     torch.manual_seed(0)
     with building(device, dtype):
         return buffers_to(Flux2Transformer2DModel(**flux2_klein_config(size, scale)).eval(), dtype)

@@ -39,8 +39,8 @@ from diffusers import (
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from .random_backbones import NEGATIVE, PROMPT, building, buffers_to, check_scale, parameter_count, scaled_count, \
-    scaled_width
+from .random_backbones import (NEGATIVE, PROMPT, building, buffers_to, check_scale, full_size_device, parameter_count,
+                               scaled_count, scaled_width)
 
 __all__ = [
     "DECODER_GAIN", "NEGATIVE", "PROMPT", "QWEN_IMAGE_PARAMETERS", "QWEN_IMAGE_SCHEDULER", "QWEN_IMAGE_TRANSFORMER",
@@ -186,21 +186,10 @@ def qwen_text_width(scale: float = 1.0) -> int:
     return scaled_width(QWEN_TEXT_WIDTH, check_scale(scale), 128)
 
 
-def _check_device(scale: float, device) -> torch.device:
-    device = torch.device(device)
-    if scale == 1 and device.type not in ("cuda", "meta"):
-        raise ValueError(
-            f"the full-size Qwen-Image architecture ({QWEN_IMAGE_PARAMETERS} parameters) is built with random weights "
-            f"on a CUDA GPU only, not on {device.type!r}: run on a machine with a GPU, or pass scale < 1 for a "
-            f"miniature of the same architecture"
-        )
-    return device
-
-
 def qwen_image_transformer(scale: float = 1.0, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """QwenImageTransformer2DModel with Qwen-Image's architecture (:func:`qwen_image_config`), random weights."""
     scale = check_scale(scale)
-    device = _check_device(scale, device)
+    device = full_size_device(scale, device, "Qwen-Image", QWEN_IMAGE_PARAMETERS)
     torch.manual_seed(0)
     with building(device, dtype):
         return buffers_to(QwenImageTransformer2DModel(**qwen_image_config(scale)).eval(), dtype)
