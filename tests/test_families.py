@@ -2,8 +2,8 @@
 
 For each family of :mod:`guidance.backbones.registry` (tiny random components built from config, offline):
 
-* ``load_model`` recognises the pipeline object and a folder written by ``save_pretrained`` (its
-  ``model_index.json``) and gives the family's adapter;
+* ``load_model`` recognises the pipeline object, a folder written by ``save_pretrained`` (its
+  ``model_index.json``) and the family's hub id (from an offline cache), and gives the family's adapter;
 * FlowChef (latent and pixel loss), FLAIR, DPS and PnP-Flow each end with a smaller measurement residual (the
   objective's own loss) than unguided sampling from the same seed;
 * FlowChef editing keeps the preserved region closer to the source than unguided sampling does;
@@ -216,3 +216,22 @@ def test_the_command_line_restores_with_a_saved_folder_of_every_family(case, tmp
     assert code == 0, err
     metrics = (tmp_path / "out" / "metrics.json")
     assert metrics.is_file() and (tmp_path / "out" / "restored.png").is_file()
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_load_model_takes_the_hub_id_of_every_family(case, tmp_path, monkeypatch):
+    """The family's known checkpoint id (``flowsteer models``), from an offline hub cache holding the tiny
+    pipeline under that id: recognised from its model_index.json, no network."""
+    import huggingface_hub
+
+    family = get_backbone(family_of(case))
+    repo = "black-forest-labs/FLUX.2-klein-4B" if case == "flux2-klein" else family.checkpoints[0][0]
+    assert repo in dict(family.checkpoints)
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    tiny_pipeline(case).save_pretrained(folder / "snapshots" / ("0" * 40), safe_serialization=True)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_model(repo)
+    assert type(model) is family.adapter_class() and type(model.pipeline).__name__ in family.pipelines
