@@ -62,6 +62,34 @@ def test_an_sde_without_its_score_drift_leaves_the_marginals():
     assert (torch.cov(x.reshape(n, 2).double().T) - cov).norm() / cov.norm() > 0.3
 
 
+def test_the_simplex_sde_lands_closer_to_the_exact_categorical_prior_than_the_ode():
+    """Sequences: the re-noising step (guidance.sde.simplex_step) keeps the path's marginals; on an exact categorical
+    prior (all 3⁴ sequences enumerated) its final distribution is closer to the prior than the deterministic
+    sampler's, whose error comes from the Gumbel-softmax path itself (TV 0.19 at 40 or 200 steps)."""
+    import itertools
+
+    from guidance import AnalyticSimplexFlow, CategoricalMixture
+    from guidance.sde import simplex_step
+
+    prior = CategoricalMixture.random(2, 4, 3, generator=torch.Generator().manual_seed(3))
+    flow, n, steps = AnalyticSimplexFlow(prior), 8000, 40
+    every = torch.tensor(list(itertools.product(range(3), repeat=4)))
+    exact = prior.log_prob(every).exp()
+    place = torch.tensor([27, 9, 3, 1])
+
+    def tv_to_prior(eta: float) -> float:
+        g = torch.Generator().manual_seed(1)
+        sigmas, x = flow.sigmas(steps), flow.initial_state(n, g)
+        for i in range(steps):
+            x = simplex_step(flow, x, flow.velocity(x, sigmas[i]), flow.endpoint(x, sigmas[i]), sigmas[i],
+                             sigmas[i + 1], eta, g)
+        found = torch.bincount((flow.tokens(x) * place).sum(1), minlength=len(every)).double() / n
+        return 0.5 * float((found - exact).abs().sum())
+
+    ode, sde = tv_to_prior(0.0), tv_to_prior(4.0)
+    assert sde < 0.75 * ode, (sde, ode)
+
+
 def test_the_sde_sampler_needs_a_generator_and_reproduces_with_one():
     flow = gmm_flow()
     with pytest.raises(ValueError, match="pass an explicit generator"):
