@@ -21,6 +21,7 @@ Nothing is downloaded: tokenizers are word-level vocabularies built with the ``t
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 from diffusers import (
@@ -50,7 +51,7 @@ __all__ = [
     "flux_dev_components", "flux_dev_config", "flux_dev_transformer", "flux_pipeline", "flux_scheduler",
     "parameter_count", "scaled_count", "scaled_width", "sd35_medium_components", "sd35_medium_config",
     "sd35_medium_transformer", "sd3_components", "sd3_pipeline", "taesd16", "text_widths", "tiny_t5", "tiny_taesd",
-    "tiny_unet", "tiny_vae", "vae16", "word_tokenizer",
+    "tiny_unet", "tiny_vae", "vae16", "word_tokenizer", "TINY_PIPELINES", "tiny_pipeline",
 ]
 
 PROMPT = "a photo of a red fox sitting in the snow"
@@ -272,6 +273,31 @@ def flux_pipeline(dev: bool = True) -> FluxPipeline:
     pipe = FluxPipeline(**flux_components(dev))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+#: The tiny pipeline of every family (and variant), built offline from config with random weights:
+#: name -> (builder module, builder, keyword arguments). Each family's builders live in ``tasks/random_<family>.py``.
+TINY_PIPELINES: dict[str, tuple[str, str, dict]] = {
+    "sd3": ("tasks.random_backbones", "sd3_pipeline", {}),
+    "flux": ("tasks.random_backbones", "flux_pipeline", {"dev": True}),
+    "flux2-dev": ("tasks.random_flux2", "tiny_flux2_pipeline", {"variant": "dev"}),
+    "flux2-klein": ("tasks.random_flux2", "tiny_flux2_pipeline", {"variant": "klein"}),
+    "qwen_image": ("tasks.random_qwen_image", "tiny_qwen_image_pipeline", {}),
+    "z_image": ("tasks.random_z_image", "tiny_z_image_pipeline", {}),
+    "lumina2": ("tasks.random_lumina2", "tiny_lumina2_pipeline", {}),
+    "sana": ("tasks.random_sana", "tiny_sana_pipeline", {}),
+    "sana_sprint": ("tasks.random_sana", "tiny_sana_sprint_pipeline", {}),
+    "chroma": ("tasks.random_chroma", "tiny_chroma_pipeline", {}),
+}
+
+
+def tiny_pipeline(name: str):
+    """A float32 CPU pipeline of the family ``name`` (a key of :data:`TINY_PIPELINES`) with tiny random
+    components."""
+    if name not in TINY_PIPELINES:
+        raise ValueError(f"unknown tiny pipeline {name!r}; choose from {', '.join(TINY_PIPELINES)}")
+    module, builder, kwargs = TINY_PIPELINES[name]
+    return getattr(importlib.import_module(module), builder)(**kwargs)
 
 
 def tiny_unet(channels: int = 4) -> UNet2DModel:

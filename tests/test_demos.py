@@ -60,3 +60,12 @@ def test_example_photos_are_documented():
         assert photo.stat().st_size < 150_000
         with Image.open(photo) as image:
             assert image.size == (256, 256) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2-klein", "qwen_image", "sana", "chroma"])
+def test_sample_tiny_demo_loads_each_family_from_a_folder(family, tmp_path, capsys):
+    run_demo("sample_tiny", ["--family", family, "--size", "64", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    adapter = {"sd3": "SD3Model", "flux2-klein": "Flux2Model", "qwen_image": "QwenImageModel", "sana": "SanaModel",
+               "chroma": "ChromaModel"}[family]
+    assert f"loaded {adapter}" in out and f"wrote {tmp_path / 'x.png'}" in out and (tmp_path / "x.png").is_file()

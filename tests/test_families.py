@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from importlib import import_module
 
 import pytest
 import torch
@@ -24,23 +23,13 @@ from guidance import MeasurementFidelity, get_method, load_model
 from guidance.backbones.registry import BACKBONES, get_backbone
 from guidance.calibration import calibrate
 from operators import make_operator
+from tasks.random_backbones import TINY_PIPELINES, tiny_pipeline
 
 PROMPT = "a photo of a red fox sitting in the snow"
 STEPS = 3
 
-#: family -> (builder module, builder, keyword arguments, condition keyword arguments)
-FAMILIES = {
-    "sd3": ("tasks.random_backbones", "sd3_pipeline", {}, {}),
-    "flux": ("tasks.random_backbones", "flux_pipeline", {"dev": True}, {"max_sequence_length": 32}),
-    "flux2-dev": ("tasks.random_flux2", "tiny_flux2_pipeline", {"variant": "dev"}, {}),
-    "flux2-klein": ("tasks.random_flux2", "tiny_flux2_pipeline", {"variant": "klein"}, {}),
-    "qwen_image": ("tasks.random_qwen_image", "tiny_qwen_image_pipeline", {}, {}),
-    "z_image": ("tasks.random_z_image", "tiny_z_image_pipeline", {}, {}),
-    "lumina2": ("tasks.random_lumina2", "tiny_lumina2_pipeline", {}, {}),
-    "sana": ("tasks.random_sana", "tiny_sana_pipeline", {}, {}),
-    "sana_sprint": ("tasks.random_sana", "tiny_sana_sprint_pipeline", {}, {}),
-    "chroma": ("tasks.random_chroma", "tiny_chroma_pipeline", {}, {}),
-}
+#: every family's tiny pipeline (tasks.random_backbones.TINY_PIPELINES) -> its condition's keyword arguments
+FAMILIES = {name: ({"max_sequence_length": 32} if name == "flux" else {}) for name in TINY_PIPELINES}
 
 
 def _gen(seed=0):
@@ -51,21 +40,19 @@ def family_of(case: str) -> str:
     return case.split("-")[0]
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_pipeline(case: str):
-    module, builder, kwargs, _ = FAMILIES[case]
-    return getattr(import_module(module), builder)(**kwargs)
+#: each family's tiny pipeline, built once for the whole file
+cached_pipeline = functools.lru_cache(maxsize=None)(tiny_pipeline)
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_model(case: str):
-    return load_model(tiny_pipeline(case))
+    return load_model(cached_pipeline(case))
 
 
 def setting(case: str):
     """(model, condition, image side) for a case: the smallest side with a 4x4 latent token grid at least."""
     model = tiny_model(case)
-    cond = model.condition(PROMPT, **FAMILIES[case][3])
+    cond = model.condition(PROMPT, **FAMILIES[case])
     side = max(32, 2 * model.size_multiple)
     return model, cond, side
 
@@ -77,7 +64,7 @@ def test_every_pipeline_family_has_a_case():
 
 @pytest.mark.parametrize("case", FAMILIES)
 def test_load_model_recognises_the_pipeline_and_its_folder(case, tmp_path):
-    pipe = tiny_pipeline(case)
+    pipe = cached_pipeline(case)
     family = get_backbone(family_of(case))
     assert type(pipe).__name__ in family.pipelines
     model = tiny_model(case)
@@ -87,7 +74,7 @@ def test_load_model_recognises_the_pipeline_and_its_folder(case, tmp_path):
     assert type(loaded) is family.adapter_class()
     model, cond, side = setting(case)
     x = torch.randn(1, *model.latent_shape(side, side), generator=_gen(3))
-    again = loaded.condition(PROMPT, **FAMILIES[case][3])
+    again = loaded.condition(PROMPT, **FAMILIES[case])
     torch.testing.assert_close(loaded.velocity(x, 0.7, again), model.velocity(x, 0.7, cond), rtol=0, atol=1e-6)
 
 
@@ -159,7 +146,7 @@ def test_flowchef_editing_keeps_the_preserved_region_on_every_family(case):
 def test_flair_calibration_runs_and_flair_reads_the_table_on_every_family(case, tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWSTEER_CACHE", str(tmp_path / "cache"))
     model, _, side = setting(case)
-    cond = model.condition(PROMPT, "", 2.0, **FAMILIES[case][3])
+    cond = model.condition(PROMPT, "", 2.0, **FAMILIES[case])
     images = torch.rand(2, 3, side, side, generator=_gen(0)) * 2 - 1
     table = calibrate(model, images, cond, num_points=3, generator=_gen(1), batch_size=2, progress=False)
     assert len(table) == 3 and torch.isfinite(table.weights).all() and (table.mse > 0).all()
@@ -209,7 +196,7 @@ def test_flair_presets_run_on_every_family(case, preset):
 @pytest.mark.parametrize("case", FAMILIES)
 def test_the_command_line_restores_with_a_saved_folder_of_every_family(case, tmp_path, cli, photo_32):
     """`flowsteer restore --model FOLDER` on a folder written by save_pretrained: recognised, guided, written."""
-    tiny_pipeline(case).save_pretrained(tmp_path / "model", safe_serialization=True)
+    cached_pipeline(case).save_pretrained(tmp_path / "model", safe_serialization=True)
     code, _, err = cli("restore", photo_32, "--simulate", "--operator", "sr:factor=2", "--method", "flowchef",
                        "--model", tmp_path / "model", "--prompt", PROMPT, "--steps", 2, "--out", tmp_path / "out",
                        "--quiet", "--device", "cpu")
@@ -228,7 +215,7 @@ def test_load_model_takes_the_hub_id_of_every_family(case, tmp_path, monkeypatch
     repo = "black-forest-labs/FLUX.2-klein-4B" if case == "flux2-klein" else family.checkpoints[0][0]
     assert repo in dict(family.checkpoints)
     folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
-    tiny_pipeline(case).save_pretrained(folder / "snapshots" / ("0" * 40), safe_serialization=True)
+    cached_pipeline(case).save_pretrained(folder / "snapshots" / ("0" * 40), safe_serialization=True)
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
