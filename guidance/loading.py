@@ -9,7 +9,8 @@ pipeline object): each family of :mod:`guidance.backbones.registry` (SD3 / 3.5, 
 Z-Image, SANA, SANA-Sprint, Lumina 2, Chroma) lists the pipeline classes its adapter wraps, pipelines that need
 inputs a flow model does not take (Kontext, Fill, the Qwen-Image edit pipelines, ...) are refused with the
 reason, and a folder whose index lists a ``unet`` or ``transformer`` (plus optional ``vae`` and ``scheduler``)
-without text encoders gives a :class:`~guidance.backbones.generic.GenericFlowModel`. Only safetensors weights are loaded and no remote code is ever run.
+without text encoders gives a :class:`~guidance.backbones.generic.GenericFlowModel`. Only safetensors weights are
+loaded and no remote code is ever run.
 """
 
 from __future__ import annotations
@@ -296,9 +297,10 @@ def load_model(
             used by ``decode``, e.g. "madebyollin/taesd3" for SD3.
         encoder: the same for ``encode`` (None: the full VAE encodes). FLAIR's official code decodes and encodes
             with TAESD3: ``decoder="madebyollin/taesd3", encoder="madebyollin/taesd3"`` (loaded once).
-        options: for pipeline sources (SD3, Flux, ...), passed to the pipeline's ``from_pretrained`` (e.g. ``variant="fp16"``,
-            or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic folders, passed to
-            :class:`~guidance.backbones.generic.GenericFlowModel` (``timestep_scale``, ``shift``, ...).
+        options: for pipeline sources (SD3, Flux, ...), passed to the pipeline's ``from_pretrained`` (e.g.
+            ``variant="fp16"``, or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic
+            folders, passed to :class:`~guidance.backbones.generic.GenericFlowModel` (``timestep_scale``, ``shift``,
+            ...).
 
     Raises:
         ModelNotFoundError: the weights are not on this machine (the message says how to get them).

@@ -29,8 +29,10 @@ from the model's p(x_1 | x_s) is a Gibbs move on that position that keeps p_s (t
 the marginal of the joint one). :func:`simplex_step` takes the Euler step and re-noises each position with
 probability 1 - exp(-η (s² - s'²)) at s' (rate 2 η s, as the Gaussian g², so that η is about the expected number
 of re-noisings per position over the whole trajectory, few of them late, where the path's Gumbel noise would
-flip tokens), around a token drawn from p(x_1 | x_s); the final step is again deterministic. It agrees with the Gibbs move up to
-the O(s - s') drift of the other positions within the step.
+flip tokens), around a token drawn from p(x_1 | x_s); the final step is again deterministic. It agrees with the
+Gibbs move up to the O(s - s') drift of the other positions within the step, so it is not exact: on an exact
+categorical prior (3⁴ sequences, 40 steps) its samples lie at total variation 0.10 from the prior with η = 4,
+against 0.19 for the deterministic sampler, whose error is the Gumbel-softmax path's own.
 """
 
 from __future__ import annotations

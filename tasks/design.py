@@ -27,8 +27,8 @@ from guidance import AnalyticSimplexFlow, CategoricalMixture, RewardObjective, S
 
 from guidance.files import write_text_atomic
 
-__all__ = ["DESIGN_METHODS", "DesignResult", "decode", "design", "encode", "load_score", "load_sequence_flow", "motif_score",
-           "read_sequences"]
+__all__ = ["DESIGN_METHODS", "DesignResult", "decode", "design", "encode", "load_score", "load_sequence_flow",
+           "motif_score", "read_sequences"]
 
 
 #: The methods `flowsteer design` runs: straight-through guidance (gradients through hard samples), particle search
@@ -272,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"mean score: unguided {result.unguided_mean:.3f} -> guided {result.guided_mean:.3f} "
           f"({args.num} sequences, {args.method}, {result.seconds:.1f} s)")
     if result.curve:
-        what = "of the hard samples per step" if args.method == "straight_through" else "of the particles per resampling"
+        what = ("of the hard samples per step" if args.method == "straight_through"
+                else "of the particles per resampling")
         print(f"score {what}: {_sparkline(result.curve)}  {result.curve[0]:.3f} -> {result.curve[-1]:.3f}")
     for sequence, value in list(zip(result.sequences, result.scores))[: args.top]:
         print(f"{value:8.3f}  {sequence}")

@@ -170,8 +170,9 @@ def sequence_rows(outputs: int, k: int, steps: int, lam: float, options: dict, s
     for name, method, opts, n_steps in runs:
         begin = time.perf_counter()
         if method == "unguided_sequences":
-            out = get_method("straight_through", gamma=0.0)(flow, objective, num_steps=n_steps, batch_size=outputs,
-                                                            progress=False, generator=torch.Generator().manual_seed(seed))
+            unguided = get_method("straight_through", gamma=0.0)
+            out = unguided(flow, objective, num_steps=n_steps, batch_size=outputs, progress=False,
+                           generator=torch.Generator().manual_seed(seed))
         else:
             out = get_method(method, **opts)(flow, objective, num_steps=n_steps, batch_size=outputs, progress=False,
                                              generator=torch.Generator().manual_seed(seed))

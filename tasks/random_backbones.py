@@ -46,7 +46,8 @@ from transformers import (
 
 __all__ = [
     "CLIP_G_WIDTH", "CLIP_L_WIDTH", "FLUX_DEV_TRANSFORMER", "FLUX_VAE_SCALE", "FLUX_VAE_SHIFT",
-    "FULL_SIZE_PARAMETERS", "full_size_device", "NEGATIVE", "PROMPT", "SD35_MEDIUM_TRANSFORMER", "SD3_VAE_SCALE", "SD3_VAE_SHIFT",
+    "FULL_SIZE_PARAMETERS", "full_size_device", "NEGATIVE", "PROMPT", "SD35_MEDIUM_TRANSFORMER", "SD3_VAE_SCALE",
+    "SD3_VAE_SHIFT",
     "T5_WIDTH", "TAESD16", "VAE16", "buffers_to", "building", "check_scale", "flux_components",
     "flux_dev_components", "flux_dev_config", "flux_dev_transformer", "flux_pipeline", "flux_scheduler",
     "parameter_count", "scaled_count", "scaled_width", "sd35_medium_components", "sd35_medium_config",

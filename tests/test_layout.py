@@ -74,7 +74,7 @@ def test_the_backbone_registry_names_classes_that_exist():
 
     for backbone in BACKBONES:
         assert issubclass(backbone.adapter_class(), FlowModel)
-        assert getattr(guidance, backbone.adapter_class().__name__) is backbone.adapter_class()  # guidance.QwenImageModel
+        assert getattr(guidance, backbone.adapter_class().__name__) is backbone.adapter_class()  # guidance.SanaModel
         for name in backbone.pipelines:
             assert backbone.pipeline_class(name).__name__ == name
             assert backbone.transformer_class().__name__ == backbone.transformer

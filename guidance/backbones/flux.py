@@ -169,7 +169,8 @@ class FluxModel(PipelineFlowModel):
             prompt_list(negative_prompt_2, n, "negative_prompt_2") if want_negative else None,
         )
         key = tuple(None if x is None else tuple(x) for x in texts) + (g_used, t, want_negative, max_sequence_length)
-        return self.cached_condition(key, lambda: self._encode_condition(texts, g_used, t, want_negative, max_sequence_length))
+        return self.cached_condition(
+            key, lambda: self._encode_condition(texts, g_used, t, want_negative, max_sequence_length))
 
     def _encode_condition(self, texts, g_used, t, want_negative, max_sequence_length) -> FluxCondition:
         pos, pooled, _ = self.pipeline.encode_prompt(

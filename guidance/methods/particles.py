@@ -164,7 +164,8 @@ def particles(
 
     Returns:
         :class:`MethodResult`; ``nfe`` = K × num_steps per output, as best_of_n's with N = K. ``info``:
-        ``objective_calls`` (particles scored per output), ``resampling_steps``, ``mean_reward`` the particles' mean reward at each of them, ``ess`` (resamplings, B) the
+        ``objective_calls`` (particles scored per output), ``resampling_steps``, ``mean_reward`` the particles'
+        mean reward at each of them, ``ess`` (resamplings, B) the
         effective sample size before each resampling, ``unique_ancestors`` (resamplings, B) the distinct
         particles kept, ``ancestry`` (B, K) the step-0 particle each final particle descends from, ``rewards``
         (B, K) final rewards, ``reward`` (B,) that of the returned particle, ``chosen`` (B,), ``final_ess`` (B,),
