@@ -66,12 +66,13 @@ BACKBONES = {
     "sd3.5-medium": "SD3.5-medium architecture, random weights, CFG w = 7 as one batched call (GPU only)",
     "flux-dev": "FLUX.1-dev architecture, random weights, guidance embedding 3.5 (GPU only)",
     "flux2-klein-4b": "FLUX.2 [klein] 4B architecture (step-distilled, no CFG), random weights, full VAE (GPU only)",
+    "flux2-klein-9b": "FLUX.2 [klein] 9B architecture (step-distilled, no CFG), random weights, full VAE (GPU only)",
     "qwen-image": "Qwen-Image 20B architecture, random weights, true CFG 4 as one batched call, full VAE (GPU only)",
 }
-FULL_SIZE = ("sd3.5-medium", "flux-dev", "flux2-klein-4b", "qwen-image")
+FULL_SIZE = ("sd3.5-medium", "flux-dev", "flux2-klein-4b", "flux2-klein-9b", "qwen-image")
 #: image sides each backbone takes are multiples of these (the latent factor times the transformer's patch)
 SIZE_MULTIPLES = {"tiny-sd3": 8, "tiny-flux": 16, "default": 16, "sd3.5-medium": 16, "flux-dev": 16,
-                  "tiny-flux2-klein": 16, "flux2-klein-4b": 16, "tiny-qwen-image": 16, "qwen-image": 16}
+                  "tiny-flux2-klein": 16, "flux2-klein-4b": 16, "flux2-klein-9b": 16, "tiny-qwen-image": 16, "qwen-image": 16}
 #: name -> (registered method, objective space or None, what the row measures)
 METHODS = {
     "unguided": ("unguided", None, "plain Euler sampling (the reference of every ratio)"),
@@ -213,13 +214,13 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         model = FluxModel.from_components(decoder=decoder, **components)
         cond = model.condition(rb.PROMPT, guidance_scale=3.5)
         condition = "prompt encoded once; guidance embedding 3.5 (no CFG batch)"
-    elif name in ("tiny-flux2-klein", "flux2-klein-4b"):
+    elif name in ("tiny-flux2-klein", "flux2-klein-4b", "flux2-klein-9b"):
         from guidance.backbones.flux2 import Flux2Model
 
         from .random_flux2 import flux2_klein_components, tiny_flux2_components
 
         components = _placed(tiny_flux2_components("klein"), device, dtype) if name.startswith("tiny") \
-            else flux2_klein_components("4b", 1.0, device, dtype)
+            else flux2_klein_components(name.rsplit("-", 1)[1], 1.0, device, dtype)
         model = Flux2Model.from_components(is_distilled=True, **components)
         cond = model.condition(rb.PROMPT)
         condition = "prompt encoded once; step-distilled, no CFG batch; the full FLUX.2 VAE decodes"
