@@ -184,12 +184,20 @@ class LatentCodec:
         scale, shift = autoencoder_scale_shift(module)
         return (encoder_output(out, generator).float() - shift) * scale
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """x = D(z / a + b), float32, in about [-1, 1] (not clamped)."""
+    def check_latent(self, latent: torch.Tensor) -> None:
+        """Raise a ValueError unless ``latent`` is (B, latent_channels, h, w)."""
         if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
             raise ValueError(
                 f"decode expects latents of shape (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}"
             )
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """x = D(z / a + b), float32, in about [-1, 1] (not clamped)."""
+        self.check_latent(latent)
+        return self.decode_scaled(latent)
+
+    def decode_scaled(self, latent: torch.Tensor) -> torch.Tensor:
+        """x = D(z / a + b) of a latent in the decoder's own layout, with its config's scale a and shift b."""
         module = self.decoder
         scale, shift = autoencoder_scale_shift(module)
         z = latent.float() / scale + shift

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-from .autoencoder import LatentCodec, autoencoder_scale_shift, execution_device
+from .autoencoder import LatentCodec
 from .base import check_num_steps, repeat_for_batch, sigma_batch
 from .mechanics import classifier_free, scheduler_sigmas
 from .pipeline import PipelineFlowModel, prompt_list
@@ -127,15 +127,9 @@ class Flux2Codec(LatentCodec):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """x = D(unpatchify(z s + m)), float32, in about [-1, 1] (not clamped)."""
-        if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"decode expects latents of shape (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}"
-            )
-        module = self.decoder
+        self.check_latent(latent)
         mean, std = self.statistics(latent.device, torch.float32)
-        scale, shift = autoencoder_scale_shift(module)
-        z = unpatchify(latent.float() * std + mean) / scale + shift
-        return module.decode(z.to(device=execution_device(module), dtype=module.dtype)).sample.float()
+        return self.decode_scaled(unpatchify(latent.float() * std + mean))
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,7 @@ class QwenImageLatentCodec(LatentCodec):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """x = D(z std_c + mean_c), float32, in [-1, 1] (the VAE clamps)."""
-        if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"decode expects latents of shape (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}"
-            )
+        self.check_latent(latent)
         module = self.decoder
         mean, inv_std = self.statistics(module, latent.device)
         z = latent.float() / inv_std + mean

@@ -210,8 +210,7 @@ def family_for_pipeline(pipe) -> Backbone | None:
             return backbone
     transformer = getattr(pipe, "transformer", None)
     for backbone in pipeline_families():
-        if transformer is not None and type(transformer).__name__ == backbone.transformer \
-                and isinstance(transformer, backbone.transformer_class()):
+        if transformer is not None and isinstance(transformer, backbone.transformer_class()):
             return backbone
     return None
 

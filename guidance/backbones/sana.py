@@ -132,6 +132,22 @@ class SanaModel(PipelineFlowModel):
                              f"{name}), got {shape}")
         return mask
 
+    def _text_settings(self, complex_human_instruction, max_sequence_length) -> tuple[str, ...] | None:
+        """The instruction prefix in use (True: the pipeline's own), after checking the token budget."""
+        if not isinstance(max_sequence_length, int) or max_sequence_length < 2:
+            raise ValueError(f"max_sequence_length must be an integer >= 2, got {max_sequence_length!r}")
+        return self._instruction(self.instruction if complex_human_instruction is True else complex_human_instruction)
+
+    def _given_embeds(self, prompt, prompt_embeds, prompt_attention_mask) -> torch.Tensor | None:
+        """The checked mask of precomputed ``prompt_embeds`` (all ones when none is given); None without them."""
+        if prompt_embeds is None and prompt_attention_mask is None:
+            return None
+        if prompt is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt_embeds is None:
+            raise ValueError("prompt_attention_mask needs prompt_embeds; pass both")
+        return self._check_text_embeds(prompt_embeds, prompt_attention_mask, "prompt_embeds", "prompt_attention_mask")
+
     @torch.no_grad()
     def condition(
         self,
@@ -158,17 +174,9 @@ class SanaModel(PipelineFlowModel):
         w = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         if not w >= 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 or less disables guidance), got {guidance_scale}")
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 2:
-            raise ValueError(f"max_sequence_length must be an integer >= 2, got {max_sequence_length!r}")
-        instruction = self._instruction(self.instruction if complex_human_instruction is True
-                                        else complex_human_instruction)
-        if prompt_embeds is not None or prompt_attention_mask is not None:
-            if prompt is not None:
-                raise ValueError("pass either prompt or prompt_embeds, not both")
-            if prompt_embeds is None:
-                raise ValueError("prompt_attention_mask needs prompt_embeds; pass both")
-            mask = self._check_text_embeds(prompt_embeds, prompt_attention_mask, "prompt_embeds",
-                                           "prompt_attention_mask")
+        instruction = self._text_settings(complex_human_instruction, max_sequence_length)
+        mask = self._given_embeds(prompt, prompt_embeds, prompt_attention_mask)
+        if mask is not None:
             neg = neg_mask = None
             if w > 1:
                 if negative_prompt_embeds is None:

@@ -97,7 +97,6 @@ class SanaSprintModel(SanaModel):
                              "has none: use SanaModel for a SANA transformer")
         defaults = _call_defaults(type(pipeline))
         self.max_timesteps = float(defaults["max_timesteps"] if max_timesteps is None else max_timesteps)
-        self._start = None
         self.intermediate_timesteps = float(defaults["intermediate_timesteps"] if intermediate_timesteps is None
                                             else intermediate_timesteps)
         if not 0 < self.intermediate_timesteps < self.max_timesteps <= math.pi / 2 + 1e-4:
@@ -107,9 +106,7 @@ class SanaSprintModel(SanaModel):
     def start_level(self) -> torch.Tensor:
         """s_0 = sin(theta_0) / (cos(theta_0) + sin(theta_0)) of the first angle ``max_timesteps`` (float32, as the
         pipeline computes it; 1.0000037 for the released 1.57080), the level the pipeline's first step reads."""
-        if self._start is None:
-            self._start = trigflow_to_flow(self.angles(1)[:1])[0]
-        return self._start.to(self.device)
+        return trigflow_to_flow(torch.tensor(self.max_timesteps, dtype=torch.float32)).to(self.device)
 
     @property
     def sigma_data(self) -> float:
@@ -160,17 +157,9 @@ class SanaSprintModel(SanaModel):
         if negative_prompt is not None:
             warnings.warn("SANA-Sprint has no classifier-free guidance: negative_prompt has no effect (set the "
                           "distilled guidance with guidance_scale)", stacklevel=2)
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 2:
-            raise ValueError(f"max_sequence_length must be an integer >= 2, got {max_sequence_length!r}")
-        instruction = self._instruction(self.instruction if complex_human_instruction is True
-                                        else complex_human_instruction)
-        if prompt_embeds is not None or prompt_attention_mask is not None:
-            if prompt is not None:
-                raise ValueError("pass either prompt or prompt_embeds, not both")
-            if prompt_embeds is None:
-                raise ValueError("prompt_attention_mask needs prompt_embeds; pass both")
-            mask = self._check_text_embeds(prompt_embeds, prompt_attention_mask, "prompt_embeds",
-                                           "prompt_attention_mask")
+        instruction = self._text_settings(complex_human_instruction, max_sequence_length)
+        mask = self._given_embeds(prompt, prompt_embeds, prompt_attention_mask)
+        if mask is not None:
             return SanaSprintCondition(prompt_embeds, mask, w)
         if prompt is None:
             instruction = None  # no text: the unconditional caption
