@@ -22,12 +22,17 @@ environment variable is set, else ``~/.cache/flowsteer/crw``). The key is ``<nam
   velocity, hence its error;
 * size: the image height x width in pixels. :func:`load_crw` falls back to the table of the same model and
   guidance measured at the nearest image area when the exact size was never calibrated.
+
+A run that uses a cached table says so once, naming the file (a warning on the ``flowsteer`` logger, which the
+command line prints on stderr); :func:`clear_crw` (``flowsteer calibrate --clear --model MODEL``) removes a model's
+tables.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -44,8 +49,8 @@ from .flow import interpolate, velocity_target
 from .sampler import initial_noise
 
 __all__ = [
-    "CRWTable", "CRW_POINTS", "DEFAULT_CRW", "OFFICIAL_TABLES", "calibrate", "crw_cache_dir", "crw_key", "load_crw",
-    "model_identity", "official_crw_name", "official_crw_table", "resolve_crw", "shipped_crw",
+    "CRWTable", "CRW_POINTS", "DEFAULT_CRW", "OFFICIAL_TABLES", "calibrate", "clear_crw", "crw_cache_dir", "crw_key",
+    "load_crw", "model_identity", "official_crw_name", "official_crw_table", "resolve_crw", "shipped_crw",
 ]
 
 CRW_POINTS = 100
@@ -280,7 +285,7 @@ def load_crw(model, cond=None, height: int | None = None, width: int | None = No
     prefix = _prefix(model, cond)  # as calibrate() stores it
     exact = folder / f"{prefix}-{int(height or 0)}x{int(width or 0)}.json"
     if exact.is_file():
-        return CRWTable.load(exact)
+        return _cached(exact)
     wanted = (height or 0) * (width or 0)
     candidates = []
     for path in folder.glob(f"{_glob_escape(prefix)}-*.json"):
@@ -288,9 +293,53 @@ def load_crw(model, cond=None, height: int | None = None, width: int | None = No
         if match and int(match[1]) * int(match[2]) > 0:
             candidates.append((_area_distance(int(match[1]) * int(match[2]), wanted), path.name, path))
     if candidates:
-        return CRWTable.load(min(candidates)[2])
+        return _cached(min(candidates)[2])
     official = official_crw_name(model, cond)
     return official_crw_table(official) if official is not None else None
+
+
+def _cached(path: Path) -> CRWTable:
+    """A cached table, with the file it came from in ``metadata["path"]``."""
+    table = CRWTable.load(path)
+    table.metadata["path"] = str(path)
+    return table
+
+
+#: where :func:`resolve_crw` says that a run uses a cached table (a warning; the command line prints it)
+LOG = logging.getLogger("flowsteer")
+_ANNOUNCED: set = set()
+
+
+def _announce_cached(table: CRWTable, model, cache_dir) -> None:
+    """Say, once per table file (and version of it) in this process, that a run uses a table cached by
+    ``flowsteer calibrate``, and how to stop it: a table written once changes every later FLAIR run of the model."""
+    path = table.metadata.get("path")
+    try:
+        key = (path, Path(path).stat().st_mtime_ns)
+    except (OSError, TypeError):
+        key = (path, None)
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    name = table.metadata.get("name")
+    model_flag = name if name and name != type(model).__name__ and " " not in str(name) else "MODEL"
+    folder = f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+    LOG.warning(f"FLAIR uses the calibration table {path}, cached by `flowsteer calibrate` for this model; to stop "
+                f"using it, delete that file or run `flowsteer calibrate --clear --model {model_flag}{folder}` "
+                f"(or pass crw=..., --option crw=...)")
+
+
+def clear_crw(model, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the tables :func:`calibrate` cached for ``model`` (every guidance setting and size) in ``cache_dir``
+    (default :func:`crw_cache_dir`) and return the files removed; FLAIR then falls back to the official, shipped
+    or default table (:func:`resolve_crw`). ``flowsteer calibrate --clear --model MODEL`` runs it."""
+    identity = model_identity(model)
+    stem = f"{_slug(identity['name'])}-{identity['fingerprint']}-g"
+    removed = []
+    for path in sorted(crw_cache_dir(cache_dir).glob(f"{_glob_escape(stem)}*.json")):
+        path.unlink()
+        removed.append(path)
+    return removed
 
 
 def _area_distance(area: int, wanted: int) -> float:
@@ -344,6 +393,8 @@ def resolve_crw(crw, model, cond=None, height: int | None = None, width: int | N
         table = load_crw(model, cond, height, width, cache_dir)
         if table is not None:
             official = table.metadata.get("kind") == "official"
+            if not official:
+                _announce_cached(table, model, cache_dir)
             return table, f"official:{table.metadata['name']}" if official else "cache"
         table = shipped_crw(model, (height or 0) * (width or 0)) if cond is None else None
         return (table, "shipped") if table is not None else (DEFAULT_CRW, "default")

@@ -7,7 +7,8 @@ Landweber iteration on ½‖A x − y‖², kept inside the image range [-1, 1],
     x ← clip(x − τ Aᵀ(A x − y)),   τ = 1 / ‖A‖²
 
 removes that error along the directions A sees best first, and stops as soon as ‖A x − y‖² ≤ σ_n² · numel(y)
-(Morozov's discrepancy principle), before it starts fitting the noise. What A does not see (its null space) is
+(Morozov's discrepancy principle), before it starts fitting the noise, or once an iteration no longer lowers the
+residual (by :data:`STAGNATION` of it), which ends it for noiseless measurements too. What A does not see (its null space) is
 left as the prior made it. References: L. Landweber, "An iteration formula for Fredholm integral equations of
 the first kind", 1951; Engl, Hanke & Neubauer, "Regularization of Inverse Problems", 1996, chapter 6.
 """
@@ -18,15 +19,18 @@ import torch
 
 from operators import as_operator
 from operators.base import check_finite, operator_gain
+from operators.checks import MAX_ITERATIONS, check_int
 
-__all__ = ["check_consistency_steps", "pixel_consistency"]
+__all__ = ["STAGNATION", "check_consistency_steps", "pixel_consistency"]
+
+#: an iteration that lowers the squared residual by less than this share of it has stagnated and stops
+STAGNATION = 1e-4
 
 
 def check_consistency_steps(steps, operator, fix: str = "set the consistency steps to 0") -> int:
     """``steps`` when it is an integer >= 0 that ``operator`` can take (any number of steps needs a linear
     operator with an adjoint); else a ValueError ending with ``fix``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"the consistency steps must be an integer >= 0, got {steps!r}")
+    check_int(steps, "the consistency steps", 0, MAX_ITERATIONS)
     if steps and not getattr(operator, "is_linear", False):
         raise ValueError(f"pixel consistency needs a linear operator with an adjoint; {type(operator).__name__} is "
                          f"not linear: {fix}")
@@ -41,7 +45,7 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
         operator: a linear operator (``operators``) with an adjoint.
         y: the measurement, batch 1 (shared) or B.
         noise_std: σ_n of the measurement noise (default: the operator's own); the iteration stops per image once
-            ‖A x − y‖² ≤ σ_n² · numel(y). With σ_n = 0 it runs ``max_steps`` iterations.
+            ‖A x − y‖² ≤ σ_n² · numel(y). With σ_n = 0 only stagnation or ``max_steps`` ends it.
         max_steps: the most iterations (0: return ``x`` unchanged).
 
         return_steps: also return the number of iterations each image took.
@@ -63,11 +67,16 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
     threshold = sigma**2 * y[0].numel()
     step = 1.0 / operator_gain(operator, tuple(x.shape), x.device)
     steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    previous = torch.full((x.shape[0],), torch.inf, dtype=x.dtype, device=x.device)
     for _ in range(max_steps):
         residual = operator(x) - y
-        active = residual.square().flatten(1).sum(1) > threshold
+        misfit = residual.square().flatten(1).sum(1)
+        # the discrepancy principle, and stagnation: a step that lowers ‖A x − y‖² by less than STAGNATION of
+        # itself ends that image's iteration (with σ_n = 0 the discrepancy principle alone would never fire)
+        active = (misfit > threshold) & (misfit < (1 - STAGNATION) * previous)
         if not bool(active.any()):
             break
+        previous = torch.where(active, misfit, torch.zeros_like(misfit))
         moving = active.reshape(-1, *([1] * (x.ndim - 1)))
         x = torch.where(moving, (x - step * operator.adjoint(residual)).clamp(-1, 1), x)
         steps += active.long()

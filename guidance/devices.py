@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DTYPES", "check_device", "check_dtype"]
+__all__ = ["DTYPES", "RUNS_ON", "check_device", "check_dtype"]
+
+#: the device types flowsteer runs on (``meta`` holds no data; xpu, hpu, ... are not supported)
+RUNS_ON = ("cpu", "cuda", "mps")
 
 #: dtype names accepted wherever a dtype is taken (``"bf16"`` etc. as in common usage).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -21,6 +24,10 @@ def check_device(device) -> torch.device | None:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in RUNS_ON:
+        why = " (a meta device holds no data, only shapes)" if device.type == "meta" else ""
+        raise ValueError(f"device {str(device)!r}: flowsteer runs on 'cpu', 'cuda' (or 'cuda:N') and 'mps', not on "
+                         f"{device.type!r} devices{why}; use device='cpu' (--device cpu) or 'cuda'")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: there is no CUDA device here (torch {torch.__version__}); "

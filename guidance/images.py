@@ -11,10 +11,15 @@ array in [0, 1]) or ``"pt"`` (a (B, C, H, W) float32 tensor in [0, 1]).
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
+
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["OUTPUT_TYPES", "ImageOutput", "check_output_type", "image_tensor", "output_images", "to_pil"]
+__all__ = ["OUTPUT_TYPES", "ImageOutput", "ImageTooLargeError", "check_output_type", "image_tensor", "open_image",
+           "output_images", "to_pil"]
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -24,6 +29,30 @@ def check_output_type(output_type: str) -> str:
         raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))} (as in diffusers), got "
                          f"{output_type!r}")
     return output_type
+
+
+class ImageTooLargeError(ValueError):
+    """An image file declares more pixels than PIL reads safely (a decompression bomb); the message names the file,
+    its pixel count and the fix."""
+
+
+def open_image(path: str | os.PathLike, what: str = "image file") -> Image.Image:
+    """``PIL.Image.open(path)`` (lazy; use it in a ``with``), refusing in one line a file whose header declares
+    more pixels than PIL reads safely (``PIL.Image.MAX_IMAGE_PIXELS``: a decompression bomb, or a photo far too
+    large), before any pixel is decoded. Other failures are PIL's own (OSError for a file that is no image)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        found = [int(n) for n in re.findall(r"\d+", str(error))]
+        pixels = f"{found[0]:,} pixels" if found else "more pixels than allowed"
+        limit = Image.MAX_IMAGE_PIXELS or (found[1] if len(found) > 1 else 0)
+        side = int(limit ** 0.5)
+        raise ImageTooLargeError(
+            f"the {what} {os.fspath(path)!r} declares {pixels}, more than the {limit:,} read safely (a "
+            f"decompression bomb or a far too large image); resize it below that (e.g. {side}x{side}) or, for a "
+            f"file you trust, raise PIL.Image.MAX_IMAGE_PIXELS") from None
 
 
 def _to_unit_float(image: Image.Image) -> torch.Tensor:
@@ -42,6 +71,9 @@ def _array_image(array, channels: int) -> torch.Tensor:
     65535), bool, or float in [0, 1]; C = 1, 3 or 4 (alpha composited over white)."""
     import numpy as np
 
+    if array.size == 0:
+        raise ValueError(f"the NumPy image is empty (shape {array.shape}, no pixels); pass an image of at least "
+                         f"1x1 pixels, e.g. (H, W, 3) uint8")
     if array.dtype == np.uint8 or array.dtype == np.uint16 or array.dtype == bool:
         unit = torch.from_numpy(array.astype(np.float32) / {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
                                                             np.dtype(bool): 1.0}[array.dtype])
@@ -67,6 +99,9 @@ def _array_image(array, channels: int) -> torch.Tensor:
 
 def _tensor_image(tensor: torch.Tensor, channels: int) -> torch.Tensor:
     """A tensor in flowsteer's convention: (C, H, W) or (B, C, H, W), float in [-1, 1] (uint8: 0..255)."""
+    if tensor.numel() == 0:
+        raise ValueError(f"the image tensor is empty (shape {tuple(tensor.shape)}, no pixels); pass an image of at "
+                         f"least 1x1 pixels, (C, H, W) or (B, C, H, W) in [-1, 1]")
     if tensor.ndim == 3:
         tensor = tensor[None]
     if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
@@ -81,8 +116,10 @@ def _tensor_image(tensor: torch.Tensor, channels: int) -> torch.Tensor:
         raise ValueError("the image tensor contains NaN or infinite values")
     low, high = float(tensor.min()), float(tensor.max())
     if low < -1 - 1e-3 or high > 1 + 1e-3:
+        fix = "map [0, 255] images with x / 127.5 - 1 (or pass them as uint8)" if high > 2 else \
+            "map [0, 1] images with x * 2 - 1"
         raise ValueError(f"an image tensor is taken in [-1, 1] (flowsteer's convention), got values in "
-                         f"[{low:.3g}, {high:.3g}]; map [0, 1] images with x * 2 - 1")
+                         f"[{low:.3g}, {high:.3g}]; {fix}")
     return _channels((tensor.clamp(-1, 1) + 1) / 2, channels) * 2 - 1
 
 
@@ -97,6 +134,9 @@ def _channels(unit: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _pil_image(image: Image.Image, channels: int) -> torch.Tensor:
     """(1, channels, H, W) in [0, 1] from a PIL image, by the rules in the module doc."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the PIL image is empty ({image.height}x{image.width} pixels); pass an image of at least "
+                         f"1x1 pixels")
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

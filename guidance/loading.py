@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from .backbones.base import FlowModel
 from .backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
                                  supported_pipelines)
 
-__all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model", "quiet_loading"]
+__all__ = ["DamagedModelError", "ModelNotFoundError", "check_finite_weights", "hub_offline", "load_decoder",
+           "load_model", "quiet_loading"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -139,6 +141,23 @@ def _classify(index: dict) -> tuple[str, str | None]:
     )
 
 
+#: ``_class_name``s of text-free folders that flowsteer writes itself (the default model); the generic adapter loads
+#: them without a word, as it does any folder whose index has a ``"flowsteer"`` entry (its adapter settings)
+GENERIC_PIPELINES = ("FlowsteerDefaultPipeline",)
+
+
+def _warn_generic(source: str, index: dict) -> None:
+    """An index whose ``_class_name`` flowsteer does not know, loaded by the generic adapter: say so, once."""
+    name = index.get("_class_name")
+    if "flowsteer" in index or name in GENERIC_PIPELINES:
+        return
+    network = "transformer" if "transformer" in index else "unet"
+    warnings.warn(f"the pipeline class {str(name) if name else '(no _class_name)'!r} of {source!r} is not one "
+                  f"flowsteer knows; its {network}, vae and scheduler are loaded with the generic adapter "
+                  f"(GenericFlowModel); to make that explicit (and silence this), add \"flowsteer\": {{}} to its "
+                  f"model_index.json", UserWarning, stacklevel=3)
+
+
 def _read_index(source: str, local_files_only: bool) -> dict:
     """model_index.json of a local folder or hub repository."""
     path = Path(source).expanduser()
@@ -191,6 +210,46 @@ def _damaged(folder: str, subfolder: str | None, error: BaseException) -> Damage
                              f"{folder}`)")
 
 
+def _weights_file(source: str, component: str | None, parameter: str) -> str:
+    """The safetensors file of ``component`` in the folder ``source`` that holds ``parameter`` (by the shards'
+    index when there are several), else the component's folder."""
+    folder = Path(source, component) if component else Path(source)
+    if not folder.is_dir():
+        return f"{source}/{component}" if component else str(source)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shard = json.loads(index.read_text()).get("weight_map", {}).get(parameter)
+        except (OSError, ValueError, AttributeError):
+            shard = None
+        if shard:
+            return str(folder / shard)
+    files = sorted(folder.glob("*.safetensors"))
+    return str(files[0]) if len(files) == 1 else str(folder)
+
+
+def check_finite_weights(modules: dict[str, Any], source: str) -> None:
+    """One pass over the parameters and persistent buffers of the loaded ``modules`` ({component: module}): a
+    weight file with NaN or infinite values (damaged on disk, with no manifest.json to catch it) is refused in one
+    line naming the component and the file, instead of diverging at the first step."""
+    for component, module in modules.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        named = [(n, t) for n, t in module.state_dict(keep_vars=True).items()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" and t.numel()]
+        if not named:
+            continue
+        flags = [torch.isfinite(t).all() for _, t in named]
+        finite = torch.stack([f.to(flags[0].device) for f in flags])
+        if bool(finite.all()):  # one synchronisation per component
+            continue
+        parameter = named[int((~finite).nonzero()[0, 0])][0]
+        subfolder = component if component and Path(source, component).is_dir() else None
+        file = _weights_file(source, subfolder, parameter)
+        raise DamagedModelError(f"the weights of component {component!r} are damaged: {file} holds NaN or infinite "
+                                f"values (in {parameter}); restore the file (copy it again, or `hf download ID "
+                                f"--local-dir FOLDER`)")
+
+
 def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, local_files_only: bool = False):
     """A cheap autoencoder (diffusers ``AutoencoderTiny``, e.g. 'madebyollin/taesd3') from an id, folder or object,
     used to decode (``decoder=``) or encode (``encoder=``)."""
@@ -199,8 +258,10 @@ def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, loca
     if isinstance(decoder, (str, os.PathLike)):
         from diffusers import AutoencoderTiny
 
-        decoder = _from_pretrained(AutoencoderTiny, str(decoder), local_files_only, use_safetensors=True,
+        source = str(decoder)
+        decoder = _from_pretrained(AutoencoderTiny, source, local_files_only, use_safetensors=True,
                                    **_dtype_kwargs(dtype))
+        check_finite_weights({"decoder": decoder}, source)
     elif not (hasattr(decoder, "decode") and hasattr(decoder, "config")):
         raise ValueError(
             f"decoder must be a hub id, a folder or a diffusers autoencoder, got {type(decoder).__name__}"
@@ -367,10 +428,12 @@ def load_model(
     index = _read_index(source, local_files_only)
     kind, pipeline_class = _classify(index)
     if kind == "generic":
+        _warn_generic(source, index)
         network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)
         if device is not None:
             network = network.to(device)
             vae = vae.to(device) if vae is not None else None
+        check_finite_weights({"transformer" if "transformer" in index else "unet": network, "vae": vae}, source)
         model_device = next(network.parameters()).device
         decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or model_device,
                                          local_files_only=local_files_only)
@@ -387,6 +450,7 @@ def load_model(
                             use_safetensors=True, **_dtype_kwargs(dtype), **options)
     if device is not None:
         pipe = pipe.to(device)
+    check_finite_weights(pipe.components, source)  # on the device: one cheap pass
     decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or pipe._execution_device,
                                      local_files_only=local_files_only)
     return _adapter_for_pipeline(pipe, decoder, encoder)

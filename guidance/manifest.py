@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+import posixpath
+from pathlib import Path, PureWindowsPath
 
 __all__ = ["MANIFEST", "DamagedModelError", "sha256", "verify_manifest", "write_manifest"]
 
@@ -37,6 +38,20 @@ def write_manifest(folder: str | os.PathLike) -> Path:
     return path
 
 
+def _inside(folder: Path, name) -> str:
+    """A manifest entry as a relative path inside ``folder``; an absolute path, a drive or a ``..`` that leaves the
+    folder is refused (a manifest never makes flowsteer read a file outside its model folder)."""
+    text = name.replace("\\", "/") if isinstance(name, str) else ""
+    normal = posixpath.normpath(text) if text else ""
+    if not text or text.startswith("/") or PureWindowsPath(name).drive or normal == ".." \
+            or normal.startswith("../") or normal == ".":
+        raise DamagedModelError(f"the model folder {folder} has a damaged {MANIFEST}: its entry {name!r} is not a "
+                                f"path inside the folder (absolute, or leaving it with '..'); entries are relative "
+                                f"paths such as 'unet/diffusion_pytorch_model.safetensors': restore the folder or "
+                                f"remove its {MANIFEST}")
+    return normal
+
+
 def verify_manifest(folder: str | os.PathLike) -> bool:
     """Check every file that ``folder``'s manifest lists against its SHA-256: True when they all match, False when
     the folder has no manifest; a :class:`DamagedModelError` naming the first bad file otherwise."""
@@ -50,8 +65,8 @@ def verify_manifest(folder: str | os.PathLike) -> bool:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise DamagedModelError(f"the model folder {folder} has a damaged {MANIFEST} ({error}); restore the "
                                 f"folder or remove its {MANIFEST}") from None
-    for name, digest in items:
-        file = folder / name
+    files = [folder / _inside(folder, name) for name, _ in items]  # every entry confined before any is read
+    for file, (name, digest) in zip(files, items):
         if not file.is_file():
             raise DamagedModelError(f"the model folder {folder} is damaged: its weight file {name} is missing")
         if sha256(file) != digest:

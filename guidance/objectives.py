@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from operators import Operator, as_operator, check_image
+from operators.checks import check_image_range, check_noise_std
 from operators.noise import randn_like
 
 __all__ = [
     "Objective", "MeasurementFidelity", "ClassifierObjective", "RewardObjective", "CallableObjective",
-    "ResampledNoiseFidelity", "class_names", "objective_gradient", "official_latent_mask", "resolve_labels",
-    "transformers_preprocess", "unshifted_latent",
+    "ResampledNoiseFidelity", "check_reward_finite", "class_names", "objective_gradient", "official_latent_mask",
+    "resolve_labels", "reward_values", "transformers_preprocess", "unshifted_latent",
 ]
 
 SPACES = ("latent", "pixel")
@@ -101,6 +102,7 @@ class MeasurementFidelity(Objective):
         operator.check_measurement(y)  # an image batch, or what the operator measures (a function's (B, m), ...)
         if not bool(torch.isfinite(y).all()):
             raise ValueError("the measurement y contains NaN or infinite values")
+        noise_std = operator.noise_std if noise_std is None else check_noise_std(noise_std)
         if space == "latent" and not (operator.is_linear and operator.has_pseudo_inverse):
             raise ValueError(f"latent-space fidelity needs a linear operator with a pseudo-inverse; "
                              f"{type(operator).__name__} has none: use space='pixel'")
@@ -122,7 +124,7 @@ class MeasurementFidelity(Objective):
             raise ValueError("unmasked_image is read only with official_quirks=True; drop it (the default target "
                              "is encoded from the measurement alone)")
         self.operator, self.y, self.space, self.weight, self.reduction = operator, y, space, float(weight), reduction
-        self.noise_std = operator.noise_std if noise_std is None else float(noise_std)
+        self.noise_std = float(noise_std)
         self.official_quirks, self.unmasked_image = official_quirks, unmasked_image
         self._target = self._mask = None
 
@@ -135,6 +137,9 @@ class MeasurementFidelity(Objective):
                 f"with {model.image_channels} channels to (B, {', '.join(map(str, expected))}); measure the image "
                 f"with the same operator and size"
             )
+        # images are in [-1, 1] on every model but the analytic priors, whose data has its own scale
+        if getattr(self.operator, "measures_image_range", False) and getattr(model, "prior", None) is None:
+            check_image_range(self.y, "the measurement y", self.noise_std)
         if self.space == "latent" and self.official_quirks:
             if tuple(self.unmasked_image.shape[1:]) != tuple(probe.shape[1:]):
                 raise ValueError(f"unmasked_image has shape {tuple(self.unmasked_image.shape)} but the model makes "
@@ -373,11 +378,32 @@ class ClassifierObjective(Objective):
     def _check_label(self, num_classes: int) -> None:
         if (self.label < 0).any() or (self.label >= num_classes).any():
             raise ValueError(f"label {self.label.tolist()} is out of range for a classifier with {num_classes} "
-                             f"classes: use 0..{num_classes - 1}")
+                             f"classes: use 0..{num_classes - 1}, or a class name (its labels or config.id2label "
+                             f"list them; `flowsteer models` lists the bundled classifiers' names)")
+
+    def bind(self, model, height: int, width: int) -> None:
+        """Check the label before a run: when the classifier does not say how many classes it has, one blank image
+        of this size is classified to count them (a classifier that fails on it is left to the run to report)."""
+        if self.num_classes is not None:
+            return
+        try:
+            shape = ((1, model.image_channels, height, width) if self.space == "pixel"
+                     else (1, *model.latent_shape(height, width)))
+            probe = torch.zeros(shape, device=model.device)
+            with torch.no_grad():
+                logits = _logits(self.classifier(self.preprocess(probe) if self.preprocess else probe))
+        except Exception:  # noqa: BLE001 - a probe only; the run's first call says what is wrong
+            return
+        if isinstance(logits, torch.Tensor) and logits.ndim == 2:
+            self._check_label(logits.shape[1])
+            self.num_classes = logits.shape[1]
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         inputs = self.preprocess(x) if self.preprocess else x
         logits = _logits(self.classifier(inputs))
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(f"the classifier returned {_returned(logits)}, but it must return logits, a tensor of "
+                             f"shape (B, classes)")
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"the classifier must return logits of shape (B, classes), got {tuple(logits.shape)}")
         if logits.shape[1] != self.num_classes:  # checked once per class count, not at every step
@@ -387,16 +413,78 @@ class ClassifierObjective(Objective):
         return -self.weight * torch.log_softmax(logits.float(), dim=1).gather(1, label[:, None])[:, 0]
 
 
-class RewardObjective(Objective):
-    """L = −weight · r(D(z)) for a differentiable reward r: images -> (B,) scores (higher is better)."""
+def _returned(value: Any) -> str:
+    """What a user function returned, for a message: its type and the start of its repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
-    def __init__(self, reward: Callable[[torch.Tensor], torch.Tensor], weight: float = 1.0, space: str = "pixel"):
+
+def reward_values(values: Any, batch: int, name: str = "the reward", item: str = "image") -> torch.Tensor:
+    """A reward's output as a real tensor of one score per ``item`` (image, sequence), (``batch``,) (a single
+    number: one score for all); a string, a list, a complex or wrongly shaped tensor is refused in one line naming
+    what it was."""
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    elif type(values).__module__ == "numpy" and getattr(getattr(values, "dtype", None), "kind", "x") in "biuf":
+        tensor = torch.as_tensor(values)
+    elif isinstance(values, (int, float)) and not isinstance(values, bool):
+        tensor = torch.tensor(float(values))
+    else:
+        raise ValueError(f"{name} returned {_returned(values)}, but a reward must return a tensor (or NumPy array) "
+                         f"of one score per {item}, shape ({batch},), higher is better")
+    if tensor.is_complex():
+        raise ValueError(f"{name} returned a {tensor.dtype} tensor; return real scores, one per {item}")
+    if tensor.ndim != 0 and tuple(tensor.shape) != (batch,):
+        raise ValueError(f"{name} returned a tensor of shape {tuple(tensor.shape)} for {batch} {item}(s), but a "
+                         f"reward returns one score per {item}, shape ({batch},)")
+    return tensor
+
+
+def check_reward_finite(values: torch.Tensor, name: str = "the reward", item: str = "image") -> None:
+    """Refuse NaN or infinite scores in one line naming how many (one host read)."""
+    finite = torch.isfinite(values.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        what = "NaN" if bool(torch.isnan(values.detach()).any()) else "infinite scores"
+        shown = ", ".join(f"{v:.4g}" for v in values.detach().flatten()[:4].tolist())
+        raise ValueError(f"{name} returned {what} for {bad} of {max(1, values.numel())} {item}(s) (scores: "
+                         f"{shown}); it must return finite scores: check it on such {item}s (a division by zero, the "
+                         f"log of 0 or of a negative number)")
+
+
+class RewardObjective(Objective):
+    """L = −weight · r(D(z)) for a differentiable reward r: images -> (B,) scores (higher is better).
+
+    What r returns is checked (:func:`reward_values`): a tensor, a NumPy array or a number, one finite score per
+    image; a string, a wrongly shaped tensor or NaN is refused in one line naming what it returned. NaN is looked
+    for at the first call, then at every call whose scores are on the CPU (GPU scores are not read back at every
+    step; a NaN that appears later there is caught by the methods' divergence checks). ``name`` is how messages
+    call the reward (default: "the reward '<function name>'")."""
+
+    def __init__(self, reward: Callable[[torch.Tensor], torch.Tensor], weight: float = 1.0, space: str = "pixel",
+                 name: str | None = None):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if not callable(reward):
+            raise ValueError(f"the reward must be a function images -> (B,) scores, got {_returned(reward)}")
         self.reward, self.weight, self.space = reward, float(weight), space
+        self.name = name or f"the reward {getattr(reward, '__name__', type(reward).__name__)!r}"
+        self._item = "image" if space == "pixel" else "sample"
+        self._checked = False
+
+    def scores(self, x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """r(x), checked: one score per image (a scalar: one for all), on ``x``'s device."""
+        values = reward_values(self.reward(x), x.shape[0], self.name, self._item).to(x.device)
+        if check_finite:
+            check_reward_finite(values, self.name, self._item)
+        return values
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.weight * self.reward(x)
+        values = self.scores(x, check_finite=False)
+        if not self._checked or values.device.type == "cpu":
+            check_reward_finite(values, self.name, self._item)
+            self._checked = True
+        return -self.weight * values
 
 
 class CallableObjective(Objective):

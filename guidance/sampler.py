@@ -12,18 +12,22 @@ of the marginal-preserving SDE instead (:mod:`guidance.sde`): the same marginals
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from operators.checks import MAX_BATCH, check_generator, check_int
+
 from .flow import euler_step, x0_from_velocity
+from .memory import check_memory
 from .images import ImageOutput
 from .sde import check_noise_scale, sde_step
 from .backbones.base import FlowModel, check_num_steps
 
-__all__ = ["SampleResult", "StartState", "initial_noise", "sample", "start_state", "step_end"]
+__all__ = ["SampleResult", "StartState", "check_model", "initial_noise", "sample", "start_state", "step_end"]
 
 
 @dataclass
@@ -54,14 +58,6 @@ def step_end(callback_on_step_end: Callable | None, step: int, sigma, state: dic
         raise ValueError(f"callback_on_step_end returned an 'x' of shape "
                          f"{tuple(getattr(new, 'shape', ()))}; the state has shape {tuple(x.shape)}")
     return new.to(device=x.device, dtype=x.dtype)
-
-
-def check_generator(generator) -> None:
-    """None, a torch.Generator or a list of them; anything else is refused in one line."""
-    for g in generator if isinstance(generator, (list, tuple)) else [generator]:
-        if g is not None and not isinstance(g, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator (torch.Generator().manual_seed(0)), a list of them "
-                             f"or None, got {type(g).__name__} {g!r}")
 
 
 def initial_noise(
@@ -108,6 +104,19 @@ class StartState:
     width: int
 
 
+def check_model(model) -> None:
+    """Refuse, in one line, what is not a flow model: a model's name or path (load it first), None, or anything
+    without a ``velocity``; a view of a model (a counting wrapper) is looked through. Every method and
+    :func:`sample` pass here (:func:`start_state`), before the model is used."""
+    inner = vars(model).get("model") if hasattr(model, "__dict__") and not isinstance(model, FlowModel) else None
+    for candidate in (model, inner):
+        if isinstance(candidate, (str, bytes, os.PathLike)) \
+                or (candidate is model and not callable(getattr(model, "velocity", None))):
+            got = f"the string {candidate!r}" if isinstance(candidate, str) else f"{type(candidate).__name__}"
+            name = candidate if isinstance(candidate, str) else "default"
+            raise ValueError(f"model must be a FlowModel, got {got}; load one with guidance.load_model({name!r})")
+
+
 def start_state(
     model: FlowModel,
     cond: Any = None,
@@ -119,30 +128,34 @@ def start_state(
     latents: torch.Tensor | None = None,
 ) -> StartState:
     """Validate the sampling arguments and draw the starting noise (shared by the sampler and every method)."""
+    check_model(model)
     check_num_steps(num_steps)
     if latents is not None:
-        if latents.ndim != 4:
-            raise ValueError(f"latents must have shape (B, C, h, w), got {tuple(latents.shape)}")
-        height = height or latents.shape[-2] * model.spatial_factor
-        width = width or latents.shape[-1] * model.spatial_factor
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise ValueError(f"latents must be a tensor of shape (B, C, h, w), got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+        height = latents.shape[-2] * model.spatial_factor if height is None else height
+        width = latents.shape[-1] * model.spatial_factor if width is None else width
     if height is None or width is None:
         if model.default_size is None:
             raise ValueError(f"{type(model).__name__} has no default size: pass height and width")
-        height = height or model.default_size[0]
-        width = width or model.default_size[1]
+        height = model.default_size[0] if height is None else height
+        width = model.default_size[1] if width is None else width
     model.check_size(height, width)
     shape = tuple(model.latent_shape(height, width))
 
     if cond is None:
         cond = model.condition()
     n_cond = _condition_batch(cond)
-    if latents is not None:
-        batch_size = batch_size or latents.shape[0]
+    if latents is not None and batch_size is None:
+        batch_size = latents.shape[0]
     if batch_size is None and isinstance(generator, (list, tuple)) and len(generator) > 1:
         batch_size = len(generator)  # one sample per generator, as in diffusers
-    batch_size = batch_size or n_cond
-    if batch_size < 1 or batch_size % n_cond:
+    batch_size = n_cond if batch_size is None else check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    if batch_size % n_cond:
         raise ValueError(f"batch_size={batch_size} must be a positive multiple of the condition's batch {n_cond}")
+    check_generator(generator, batch_size)
+    check_memory(model, height, width, batch_size, "sampling run")
 
     if latents is None:
         x = initial_noise((batch_size, *shape), generator, model.device, model.dtype)
@@ -152,6 +165,9 @@ def start_state(
                 f"latents have shape {tuple(latents.shape)} but a {height}x{width} image needs {(batch_size, *shape)}"
             )
         x = latents.to(device=model.device, dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"latents contain {int((~torch.isfinite(x)).sum())} NaN or infinite value(s); pass "
+                             f"finite latents (or none, for fresh noise from the generator)")
 
     sigmas = model.sigmas(num_steps, height, width).to(device=x.device, dtype=torch.float32)
     return StartState(x=x, cond=cond, sigmas=sigmas, height=height, width=width)

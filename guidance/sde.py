@@ -41,6 +41,8 @@ import math
 
 import torch
 
+from operators.checks import check_generator
+
 from .flow import eps_from_velocity, euler_step, expand_sigma
 
 __all__ = ["check_noise_scale", "diffusion_squared", "sde_step", "score_from_velocity", "simplex_step"]
@@ -55,8 +57,6 @@ def check_noise_scale(noise_scale) -> float:
 
 
 def _check_generator(generator) -> None:
-    from .sampler import check_generator
-
     check_generator(generator)
     if generator is None:
         raise ValueError("stochastic sampling draws fresh noise at every step: pass an explicit generator, e.g. "

@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch import nn
 
+from .checks import check_generator, check_noise_std
 from .noise import poisson, randn_like
 
 _MISSING = object()
@@ -55,6 +56,9 @@ class Operator(nn.Module):
 
     is_linear: bool = False
     in_channels: int | None = None
+    #: True when A maps images in [-1, 1] to measurements in about [-1, 1] (resampling, blur, masks, JPEG), so that
+    #: a measurement far outside is refused as a scale mistake; False for functions and foreign physics.
+    measures_image_range: bool = True
     #: True when A sets some entries to 0 whatever x is (an inpainting hole); :meth:`measured_for` says which.
     structural_zeros: bool = False
 
@@ -62,6 +66,7 @@ class Operator(nn.Module):
         super().__init__()
         if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        check_noise_std(noise_std)  # far beyond the [-1, 1] image range: a typo or 0-255 units, refused here
         if poisson_rate is not None and (
             not isinstance(poisson_rate, (int, float)) or not math.isfinite(poisson_rate) or poisson_rate <= 0
         ):
@@ -87,6 +92,7 @@ class Operator(nn.Module):
         """
         self.check_input(x)
         check_finite(x, "x")
+        check_generator(generator, batch=x.shape[0])
         clean = self.A(x)
         y = clean
         if self.poisson_rate is not None:

@@ -51,6 +51,7 @@ class Composition(LinearOperator):
             raise ValueError("a composition needs at least one operator")
         self.parts = nn.ModuleList(parts)
         self.is_linear = all(op.is_linear for op in parts)
+        self.measures_image_range = all(op.measures_image_range for op in parts)
         self.in_channels = parts[0].in_channels
 
     def check_input(self, x: torch.Tensor) -> None:

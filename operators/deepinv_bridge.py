@@ -120,6 +120,7 @@ class DeepinvOperator(LinearOperator):
     """
 
     is_linear = False  # decided per instance
+    measures_image_range = False  # any values
 
     def __init__(self, physics, img_size: tuple[int, int, int] | None = None, dagger: str = "auto"):
         dinv = _deepinv()

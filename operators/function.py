@@ -80,6 +80,7 @@ class FunctionOperator(LinearOperator):
     """
 
     is_linear = False  # decided per instance
+    measures_image_range = False  # any values
 
     def __init__(self, fn: Callable | str, linear: bool = False, adjoint: Callable | str | None = None,
                  input_shape: Callable | str | None = None, noise_std: float = 0.0,

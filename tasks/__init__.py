@@ -3,20 +3,23 @@
 Every command is a function here too: ``tasks.restore(model, image, "sr:factor=4", "flair")`` is
 ``tasks.restore.restore(...)``; ``tasks.generate``, ``tasks.edit``, ``tasks.design``, ``tasks.benchmark``
 (``run_benchmark``), ``tasks.calibrate`` (``calibrate_folder``) and ``tasks.speed`` (``run_speed``) likewise. The
-command modules load on first use, so ``import tasks`` stays light.
+command modules load on first use, and so do the image helpers (``tasks.load_image`` and the rest, from
+:mod:`tasks.image_io`), so ``import tasks`` (and the ``flowsteer`` console entry, :mod:`tasks.cli`) imports neither
+torch nor diffusers: Ctrl-C during start-up is met by the command line's own handling.
 """
 
 import sys
 import types
 from importlib import import_module
 
-from .image_io import load_image, save_image, to_pil, write_atomic
+#: image helpers, loaded from :mod:`tasks.image_io` on first use
+IMAGE_IO = ("load_image", "save_image", "to_pil", "write_atomic")
 
 #: command module -> the function that calling the module runs
 COMMANDS = {"restore": "restore", "generate": "generate", "edit": "edit", "design": "design",
             "benchmark": "run_benchmark", "calibrate": "calibrate_folder", "speed": "run_speed"}
 
-__all__ = ["COMMANDS", "load_image", "save_image", "to_pil", "write_atomic", *COMMANDS]
+__all__ = ["COMMANDS", *IMAGE_IO, *COMMANDS]
 
 
 class CommandModule(types.ModuleType):
@@ -35,4 +38,6 @@ def callable_command(name: str) -> None:
 def __getattr__(name: str):
     if name in COMMANDS:
         return import_module(f"{__name__}.{name}")
+    if name in IMAGE_IO:
+        return getattr(import_module(f"{__name__}.image_io"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from guidance.files import write_text_atomic
+from operators.checks import MAX_STEPS, check_int, check_seed
 
 __all__ = ["IMAGE_SUFFIXES", "TIMING_FIELDS", "BenchmarkResult", "find_images", "parse_method_options",
            "run_benchmark", "split_methods", "split_operators"]
@@ -156,12 +157,14 @@ def find_images(folder: str | os.PathLike, limit: int | None = None) -> list[tup
 def check_images(found: list[tuple[str, Path]]) -> None:
     """Every benchmark image opens and decodes (PIL's verify, no full load); a ValueError naming the first that
     does not, before any work."""
-    from PIL import Image
+    from guidance.images import ImageTooLargeError, open_image
 
     for _, path in found:
         try:
-            with Image.open(path) as image:
+            with open_image(path, "benchmark image") as image:  # a decompression bomb is refused, named
                 image.verify()
+        except ImageTooLargeError:
+            raise
         except Exception as error:  # PIL raises many kinds for a damaged file
             raise ValueError(f"the benchmark image {str(path)!r} cannot be read ({type(error).__name__}: "
                              f"{str(error).strip().splitlines()[0] if str(error).strip() else 'damaged'}); repair "
@@ -236,7 +239,9 @@ def _model_label(model: Any) -> str:
 
 def _default_device(device: str | None) -> str:
     if device:
-        return device
+        from guidance.devices import check_device
+
+        return str(check_device(device))
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     return "cpu"
@@ -618,11 +623,11 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
     num_steps = 28 if num_steps is None else num_steps
     seed = 0 if seed is None else seed
     decoder, encoder = (None if isinstance(a, str) and a.lower() == "none" else a for a in (decoder, encoder))
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
+    check_int(num_steps, "the number of steps (--steps)", 1, MAX_STEPS)
+    check_seed(seed, "the seed (--seed)")
     for name, value in (("size", size), ("limit", limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+        if value is not None:
+            check_int(value, f"--{name}", 1, None)
     if not operators:
         raise ValueError("no operators given: pass e.g. --operators 'sr:factor=4;gaussian_blur:sigma=3', or a "
                          "--preset")
@@ -644,6 +649,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
         raise ValueError(f"--option given for {stray[0]!r}, which is not among the methods {methods}")
     for method in methods:
         get_method(method, **options.get(method, {}))
+    device = _default_device(device)  # a device flowsteer cannot run on is refused before any work
     found = find_images(images, limit)
     check_images(found)  # every image readable before any model loads
     prompts = image_prompts([path.name for _, path in found], prompt,

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from guidance.calibration import CRW_POINTS, CRWTable, calibrate
+from guidance.memory import check_memory
+from operators.checks import MAX_BATCH, MAX_STEPS, check_int, check_seed
 
 from .restore import (
     allowed_size,
@@ -26,7 +28,7 @@ from .restore import (
     resize_image,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "calibrate_folder", "load_folder"]
+__all__ = ["IMAGE_SUFFIXES", "calibrate_folder", "clear_tables", "load_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -58,16 +60,19 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
     """Measure and cache the CRW table of ``model`` (anything :func:`guidance.load_model` takes) on the images
     of a folder at ``size`` x ``size`` pixels (default: the model's native size). Its path is
     ``table.metadata["path"]``."""
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"--points must be an integer >= 2, got {num_points!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"--size must be a positive integer, got {size!r}")
+    check_int(num_points, "the calibration points (--points)", 2, MAX_STEPS)
+    if size is not None:
+        check_int(size, "the image side (--size)", 1, None)
+    check_int(batch_size, "the batch size", 1, MAX_BATCH)
+    check_seed(seed, "the seed (--seed)")
     if not Path(images).is_dir():
         raise ValueError(f"the image folder {str(images)!r} does not exist (or is not a folder); check --images")
     from guidance.calibration import crw_cache_dir
+    from guidance.devices import check_device
 
     from .outputs import check_writable
 
+    device = check_device(device)  # before anything loads
     check_writable(crw_cache_dir(cache_dir), "--cache-dir", "the calibration cache folder")  # before any work
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if size is None:
@@ -79,6 +84,7 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
         largest = f", at most {net.max_size}" if getattr(net, "max_size", None) else ""
         raise ValueError(f"--size {size} does not fit {type(net).__name__}: sides must be multiples of "
                          f"{net.size_multiple}{largest}; use --size {allowed}")
+    check_memory(net, size, size, batch_size, "calibration batch")
     batch = load_folder(images, size, net.image_channels)
     cond = make_condition(net, prompt, guidance_scale)
     return calibrate(net, batch, cond, num_points=num_points, generator=torch.Generator().manual_seed(seed),
@@ -86,8 +92,34 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
 
 
 # -- `flowsteer calibrate` ------------------------------------------------------------------------------------
+def clear_tables(model: Any = "default", cache_dir: str | os.PathLike | None = None, device: str | None = None,
+                 dtype: Any = None, progress: bool = True) -> list[Path]:
+    """Delete the CRW tables cached for ``model`` (anything :func:`guidance.load_model` takes; every guidance
+    setting and size) and return the files removed (:func:`guidance.calibration.clear_crw`)."""
+    from guidance.calibration import clear_crw
+    from guidance.devices import check_device
+
+    net = open_model(model, device=check_device(device), dtype=dtype, progress=progress)
+    return clear_crw(net, cache_dir)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Calibrate and print where the table went, with a short summary."""
+    """Calibrate and print where the table went, with a short summary (or, with --clear, remove the tables)."""
+    if args.clear:
+        if args.images is not None:
+            raise ValueError("--clear removes the model's cached tables and calibrates nothing: drop --images (or "
+                             "drop --clear to calibrate)")
+        from guidance.calibration import crw_cache_dir
+
+        removed = clear_tables(args.model, args.cache_dir, args.device, args.dtype, progress=not args.quiet)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print(f"no calibration table of {args.model!r} in {crw_cache_dir(args.cache_dir)}: nothing to remove")
+        return 0
+    if args.images is None:
+        raise ValueError("--images DIR is required: a folder of clean images to calibrate on (or --clear to remove "
+                         "the model's cached tables)")
     with cli_messages():
         table = calibrate_folder(args.model, args.images, size=args.size, prompt=args.prompt,
                                  guidance_scale=args.guidance_scale, num_points=args.points,
@@ -99,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
           f"guidance {meta['guidance']}: w(s) from {weights[0]:.3f} (s=1) to {weights[-1]:.3f} (s=0), "
           f"peak {weights[peak]:.3f} at s={table.sigmas[peak]:.2f}")
     print(f"wrote {meta['path']}")
-    print("flowsteer restore --method flair uses it for this model, prompt/CFG setting and size")
+    print(f"flowsteer restore --method flair uses it for this model, prompt/CFG setting and size (and says so); "
+          f"flowsteer calibrate --clear --model {args.model}"
+          f"{f' --cache-dir {args.cache_dir}' if args.cache_dir else ''} removes it")
     return 0
 
 
@@ -109,7 +143,11 @@ def add_parser(commands) -> None:
         description="Measure the model's velocity error over time on clean images, turn it into FLAIR's "
                     "calibrated regularization weights and cache the table for later restorations.")
     parser.add_argument("--model", default="default", help="hub id, local folder or 'default' (default: default)")
-    parser.add_argument("--images", required=True, metavar="DIR", help="a folder of clean PNG / JPEG images")
+    parser.add_argument("--images", metavar="DIR", help="a folder of clean PNG / JPEG images (required unless "
+                                                        "--clear)")
+    parser.add_argument("--clear", action="store_true",
+                        help="remove the tables cached for --model (every guidance setting and size) instead of "
+                             "calibrating; later FLAIR runs then use the official, shipped or default table")
     parser.add_argument("--size", type=int, metavar="N",
                         help="resize and centre-crop the images to N x N (default: the model's native size)")
     parser.add_argument("--prompt", help="the prompt used when restoring (default: none)")

@@ -53,9 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(started: bool = True) -> int:
+    """Ctrl-C: one line, exit 130; once the command ``started``, the empty --out folders it made are removed."""
+    if started:
+        from .outputs import remove_empty_outputs
+
+        remove_empty_outputs()
+    print("flowsteer: interrupted; finished results are kept, no partial file or result was written",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # This module imports nothing heavy (nor does ``tasks``), so Ctrl-C while torch and diffusers load, in the
+    # command modules' imports here, is met by the same one line as during a run.
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted(started=False)
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
@@ -68,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_loading(args.command not in NO_PRETRAINED):
             return args.run(args)
     except KeyboardInterrupt:
-        remove_empty_outputs()
-        print("flowsteer: interrupted; finished results are kept, no partial file or result was written",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except BrokenPipeError:  # output piped into e.g. `head`
         return 0
     except Exception as error:  # one line for the user; the traceback with --debug

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from guidance import AnalyticSimplexFlow, CategoricalMixture, RewardObjective, SimplexFlow, get_method
-
 from guidance.files import write_text_atomic
+from operators.checks import MAX_BATCH, check_int, check_number, check_seed
 
 __all__ = ["DESIGN_METHODS", "DesignResult", "decode", "design", "encode", "load_score", "load_sequence_flow",
            "motif_score", "read_sequences"]
@@ -67,9 +67,30 @@ def check_alphabet(alphabet: str) -> str:
 
 
 def check_num(num_sequences) -> int:
-    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
-        raise ValueError(f"the number of sequences (--num) must be an integer >= 1, got {num_sequences!r}")
-    return num_sequences
+    return check_int(num_sequences, "the number of sequences (--num)", 1, MAX_BATCH)
+
+
+def check_gamma(gamma) -> float:
+    """The guidance scale: a finite number >= 0 (0: unguided)."""
+    return check_number(gamma, "the guidance scale --gamma", minimum=0,
+                        fix="use a scale such as --gamma 2 (0 samples without guidance)")
+
+
+def check_score(score: Callable, flow: SimplexFlow, name: str) -> None:
+    """One look at the score before any run, on the all-first-letter sequence and three random ones: it must
+    return one finite number per sequence (a string or NaN is refused in one line naming it). A score that fails
+    to run on them is left to the method, which says why."""
+    from guidance.objectives import check_reward_finite, reward_values
+
+    tokens = torch.cat([torch.zeros(1, flow.length, dtype=torch.long),
+                        torch.randint(flow.vocab_size, (3, flow.length), generator=torch.Generator().manual_seed(0))])
+    hard = torch.nn.functional.one_hot(tokens, flow.vocab_size).float().to(flow.device)
+    try:
+        with torch.no_grad():
+            values = score(hard)
+    except Exception:  # noqa: BLE001 - a probe only
+        return
+    check_reward_finite(reward_values(values, hard.shape[0], name, "sequence"), name, "sequence")
 
 
 def encode(sequences: Sequence[str], alphabet: str) -> torch.Tensor:
@@ -168,18 +189,22 @@ class DesignResult:
 def design(flow: SimplexFlow, score: Callable[[torch.Tensor], torch.Tensor], alphabet: str, *, num_sequences: int = 64,
            num_steps: int = 50, gamma: float = 2.0, samples: int = 8, source: str = "endpoint", draw: str = "sample",
            seed: int = 0, progress: bool = True, method: str = "straight_through",
-           particles: int = 8) -> DesignResult:
+           particles: int = 8, score_name: str | None = None) -> DesignResult:
     """Generate ``num_sequences`` with ``method`` toward high ``score`` (and as many unguided from the same seed, for
     comparison); return them sorted by score. straight_through uses ``gamma``, ``samples``, ``source`` and
     ``draw``; particles runs ``particles`` (K) particles per sequence and best_of_n as many candidates, both at K
-    times the flow evaluations of one sequence."""
+    times the flow evaluations of one sequence. ``score_name`` names the score in messages (its spec)."""
     check_alphabet(alphabet)
     check_num(num_sequences)
+    check_seed(seed, "the seed (--seed)")
+    check_gamma(gamma)
     if method not in DESIGN_METHODS:
         raise ValueError(f"design runs one of {', '.join(DESIGN_METHODS)}, not {method!r}")
     if len(alphabet) != flow.vocab_size:
         raise ValueError(f"the alphabet has {len(alphabet)} letters but the flow's vocabulary has {flow.vocab_size}")
-    objective = RewardObjective(score, space="latent")
+    name = f"the score {score_name or getattr(score, '__name__', type(score).__name__)!r}"
+    check_score(score, flow, name)
+    objective = RewardObjective(score, space="latent", name=name)
     if method == "straight_through":
         run = get_method("straight_through", gamma=gamma, samples=samples, source=source, draw=draw)
         settings = {"gamma": gamma, "samples": samples, "source": source, "draw": draw}
@@ -248,6 +273,17 @@ def run(args: argparse.Namespace) -> int:
     alphabet = check_alphabet(args.alphabet)
     score = load_score(args.score, alphabet)
     check_num(args.num)  # before any training or sampling
+    check_gamma(args.gamma)
+    if not args.train:
+        for flag, value in (("--train-steps", args.train_steps), ("--save-flow", args.save_flow)):
+            if value is not None:
+                raise ValueError(f"{flag} {value} does nothing without --train FILE (only a flow fitted to FILE is "
+                                 f"trained and saved; --flow {args.flow!r} is used as it is): add --train FILE, or "
+                                 f"drop {flag}")
+    else:
+        args.train_steps = 500 if args.train_steps is None else check_int(
+            args.train_steps, "the training steps (--train-steps)", 1, None,
+            fix="0 steps would leave the flow untrained; the default is 500")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"{args.out!r} already exists; pass --overwrite to replace it")
     if args.out:  # before any training or sampling: the folder must take the file
@@ -268,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         flow = load_sequence_flow(args.flow, len(alphabet))
     result = design(flow, score, alphabet, num_sequences=args.num, num_steps=args.steps, gamma=args.gamma,
                     samples=args.samples, source=args.source, draw=args.draw, seed=args.seed,
-                    progress=not args.quiet, method=args.method, particles=args.particles)
+                    progress=not args.quiet, method=args.method, particles=args.particles, score_name=args.score)
     print(f"mean score: unguided {result.unguided_mean:.3f} -> guided {result.guided_mean:.3f} "
           f"({args.num} sequences, {args.method}, {result.seconds:.1f} s)")
     if result.curve:
@@ -294,7 +330,7 @@ def add_parser(commands) -> None:
                         help="'analytic[:length=12,components=3,seed=0]' (a random exact prior) or a folder saved by "
                              "NetworkSimplexFlow.save (default: analytic)")
     source.add_argument("--train", metavar="FILE", help="fit a simplex flow to the sequences in FILE (one per line)")
-    design.add_argument("--train-steps", type=int, default=500, help="training steps with --train (default 500)")
+    design.add_argument("--train-steps", type=int, help="training steps with --train (default 500)")
     design.add_argument("--save-flow", metavar="DIR", help="with --train: save the fitted flow to DIR")
     design.add_argument("--score", required=True, help="'motif:LETTERS' or 'module:function' on one-hot sequences")
     design.add_argument("--alphabet", default="ACGT", help="the vocabulary, one letter per token (default ACGT)")

@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from guidance import get_method
+from guidance.devices import check_device
 from guidance.files import write_text_atomic
 from guidance.images import ImageOutput, check_output_type
+from operators.checks import MAX_STEPS, check_int, check_seed
 
 from .grid import save_grid
 from .image_io import load_image, save_image
-from .outputs import prepare_output_dir
+from .outputs import prepare_output_dir, write_outputs
 
 __all__ = ["OUTPUT_NAMES", "Edit", "edit", "read_mask"]
 
@@ -121,8 +123,8 @@ def edit(image, mask, source_prompt: str, edit_prompt: str, *, model: Any = "def
     from .restore import fit_size, open_model, peak_memory, resize_image
 
     check_output_type(output_type)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
+    check_int(num_steps, "the number of steps (--steps)", 1, MAX_STEPS)
+    check_seed(seed, "the seed (--seed)")
     for name, prompt in (("source prompt", source_prompt), ("edit prompt", edit_prompt)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"the {name} must be a non-empty text (--{name.replace(' ', '-')})")
@@ -133,6 +135,7 @@ def edit(image, mask, source_prompt: str, edit_prompt: str, *, model: Any = "def
     if guidance_scale is not None:
         options["guidance_scale"] = guidance_scale
     get_method("flowchef_edit", **options)  # unknown options fail before the model loads
+    device = check_device(device)  # before anything loads: a missing GPU is named, not met in torch
     source, pixel_mask = _read_source(image), read_mask(mask)
     size = tuple(source.shape[-2:])
     if tuple(pixel_mask.shape[-2:]) != size:
@@ -194,10 +197,11 @@ def edit(image, mask, source_prompt: str, edit_prompt: str, *, model: Any = "def
 def save_edit(result: Edit, out: str | os.PathLike) -> Path:
     """Write edited.png, grid.png (input, mask, edited) and metrics.json (metrics plus settings) atomically."""
     out = Path(out)
-    save_image(result.edited, out / "edited.png")
-    save_grid(out / "grid.png", [[result.source, result.mask * 2 - 1, result.edited]], [["input", "mask", "edited"]])
-    write_text_atomic(out / "metrics.json",
-                      json.dumps({**result.metrics, "settings": result.settings}, indent=2, default=str) + "\n")
+    metrics = json.dumps({**result.metrics, "settings": result.settings}, indent=2, default=str) + "\n"
+    cells = [[result.source, result.mask * 2 - 1, result.edited]]
+    write_outputs([(out / "edited.png", lambda path: save_image(result.edited, path)),
+                   (out / "grid.png", lambda path: save_grid(path, cells, [["input", "mask", "edited"]])),
+                   (out / "metrics.json", lambda path: write_text_atomic(path, metrics))])
     return out
 
 

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 
 from guidance import get_method
+from guidance.memory import check_memory
+from operators.checks import MAX_BATCH, MAX_STEPS, check_int, check_seed, check_work
+from guidance.devices import check_device
 from guidance.files import write_text_atomic
 from guidance.images import ImageOutput, check_output_type
 
 from .grid import save_grid
 from .image_io import save_image
-from .outputs import prepare_output_dir
+from .outputs import prepare_output_dir, write_outputs
 from .rewards import BUNDLED_CLASSIFIERS, DEFAULT_CLIP, classifier_source, make_guide  # noqa: F401
 
 __all__ = ["BUNDLED_CLASSIFIERS", "METHODS", "Generation", "classifier_source", "generate"]
@@ -64,16 +67,10 @@ def output_names(num: int, compare: bool) -> list[str]:
     return names + ([f"unguided_{i}.png" for i in range(num)] if compare else [])
 
 
-def _count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def generate(prompt: str | None = None, *, model: Any = "default", method: str = "flowchef",
              reward: str | Callable | None = None, classifier: str | Callable | None = None,
              label: int | str | None = None, clip: str = DEFAULT_CLIP, weight: float = 1.0, num: int = 1,
-             num_steps: int = 28, seed: int = 0, height: int | None = None, width: int | None = None,
+             num_steps: int | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
              negative_prompt: str | None = None, guidance_scale: float | None = None, options: dict | None = None,
              compare: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
              progress: bool = True, device: str | None = None, dtype: Any = None, output_type: str = "pil",
@@ -85,29 +82,35 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     and its ``options``. ``weight`` scales the objective. With ``out``, writes sample_<i>.png, grid.png and
     metrics.json (and unguided_<i>.png with ``compare``); everything cheap is checked before the model loads.
     ``output_type`` is the form of the result's ``images``; ``num_inference_steps`` is diffusers' ``num_steps``."""
-    from .restore import open_model, peak_memory
+    from .restore import open_model, peak_memory, steps_argument
 
     check_output_type(output_type)
-    if num_inference_steps is not None:
-        num_steps = num_inference_steps
+    num_steps = steps_argument(num_steps, num_inference_steps, 28)
     if method not in METHODS:
         raise ValueError(f"generate runs one of {', '.join(METHODS)}, not {method!r} (the other methods solve "
                          f"inverse problems: see `flowsteer restore`)")
-    _count(num, "the number of images (--num)")
-    _count(num_steps, "the number of steps (--steps)")
+    check_int(num, "the number of images (--num)", 1, MAX_BATCH)
+    check_int(num_steps, "the number of steps (--steps)", 1, MAX_STEPS)
+    check_seed(seed, "the seed (--seed)")
+    for side, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_int(value, f"the image {side} (--size H W)", 1, None)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ValueError(f"the guidance weight (--weight) must be a finite number, got {weight!r}")
     options = dict(options or {})
     solver = get_method(method, **options)  # unknown options fail before anything loads
+    device = check_device(device or getattr(model, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
     if out is not None:
         out = prepare_output_dir(out, output_names(num, compare), overwrite=overwrite)
-    device = torch.device(device or getattr(model, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
     guide = make_guide(reward=reward, classifier=classifier, label=label, clip=clip, weight=weight, device=device)
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if (height is None or width is None) and net.default_size is None:
         raise ValueError(f"{type(net).__name__} has no default image size; give one with --size H W")
-    height, width = height or net.default_size[0], width or net.default_size[1]
+    height = net.default_size[0] if height is None else height
+    width = net.default_size[1] if width is None else width
     net.check_size(height, width)
+    check_work({"num": num, "num_steps": num_steps}, "generate")
+    check_memory(net, height, width, 1, "generation")
     extra = {k: v for k, v in (("negative_prompt", negative_prompt), ("guidance_scale", guidance_scale))
              if v is not None}
     cond = net.condition(prompt, **extra) if prompt is not None or extra else None
@@ -166,20 +169,20 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
 
 
 def save_generation(generation: Generation, out: str | os.PathLike) -> Path:
-    """Write sample_<i>.png (unguided_<i>.png), grid.png (unguided row on top) and metrics.json atomically."""
+    """Write sample_<i>.png (unguided_<i>.png), grid.png (unguided row on top) and metrics.json, as one set that
+    appears whole or not at all (:func:`tasks.outputs.write_outputs`)."""
     out = Path(out)
-    for i, image in enumerate(generation.samples):
-        save_image(image, out / f"sample_{i}.png")
-    for i, image in enumerate(generation.unguided):
-        save_image(image, out / f"unguided_{i}.png")
+    writes = [(out / f"{kind}_{i}.png", lambda path, image=image: save_image(image, path))
+              for kind, images in (("sample", generation.samples), ("unguided", generation.unguided))
+              for i, image in enumerate(images)]
     rows = [generation.samples]
     captions = [[f"{generation.settings['method']} {s:.3g}" for s in generation.scores]]
     if generation.unguided:
         rows.insert(0, generation.unguided)
         captions.insert(0, [f"unguided {s:.3g}" for s in generation.unguided_scores])
-    save_grid(out / "grid.png", rows, captions)
-    write_text_atomic(out / "metrics.json", json.dumps({**generation.metrics, "settings": generation.settings},
-                                                       indent=2, default=str) + "\n")
+    metrics = json.dumps({**generation.metrics, "settings": generation.settings}, indent=2, default=str) + "\n"
+    write_outputs([*writes, (out / "grid.png", lambda path: save_grid(path, rows, captions)),
+                   (out / "metrics.json", lambda path: write_text_atomic(path, metrics))])
     return out
 
 

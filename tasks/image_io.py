@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from guidance.files import write_atomic
-from guidance.images import image_tensor, to_pil  # noqa: F401  (to_pil re-exported: tasks.to_pil)
+from guidance.images import image_tensor, open_image, to_pil  # noqa: F401  (to_pil re-exported: tasks.to_pil)
 
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
                  ".webp": "WEBP"}
@@ -39,7 +39,7 @@ def load_image(source, channels: int = 3) -> torch.Tensor:
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist")
     try:
-        with Image.open(path) as opened:
+        with open_image(path) as opened:
             opened.load()
             image = opened.copy()
             image.info.update(opened.info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,15 +67,40 @@ def remove_empty_outputs() -> list[Path]:
 
 
 def write_outputs(writes: Iterable[tuple[Path, Callable[[Path], object]]]) -> list[Path]:
-    """Write a set of outputs, each ``write(path)`` atomic; when one fails (a full disk, say) the ones already
-    written are removed, so that no set that looks complete is left without its metrics. Returns the paths."""
-    done: list[Path] = []
+    """Write a result set so that it appears whole or not at all: every ``write(path)`` writes into a hidden
+    staging folder beside its destination, and only when all of them succeeded are the files moved into place (a
+    rename each, in order, so the last one, metrics.json, comes last). When a write fails (a full disk, say) or is
+    interrupted, nothing of the set reaches the destination and a file it would have replaced stays as it was;
+    the error names the destination file. Returns the paths."""
+    writes = [(Path(path), write) for path, write in writes]
+    staging: dict[Path, Path] = {}  # destination folder -> its staging folder
+    moved: list[Path] = []
     try:
+        staged = []
         for path, write in writes:
-            write(path)
-            done.append(Path(path))
+            temporary = path
+            try:
+                if path.parent not in staging:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    staging[path.parent] = Path(tempfile.mkdtemp(dir=path.parent, prefix=".flowsteer-set-"))
+                temporary = staging[path.parent] / path.name
+                write(temporary)
+            except OSError as error:  # one line naming the output, not the staging folder
+                reason = error.strerror or str(error)
+                inner = f"could not write {temporary}: "  # guidance.files.write_atomic's own wording
+                if reason.startswith(inner):
+                    reason = reason[len(inner):].removesuffix("; nothing was written there")
+                message = f"could not write {path}: {reason}; no file of this result set was written"
+                raise (type(error)(error.errno, message) if error.errno else OSError(message)) from None
+            staged.append((temporary, path))
+        for temporary, path in staged:
+            os.replace(temporary, path)
+            moved.append(path)
     except BaseException:
-        for path in done:
+        for path in moved:  # a rename failed midway (rare): take back the part of the set already in place
             path.unlink(missing_ok=True)
         raise
-    return done
+    finally:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    return [path for path, _ in writes]

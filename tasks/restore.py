@@ -37,9 +37,12 @@ from guidance import MeasurementFidelity, get_method
 from guidance.consistency import check_consistency_steps, pixel_consistency
 from guidance.devices import check_device, check_dtype
 from guidance.files import write_text_atomic
+from guidance import memory
 from guidance.loading import quiet_loading
+from guidance.memory import scaled_side
 from guidance.images import ImageOutput, check_output_type
 from operators import Operator, as_operator, make_operator, operator_name, operator_spec
+from operators.checks import MAX_BATCH, MAX_STEPS, check_int, check_seed
 
 from .grid import save_grid
 from .image_io import load_image, save_image
@@ -47,7 +50,7 @@ from .metrics import LpipsUnavailable, lpips_metric, psnr, ssim
 from .outputs import prepare_output_dir, write_outputs
 
 __all__ = ["OUTPUT_NAMES", "Restoration", "allowed_size", "fit_size", "input_shape", "open_model", "parse_options",
-           "peak_memory", "quality_metrics", "read_image", "resize_image", "restore", "restore_file"]
+           "peak_memory", "quality_metrics", "read_image", "resize_image", "restore", "restore_file", "steps_argument"]
 
 OUTPUT_NAMES = ("restored.png", "measurement.png", "grid.png", "metrics.json")
 
@@ -104,7 +107,7 @@ def quality_metrics(restored: torch.Tensor, reference: torch.Tensor, lpips=None)
 
 
 def restore(model, image, operator: str | Operator, method: str = "flair", *, simulate: bool = False,
-            reference=None, num_steps: int = 28, seed: int = 0, noise_std: float | None = None,
+            reference=None, num_steps: int | None = None, seed: int = 0, noise_std: float | None = None,
             cond: Any = None, space: str = "pixel", options: dict | None = None, progress: bool = True,
             lpips=None, samples: int = 1, consistency_steps: int | None = None,
             num_inference_steps: int | None = None, output_type: str = "pil",
@@ -129,7 +132,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
         consistency_steps: the most projected Landweber iterations that make the result consistent with y in
             pixel space, stopped at the noise level (:func:`guidance.consistency.pixel_consistency`); None: the
             model's recommendation (``model.restore_options``), else 0 (off).
-        num_inference_steps: diffusers' name for ``num_steps``.
+        num_steps, num_inference_steps: the number of steps (default 28) under flowsteer's or diffusers' name; give
+            one of them.
         output_type: the form of the result's ``images`` ("pil", "np" or "pt").
         objective_options: further :class:`~guidance.objectives.MeasurementFidelity` arguments (``weight``,
             ``reduction``), as the parity presets give them.
@@ -138,8 +142,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     data learning rate, stopping threshold and the origin of its weight table).
     """
     check_output_type(output_type)
-    if num_inference_steps is not None:
-        num_steps = num_inference_steps
+    num_steps = steps_argument(num_steps, num_inference_steps, 28)
+    check_seed(seed)
     image, reference = (None if x is None else _as_batch(x) for x in (image, reference))
     if isinstance(operator, str):
         spec = operator
@@ -158,6 +162,8 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
         y = image
     height, width = (int(v) for v in (reference.shape[-2:] if reference is not None else
                                       input_shape(operator, tuple(y.shape))[-2:]))
+    if reference is None:  # the size comes from the measurement: say so when the model cannot take it
+        check_measurement_size(model, tuple(y.shape[-2:]), (height, width), resize_flag=False)
     objective_options = dict(objective_options or {})
     recorded_objective = {k: v for k, v in objective_options.items() if k != "unmasked_image"}
     if objective_options.get("official_quirks") and "unmasked_image" not in objective_options:
@@ -219,6 +225,17 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
                        samples=images if count == 1 else grouped, output_type=output_type)
 
 
+def steps_argument(num_steps: int | None, num_inference_steps: int | None, default: int) -> int:
+    """The step count from ``num_steps`` or diffusers' ``num_inference_steps`` (``default`` when neither is given);
+    both given is refused instead of one being silently ignored."""
+    if num_inference_steps is None:
+        return default if num_steps is None else num_steps
+    if num_steps is not None and num_steps != num_inference_steps:
+        raise ValueError(f"num_steps={num_steps!r} and num_inference_steps={num_inference_steps!r} are the same "
+                         f"setting (diffusers' name and flowsteer's); give one of them")
+    return num_inference_steps
+
+
 def _as_batch(image) -> torch.Tensor:
     """A tensor as it is (a measurement may have its own channels, e.g. colorization's one), batched; any other
     image form through :func:`load_image`."""
@@ -229,8 +246,7 @@ def _as_batch(image) -> torch.Tensor:
 
 def check_sampling(samples: int, consistency_steps: int | None, operator: Operator, spec: str) -> None:
     """Refuse a sample count below 1, negative consistency steps, or consistency steps for a nonlinear operator."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    check_int(samples, "samples", 1, MAX_BATCH)
     if consistency_steps is not None:
         check_consistency_steps(consistency_steps, operator,
                                 f"set the consistency steps to 0 for {spec!r} (--consistency-steps 0)")
@@ -247,12 +263,17 @@ def input_shape(operator: Operator, output_shape: tuple[int, ...]) -> tuple[int,
 
 
 def parse_options(items: Iterable[str] | None) -> dict[str, Any]:
-    """``["step_size=0.3", "window=(0,10)", "optimizer=adam"]`` -> a dict (Python literals, else strings)."""
+    """``["step_size=0.3", "window=(0,10)", "optimizer=adam"]`` -> a dict (Python literals, true / false in any
+    case as booleans, else strings; each method then checks its options' types, see
+    :func:`guidance.methods.check_options`)."""
     options: dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--option expects key=value (e.g. --option step_size=0.3), got {item!r}")
+        if value.strip().lower() in ("true", "false"):  # --option check_divergence=false
+            options[key.strip()] = value.strip().lower() == "true"
+            continue
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -264,8 +285,12 @@ def read_image(path: str | os.PathLike, what: str = "input image", channels: int
     """:func:`load_image` with errors that name the file's role and the fix."""
     if not Path(path).is_file():
         raise ValueError(f"the {what} {str(path)!r} does not exist (or is not a file); check the path")
+    from guidance.images import ImageTooLargeError
+
     try:
         return load_image(path, channels=channels)
+    except ImageTooLargeError as error:  # an image, but too large: its own fix, under the file's role
+        raise ImageTooLargeError(str(error).replace("the image file", f"the {what}", 1)) from None
     except ValueError as error:
         raise ValueError(f"{error}; the {what} must be an image file such as PNG or JPEG") from None
 
@@ -281,11 +306,6 @@ def allowed_size(model, height: int, width: int, multiple: int = 1) -> tuple[int
         return min(value, largest // multiple * multiple) if largest else value
 
     return side(height), side(width)
-
-
-def scaled_side(side: int, scale: float, multiple: int) -> int:
-    """``side * scale`` rounded down to a multiple of ``multiple`` (at least one multiple)."""
-    return max(multiple, math.floor(side * scale / multiple) * multiple)
 
 
 def working_limit(model) -> int | None:
@@ -318,41 +338,37 @@ def fit_size(model, height: int, width: int, resize: bool, what: str = "image", 
                      f"to resize it to {target[0]}x{target[1]} (or resize it yourself)")
 
 
+def check_measurement_size(model, measured: tuple[int, int], implied: tuple[int, int], resize_flag: bool) -> None:
+    """Refuse a measurement whose restored image (``implied``, e.g. 30x30 from a 15x15 measurement at SR x2) is a
+    size the model does not take, naming the measurement's size, the image it implies and a measurement size that
+    works (e.g. 16x16 -> 32x32); ``resize_flag``: offer ``--resize`` (the command line), else resizing first."""
+    target = allowed_size(model, *implied)
+    if tuple(target) == tuple(implied):
+        return
+    (mh, mw), (ih, iw) = measured, implied
+    multiple = int(getattr(model, "size_multiple", 1) or 1)
+    largest = getattr(model, "max_size", None)
+    rule = f"sides that are multiples of {multiple}" + (f", at most {largest}" if largest else "")
+    exact = target[0] * mh % ih == 0 and target[1] * mw % iw == 0
+    fits = (target[0] * mh // ih, target[1] * mw // iw)
+    if (ih, iw) == (mh, mw):
+        how = f"a measurement of such a size (e.g. {target[0]}x{target[1]})"
+    elif ih % mh == 0 and iw % mw == 0 and ih // mh == iw // mw:
+        factor = ih // mh
+        how = (f"a measurement whose size times {factor} is a multiple of {multiple}"
+               + (f" (e.g. {fits[0]}x{fits[1]} -> {target[0]}x{target[1]})" if exact else ""))
+    else:
+        how = "a measurement that gives such an image" + (f" (e.g. {fits[0]}x{fits[1]})" if exact else "")
+    resize = (f"pass --resize to resize the measurement{f' to {fits[0]}x{fits[1]}' if exact else ''}" if resize_flag
+              else f"resize the measurement{f' to {fits[0]}x{fits[1]}' if exact else ''} first")
+    raise ValueError(f"the measurement is {mh}x{mw} (HxW), so the restored image would be {ih}x{iw}, but "
+                     f"{type(model).__name__} takes {rule}: give {how}, or {resize}")
+
+
 def check_memory(model, height: int, width: int, samples: int = 1) -> float | None:
-    """The estimated peak memory (GiB) of restoring a ``height`` x ``width`` image with ``samples`` seeds, from the
-    model's measured ``memory_gib_per_megapixel``; a ValueError before anything runs when it is far beyond the
-    memory free here (CUDA: the device's free memory; CPU: the machine's available memory), naming a size that
-    fits. None when the model has no figure or the free memory cannot be read."""
-    per_megapixel = getattr(model, "memory_gib_per_megapixel", None)
-    if not per_megapixel:
-        return None
-    free = free_memory_gib(torch.device(getattr(model, "device", "cpu")))
-    if free is None:
-        return None
-    megapixels = height * width * samples / 1e6
-    estimate = per_megapixel * megapixels
-    if estimate <= 0.9 * free:
-        return estimate
-    scale = math.sqrt(0.9 * free / estimate)
-    multiple = int(model.size_multiple)
-    fits = tuple(scaled_side(side, scale, multiple) for side in (height, width))
-    limit = working_limit(model)
-    raise ValueError(f"a {height}x{width} restoration{f' of {samples} samples' if samples > 1 else ''} needs about "
-                     f"{estimate:.1f} GiB on this model ({per_megapixel:g} GiB per megapixel), more than the "
-                     f"{free:.1f} GiB free here; use at most {fits[0]}x{fits[1]} (--resize fits an image to the "
-                     f"model's working size{f', {limit} pixels' if limit else ''}) or a machine with more memory")
-
-
-def free_memory_gib(device: torch.device) -> float | None:
-    """Memory free for a run on ``device`` in GiB (CUDA: cudaMemGetInfo; CPU: MemAvailable), None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2**30
-    try:
-        import psutil
-
-        return psutil.virtual_memory().available / 2**30
-    except (ImportError, OSError):  # pragma: no cover - psutil ships with accelerate
-        return None
+    """The estimated peak memory (GiB) of restoring a ``height`` x ``width`` image with ``samples`` seeds; a
+    ValueError before anything runs when it is beyond the memory free here (:func:`guidance.memory.check_memory`)."""
+    return memory.check_memory(model, height, width, samples, "restoration")
 
 
 def operator_multiple(operator) -> int:
@@ -428,8 +444,8 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
         raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
     if simulate and reference is not None:
         raise ValueError("--reference is for measured inputs; with --simulate the input itself is the reference")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of steps must be an integer >= 1, got {num_steps!r}")
+    check_int(num_steps, "the number of steps (--steps)", 1, MAX_STEPS)
+    check_seed(seed, "the seed (--seed)")
     image = read_image(input, "clean input image" if simulate else "measurement")
     clean = read_image(reference, "reference image") if reference is not None else None
     spec = operator if isinstance(operator, str) else type(operator).__name__
@@ -466,6 +482,8 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
         _operator_output(op, spec, tuple(image.shape))
     else:
         x_shape = input_shape(op, tuple(image.shape))
+        if not resize:
+            check_measurement_size(net, original, tuple(x_shape[-2:]), resize_flag=True)
         size = fit_size(net, x_shape[-2], x_shape[-1], resize,
                         what=f"restored image (from the {original[0]}x{original[1]} measurement)")
         check_memory(net, *size, samples)
@@ -510,13 +528,22 @@ def save_restoration(result: Restoration, out: str | os.PathLike) -> Path:
 # -- `flowsteer restore` --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def cli_messages():
-    """For a command's run: warnings as ``flowsteer: warning: <first line>`` on stderr, and a divergence error
-    that also says how to set method options on the command line."""
+    """For a command's run: warnings, and what the ``flowsteer`` logger says (e.g. that a cached calibration table
+    is used), as ``flowsteer: warning: <first line>`` on stderr, and a divergence error that also says how to set
+    method options on the command line."""
+    import logging
+
     from guidance import DivergenceError
 
     def show(message, *args, **kwargs):
         print(f"flowsteer: warning: {str(message).strip().splitlines()[0]}", file=sys.stderr)
 
+    class Lines(logging.Handler):
+        def emit(self, record):
+            show(record.getMessage())
+
+    handler, logger = Lines(logging.WARNING), logging.getLogger("flowsteer")
+    logger.addHandler(handler)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = show
@@ -525,6 +552,8 @@ def cli_messages():
         except DivergenceError as error:
             raise DivergenceError(f"{str(error).strip().splitlines()[0]} (set method options with "
                                   f"--option NAME=VALUE)") from error
+        finally:
+            logger.removeHandler(handler)
 
 
 def _format_metric(value) -> str:

@@ -204,14 +204,33 @@ def load_classifier(source: str | Callable, device: Any = None) -> Classifier:
     return Classifier(logits, _names(model), source)
 
 
-def resolve_label(label: int | str, names: list[str] | None = None) -> int:
+def resolve_label(label: int | str, names: list[str] | None = None, num_classes: int | None = None) -> int:
     """A class index from an index (``3``, ``"3"``) or a class name (:func:`guidance.objectives.class_index`:
-    exact, then case-insensitive), within the classifier's classes."""
+    exact, then case-insensitive), within the classifier's classes (``names``, else ``num_classes`` when known)."""
     index = class_index(label, names)
-    if index < 0 or (names and index >= len(names)):
-        limit = f"0..{len(names) - 1}" if names else "an index >= 0"
-        raise ValueError(f"label {index} is out of range: use {limit}")
+    count = len(names) if names else num_classes
+    if index < 0 or (count and index >= count):
+        limit = f"0..{count - 1}" if count else "an index >= 0"
+        if names:
+            shown = ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            which = (f" for the classifier's {count} classes ({shown}), or a class name; `flowsteer models` lists "
+                     f"the bundled classifiers' names")
+        else:
+            which = f" for the classifier's {count} classes (it has no class names)" if count else ""
+        raise ValueError(f"label {index} is out of range: use {limit}{which}")
     return index
+
+
+def _count_classes(classifier: Classifier, device: Any = None) -> int | None:
+    """How many classes a classifier without class names returns, from one blank 64x64 image; None when it
+    cannot say (it fails on that image: the run reports it)."""
+    try:
+        with torch.no_grad():
+            logits = classifier.logits(torch.zeros(1, 3, 64, 64, device=device))
+        logits = logits.logits if hasattr(logits, "logits") else logits
+    except Exception:  # noqa: BLE001 - a probe only
+        return None
+    return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
 
 
 #: The classifiers shipped with the default model: name -> (its folder in the default model, what it is).
@@ -279,11 +298,13 @@ def make_guide(*, reward: str | Callable | None = None, classifier: str | Callab
                     "weight": float(weight)}
         if isinstance(reward, str) and reward.startswith("clip:"):
             settings["clip"] = clip
-        return Guide(RewardObjective(function, weight=weight), function, "reward", settings)
+        objective = RewardObjective(function, weight=weight, name=f"the reward {settings['reward']!r}")
+        return Guide(objective, objective.scores, "reward", settings)  # what it returns is checked
     if label is None:
         raise ValueError("a classifier needs --label, the class to steer toward (an index or a class name)")
     model = load_classifier(classifier_source(classifier), device)  # a bundled name -> its folder
-    index = resolve_label(label, model.names)
+    count = model.num_classes or _count_classes(model, device)  # checked now, before any model loads or runs
+    index = resolve_label(label, model.names, count)
 
     def log_probability(images: torch.Tensor) -> torch.Tensor:
         logits = model.logits(images)
@@ -296,5 +317,5 @@ def make_guide(*, reward: str | Callable | None = None, classifier: str | Callab
     bundled = isinstance(classifier, str) and classifier.strip() in BUNDLED_CLASSIFIERS
     settings = {"classifier": classifier.strip() if bundled else model.source, "label": index,
                 "label_name": model.names[index] if model.names else None, "weight": float(weight)}
-    objective = ClassifierObjective(model.logits, index, num_classes=model.num_classes, weight=weight)
+    objective = ClassifierObjective(model.logits, index, num_classes=count, weight=weight)
     return Guide(objective, log_probability, "classifier", settings)

@@ -50,6 +50,7 @@ from typing import Any, Callable
 import torch
 
 from guidance.files import write_text_atomic
+from operators.checks import MAX_BATCH, MAX_STEPS, check_int
 
 from .restore import max_rss_gib
 
@@ -57,6 +58,10 @@ __all__ = ["BACKBONES", "FULL_SIZE", "METHODS", "TARGETS", "Settings", "open_bac
 
 FORMAT = "flowsteer-speed/1"
 OUTPUT_NAMES = ("table.md", "results.json")
+#: the largest image side timed (a FLUX.1 image of 4096² is 65536 tokens; larger is beyond any card)
+MAX_SIDE = 4096
+#: the most timed repeats of one cell
+MAX_REPEATS = 100
 BACKBONES = {
     "tiny-sd3": "random-weight SD3 miniature (the tests' architecture), CFG w = 7 as one batched call",
     "tiny-flux": "random-weight FLUX.1-dev miniature (guidance embedding 3.5)",
@@ -414,11 +419,13 @@ def _choose(names, known, what: str, option: str) -> list[str]:
     return chosen
 
 
-def _positive_ints(values, option: str) -> list[int]:
+def _positive_ints(values, option: str, maximum: int) -> list[int]:
+    """The distinct integers of ``values``, each in 1 .. ``maximum``; none at all is refused (an empty table)."""
+    if not values:
+        raise ValueError(f"{option} needs at least one value, e.g. {option} {min(512, maximum)}; got none")
     out = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{option} takes positive integers, got {value!r}")
+        value = check_int(value, option, 1, maximum)
         if value not in out:
             out.append(value)
     return out
@@ -437,8 +444,8 @@ def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, 
         raise ValueError(f"--decoder takes tiny or full, got {decoder!r}")
     if compile not in ("off", "regional", "full"):
         raise ValueError(f"--compile takes off, regional or full, got {compile!r}")
-    (batch_size,) = _positive_ints([batch_size], "--batch-size")
-    (repeats,) = _positive_ints([repeats], "--repeats")
+    (batch_size,) = _positive_ints([batch_size], "--batch-size", MAX_BATCH)
+    (repeats,) = _positive_ints([repeats], "--repeats", MAX_REPEATS)
     if compile_backend is not None and not (isinstance(compile_backend, str) and compile_backend.strip()):
         raise ValueError(f"--compile-backend takes a torch.compile backend name (e.g. inductor, eager), "
                          f"got {compile_backend!r}")
@@ -601,7 +608,7 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
 
     for row, values in settings.options.items():  # a bad option is refused before anything is written
         get_method(METHODS[row][0], **values)
-    sizes, steps = _positive_ints(list(sizes), "--sizes"), _positive_ints(list(steps), "--steps")
+    sizes, steps = _positive_ints(list(sizes), "--sizes", MAX_SIDE), _positive_ints(list(steps), "--steps", MAX_STEPS)
     for backbone in backbones:
         multiple = SIZE_MULTIPLES[backbone]
         for size in sizes:

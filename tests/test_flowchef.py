@@ -256,9 +256,12 @@ def test_negative_step_size_is_refused():
         _analytic_run(step_size=-0.1)
 
 
-def test_negative_inner_steps_is_refused():
-    with pytest.raises(ValueError, match="inner_steps must be an integer >= 0"):
+def test_negative_or_zero_inner_steps_are_refused():
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 1"):
         _analytic_run(inner_steps=-1)
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 1, got 0; inner_steps=0 guides no step: "
+                                         "for sampling without guidance use the method 'unguided'"):
+        _analytic_run(inner_steps=0)
 
 
 def test_a_window_outside_the_schedule_is_refused():

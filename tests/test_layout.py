@@ -30,16 +30,32 @@ def test_importing_the_packages_loads_no_training_or_benchmark_module():
                 ("sd3", "flux", "generic", "pipeline")], "the backbone adapters load on first use only"
 
 
+def _tracked(parent: Path) -> set[str] | None:
+    """The folders of ``parent`` that hold files git tracks; None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=parent, capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return {name.split("/", 1)[0] for name in done.stdout.split("\0") if "/" in name}
+
+
 def _ignored() -> list[str]:
     lines = (ROOT / ".gitignore").read_text().splitlines() if (ROOT / ".gitignore").is_file() else []
     return [line.strip().strip("/") for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _folders(parent: Path) -> set[str]:
-    """The folders of ``parent`` that belong to the project: not hidden, not ignored (venv/, build/, caches)."""
+    """The folders of ``parent`` that belong to the project: those holding tracked files in a git checkout (so an
+    ``out/`` folder a user made does not count), else those not hidden and not ignored (venv/, build/, caches)."""
+    tracked = _tracked(parent)
+    folders = {path.name for path in parent.iterdir() if path.is_dir() and not path.name.startswith(".")}
+    if tracked is not None:
+        return folders & tracked
     ignored = _ignored()
-    return {path.name for path in parent.iterdir() if path.is_dir() and not path.name.startswith(".")
-            and not any(fnmatch.fnmatch(path.name, pattern) for pattern in ignored)}
+    return {name for name in folders if not any(fnmatch.fnmatch(name, pattern) for pattern in ignored)}
 
 
 def _layout() -> tuple[set[str], set[str]]:

@@ -209,10 +209,11 @@ def test_resize_fits_a_large_photo_to_the_models_working_size(cli, tmp_path):
 
 
 def test_a_run_far_beyond_the_free_memory_is_refused_before_it_starts(cli, tmp_path, monkeypatch):
+    import guidance.memory
     import tasks.restore as restore_module
     from tasks import save_image
 
-    monkeypatch.setattr(restore_module, "free_memory_gib", lambda device: 2.0)
+    monkeypatch.setattr(guidance.memory, "free_memory_gib", lambda device: 2.0)
     monkeypatch.setattr(restore_module, "restore", lambda *a, **k: pytest.fail("the restoration started"))
     photo = save_image(torch.zeros(1, 3, 1024, 1024), tmp_path / "big.png")
     code, _, stderr = cli("restore", photo, "--simulate", "--operator", "sr:factor=2", "--out", tmp_path / "r")

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from operators.checks import MAX_STEPS, check_int
+
 
 def check_num_steps(num_steps) -> int:
-    """A step count must be an integer >= 1."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    return num_steps
+    """A step count is an integer in 1 .. :data:`~operators.checks.MAX_STEPS`."""
+    return check_int(num_steps, "num_steps", 1, MAX_STEPS)
 
 
 def to_arguments(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:

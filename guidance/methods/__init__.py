@@ -18,6 +18,8 @@ import inspect
 from importlib import import_module
 from typing import Any, Callable
 
+from operators.checks import MAX_ITERATIONS, check_flag, check_int, check_number
+
 from .common import DivergenceError, MethodResult
 
 REGISTRY: dict[str, str] = {
@@ -56,6 +58,25 @@ def method_options(name: str) -> dict[str, Any]:
             if p.kind == p.KEYWORD_ONLY and n not in COMMON_ARGUMENTS}
 
 
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of method ``name`` checked by the types the method declares, the one rule for the command line
+    (``--option key=value``) and the API: a ``bool`` option takes True or False only (no truthy text), an ``int``
+    option an integer in 0 .. :data:`~operators.checks.MAX_ITERATIONS`, a ``float`` option a finite number (None
+    where the declaration allows it). Ranges and combinations are checked by the method itself."""
+    parameters = inspect.signature(_load(name)).parameters
+    for key, value in options.items():
+        kinds = {part.strip() for part in str(parameters[key].annotation).split("|")}
+        if value is None and "None" in kinds:
+            continue
+        if kinds - {"None"} == {"bool"}:
+            check_flag(value, key)
+        elif kinds - {"None"} == {"int"}:
+            check_int(value, key, 0, MAX_ITERATIONS)
+        elif kinds - {"None"} == {"float"}:
+            check_number(value, key)
+    return options
+
+
 def list_methods() -> list[str]:
     """The registered method names."""
     return list(REGISTRY)
@@ -65,16 +86,19 @@ def get_method(name: str, **options) -> Callable[..., MethodResult]:
     """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones. The
     returned function takes the common arguments and diffusers' :data:`ALIASES`."""
     from ..images import check_output_type
+    from ..sampler import check_model
 
     function = _load(name)
     allowed = method_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"method {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
+    check_options(name, options)
 
     @functools.wraps(function)
     def run(model, objective=None, *, output_type: str = "pil", num_inference_steps: int | None = None,
             num_images_per_prompt: int | None = None, **arguments) -> MethodResult:
+        check_model(model)  # a model's name or path fails here, before any method reads the model
         check_output_type(output_type)
         if num_inference_steps is not None:
             if "num_steps" in arguments:
@@ -96,5 +120,5 @@ def get_method(name: str, **options) -> Callable[..., MethodResult]:
     return run
 
 
-__all__ = ["ALIASES", "COMMON_ARGUMENTS", "DivergenceError", "MethodResult", "REGISTRY", "get_method", "list_methods",
-           "method_options"]
+__all__ = ["ALIASES", "COMMON_ARGUMENTS", "DivergenceError", "MethodResult", "REGISTRY", "check_options", "get_method",
+           "list_methods", "method_options"]

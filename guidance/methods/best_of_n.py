@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from operators.checks import MAX_STEPS, check_work
+
 from ..sequences.simplex import SimplexFlow, check_no_image_size, sample_sequences
 from ..objectives import Objective
 from ..sampler import sample
@@ -51,6 +53,8 @@ def best_of_n(
     if not isinstance(objective, Objective):
         raise ValueError(f"best_of_n needs an Objective to rank the candidates, got {type(objective).__name__}")
     n = check_count(candidates, "candidates (N)", minimum=1)
+    check_count(num_steps, "num_steps", 1, MAX_STEPS)
+    check_work({"candidates": n, "num_steps": num_steps}, "best_of_n")
     if latents is not None:
         if latents.shape[0] % n:
             raise ValueError(f"latents hold {latents.shape[0]} starting points, not a multiple of candidates={n}")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from operators.base import operator_gain
+from operators.checks import MAX_ITERATIONS, check_flag, check_int, check_number  # noqa: F401 (check_flag: the methods')
 
 from ..images import ImageOutput
 
@@ -154,21 +155,14 @@ class DivergenceMonitor:
 
 
 def check_nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return value
+    """A finite number >= 0 (:func:`operators.checks.check_number`)."""
+    return check_number(value, name, minimum=0)
 
 
-def check_flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def check_count(value, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+def check_count(value, name: str, minimum: int = 0, maximum: int | None = MAX_ITERATIONS, fix: str = "") -> int:
+    """An integer in ``minimum .. maximum`` (:func:`operators.checks.check_int`; at most
+    :data:`~operators.checks.MAX_ITERATIONS` by default, so that every loop it counts ends)."""
+    return check_int(value, name, minimum, maximum, fix)
 
 
 def guided_steps(window: tuple[int, int] | None, num_steps: int) -> range:

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from operators.base import operator_gain
+from operators.checks import MAX_STEPS, check_work
 
 from ..calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
@@ -186,6 +187,8 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     y_batch = objective.y.shape[0]
     if height is None and width is None and latents is None:
         height, width = _image_size(operator, objective.y)
+    check_count(num_steps, "num_steps", 1, MAX_STEPS)
+    check_work({"num_steps": num_steps, "data_steps": data_steps}, "flair")
     state = start_state(model, cond, num_steps, height, width, generator,
                         batch_size or (None if latents is not None else y_batch), latents)
     objective.bind(model, state.height, state.width)

@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from operators.checks import check_work
+
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective, ResampledNoiseFidelity, objective_gradient
 from ..sampler import start_state, step_end
@@ -195,7 +197,8 @@ def flowchef(
         raise ValueError(f"flowchef needs an Objective (e.g. MeasurementFidelity, ClassifierObjective), "
                          f"got {type(objective).__name__}")
     check_nonnegative(step_size, "step_size")
-    check_count(inner_steps, "inner_steps", minimum=0)
+    check_count(inner_steps, "inner_steps", minimum=1, fix="inner_steps=0 guides no step: for sampling without "
+                "guidance use the method 'unguided'")
     check_optimizer(optimizer, momentum)
     if check_flag(normalize_step, "normalize_step") and optimizer == "adam":
         raise ValueError("normalize_step applies to optimizer 'gd' or 'sgd': Adam's step already ignores the scale "
@@ -221,8 +224,13 @@ def flowchef(
     model = CountingModel(model)
     state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas
+    check_work({"num_steps": num_steps, "inner_steps": inner_steps}, "flowchef")
     if stop_sigma:
-        guided = [i for i in guided if float(sigmas[i]) > stop_sigma]
+        window_guided, guided = guided, [i for i in guided if float(sigmas[i]) > stop_sigma]
+        if not guided:
+            raise ValueError(f"stop_sigma={stop_sigma:g} is at or above the noise level of every guided step (the "
+                             f"highest is {float(sigmas[window_guided[0]]):.3g}), so flowchef would guide nothing; "
+                             f"use a stop_sigma below that (0: guide every step), or the method 'unguided'")
     objective.bind(model, state.height, state.width)
     image_shape = (1, model.image_channels, state.height, state.width)
     lr = step_size / data_term_gain(objective, image_shape, x.device) if normalize_step else step_size

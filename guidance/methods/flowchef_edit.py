@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from operators.checks import MAX_STEPS, check_work
+
 from ..flow import euler_step, x0_from_velocity
 from ..images import image_tensor
 from ..objectives import Objective, objective_gradient, official_latent_mask, unshifted_latent
@@ -238,11 +240,14 @@ def flowchef_edit(
         raise ValueError("flowchef_edit needs mask, the region to edit (H, W) in [0, 1] with 1 = edit")
     pixel_mask = _as_mask(mask, image_h, image_w)
     check_nonnegative(step_size, "step_size")
-    check_count(inner_steps, "inner_steps", minimum=0)
+    check_count(inner_steps, "inner_steps", minimum=1, fix="inner_steps=0 edits nothing: the result would be plain "
+                "sampling from the edit prompt")
     check_count(source_steps, "source_steps", minimum=0)
     check_nonnegative(edit_guidance, "edit_guidance")
     check_nonnegative(source_weight, "source_weight")
     check_optimizer(optimizer, momentum)
+    check_count(num_steps, "num_steps", 1, MAX_STEPS)
+    check_work({"num_steps": num_steps, "inner_steps": inner_steps}, "flowchef_edit")
     guided = guided_steps(window, num_steps)
     quirks = _check_quirks(official_quirks)
 

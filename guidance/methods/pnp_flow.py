@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from operators.checks import MAX_STEPS, check_work
+
 from ..flow import interpolate, x0_from_velocity
 from ..objectives import Objective, objective_gradient
 from ..sampler import initial_noise, start_state, step_end
@@ -95,6 +97,8 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     step_size = check_nonnegative(step_size, "step_size")
     step_exponent = check_nonnegative(step_exponent, "step_exponent")
     num_draws = check_count(num_draws, "num_draws", minimum=1)
+    check_count(num_steps, "num_steps", 1, MAX_STEPS)
+    check_work({"num_steps": num_steps, "num_draws": num_draws}, "pnp_flow")
     check_flag(normalize_step, "normalize_step")
     if time_grid not in TIME_GRIDS:
         raise ValueError(f"time_grid must be one of {TIME_GRIDS} ('uniform' is the official grid 1 − i/N), "

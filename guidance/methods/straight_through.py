@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from operators.checks import MAX_STEPS, check_work
+
 from ..hard_inputs import straight_through as through
 from ..sequences.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from ..objectives import Objective
@@ -162,6 +164,8 @@ def straight_through(
     check_no_image_size(height, width, "straight_through")
     check_nonnegative(gamma, "gamma")
     check_count(samples, "samples (M)", minimum=1)
+    check_count(num_steps, "num_steps", 1, MAX_STEPS)
+    check_work({"num_steps": num_steps, "samples": samples}, "straight_through")
     _choice(source, SOURCES, "source")
     _choice(draw, DRAWS, "draw")
     model.condition(cond)
