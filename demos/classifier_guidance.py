@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import ModelNotFoundError  # noqa: E402
+from guidance.loading.models import ModelNotFoundError  # noqa: E402
 from tasks.generate import generate  # noqa: E402
 from tasks.restore import parse_options  # noqa: E402
 

@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import ModelNotFoundError  # noqa: E402
+from guidance.loading.models import ModelNotFoundError  # noqa: E402
 from tasks.edit import edit  # noqa: E402
 from tasks.image_io import load_image  # noqa: E402
 from tasks.restore import resize_image  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import load_model  # noqa: E402
+from guidance.loading.models import load_model  # noqa: E402
 from guidance.sampler import sample  # noqa: E402
 from tasks.image_io import save_image  # noqa: E402
 from tasks.random_backbones import TINY_PIPELINES, tiny_pipeline  # noqa: E402

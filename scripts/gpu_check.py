@@ -76,7 +76,7 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, value) -> None:
-    from guidance.files import write_text_atomic
+    from guidance.loading.files import write_text_atomic
 
     write_text_atomic(path, json.dumps(value, indent=1, default=str) + "\n")
 
@@ -216,7 +216,7 @@ def run_kit(out: Path, dry_run: bool, budget: float, repeats: int, command: str)
         return 2
 
     def save() -> None:
-        from guidance.files import write_text_atomic
+        from guidance.loading.files import write_text_atomic
 
         write_json(out / "results.json", report)
         write_text_atomic(out / "table.md", markdown(report))

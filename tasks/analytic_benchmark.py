@@ -9,8 +9,8 @@ blur; noise std 0.05) the benchmark draws ``pairs`` (x_true, y), runs each metho
 default settings, and then ``spread`` times for a single y; it prints a Markdown table of the scores in
 :mod:`tasks.posterior_scores`, NFE and time relative to unguided sampling. ``--channels`` sets the prior's
 channel count (3: a colour prior), ``--operator`` gives full operator specs (commas allowed), and
-``--presets`` adds rows for parity presets (:mod:`guidance.presets`: their method, options, steps and objective,
-on the benchmark's operators and noise).
+``--presets`` adds rows for parity presets (:mod:`guidance.features.presets`: their method, options, steps and
+objective, on the benchmark's operators and noise).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from guidance import AnalyticGMMFlow, MeasurementFidelity, get_method
-from guidance.presets import get_preset
+from guidance.features.presets import get_preset
 from operators import make_operator
 
 from . import posterior_scores as scores
-from guidance.files import write_text_atomic
+from guidance.loading.files import write_text_atomic
 
 OPERATORS = {
     "inpaint_box": "inpaint_box:fraction=0.25",

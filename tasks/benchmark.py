@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from guidance.files import write_text_atomic
+from guidance.loading.files import write_text_atomic
 
 __all__ = ["IMAGE_SUFFIXES", "TIMING_FIELDS", "BenchmarkResult", "find_images", "parse_method_options",
            "run_benchmark", "split_methods", "split_operators"]

@@ -2,7 +2,7 @@
 
     flowsteer calibrate --model stabilityai/stable-diffusion-3.5-medium --images photos/ --size 1024
 
-The table lands in the CRW cache (see :mod:`guidance.calibration`), keyed by the model, its CFG setting and the
+The table lands in the CRW cache (see :mod:`guidance.features.calibration`), keyed by the model, its CFG setting and the
 image size; ``flowsteer restore --method flair`` with the same model, prompt/CFG and size then finds it.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from guidance.calibration import CRW_POINTS, CRWTable, calibrate
+from guidance.features.calibration import CRW_POINTS, CRWTable, calibrate
 
 from .restore import (
     allowed_size,
@@ -64,7 +64,7 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
         raise ValueError(f"--size must be a positive integer, got {size!r}")
     if not Path(images).is_dir():
         raise ValueError(f"the image folder {str(images)!r} does not exist (or is not a folder); check --images")
-    from guidance.calibration import crw_cache_dir
+    from guidance.features.calibration import crw_cache_dir
 
     from .outputs import check_writable
 

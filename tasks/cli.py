@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     forget_outputs()
     try:
-        from guidance.loading import quiet_loading
+        from guidance.loading.models import quiet_loading
 
         with quiet_loading(args.command not in NO_PRETRAINED):
             return args.run(args)

@@ -148,7 +148,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """List the parity presets: each published setting with its method, steps, operators, model and source."""
-    from guidance.presets import get_preset, list_presets
+    from guidance.features.presets import get_preset, list_presets
 
     rows = [{"name": name, **get_preset(name)} for name in list_presets()]
     if args.json:

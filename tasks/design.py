@@ -25,7 +25,7 @@ import torch
 
 from guidance import AnalyticSimplexFlow, CategoricalMixture, RewardObjective, SimplexFlow, get_method
 
-from guidance.files import write_text_atomic
+from guidance.loading.files import write_text_atomic
 
 __all__ = ["DESIGN_METHODS", "DesignResult", "decode", "design", "encode", "load_score", "load_sequence_flow",
            "motif_score", "read_sequences"]

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from guidance.consistency import pixel_consistency
-from guidance.files import write_text_atomic
+from guidance.features.consistency import pixel_consistency
+from guidance.loading.files import write_text_atomic
 from guidance.methods import get_method
 from guidance.backbones.default import default_model_dir
 from tasks.train_default import CLASSES, HELD_OUT, held_out_images
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from guidance.loading import load_model
+    from guidance.loading.models import load_model
 
     folder = Path(args.model) if args.model else default_model_dir()
     out = Path(args.out) if args.out else folder

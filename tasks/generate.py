@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from guidance import get_method
-from guidance.files import write_text_atomic
-from guidance.images import ImageOutput, check_output_type
+from guidance.loading.files import write_text_atomic
+from guidance.loading.images import ImageOutput, check_output_type
 
 from .grid import save_grid
 from .image_io import save_image

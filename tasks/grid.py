@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from guidance.files import write_atomic
+from guidance.loading.files import write_atomic
 
 from .image_io import to_pil
 

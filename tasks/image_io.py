@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from guidance.files import write_atomic
-from guidance.images import image_tensor, to_pil  # noqa: F401  (to_pil re-exported: tasks.to_pil)
+from guidance.loading.files import write_atomic
+from guidance.loading.images import image_tensor, to_pil  # noqa: F401  (to_pil re-exported: tasks.to_pil)
 
 _SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
                  ".webp": "WEBP"}
@@ -30,7 +30,7 @@ def load_image(source, channels: int = 3) -> torch.Tensor:
     """An image as a (B, channels, H, W) float32 tensor in [-1, 1], from a path or PIL image (B = 1; rules in the
     module doc), a NumPy array (diffusers' convention: uint8, or float in [0, 1]; (H, W[, C]) or (B, H, W, C)) or a
     tensor (flowsteer's convention: float in [-1, 1], (C, H, W) or (B, C, H, W)), wherever an image is taken
-    (:func:`guidance.images.image_tensor` converts all but paths)."""
+    (:func:`guidance.loading.images.image_tensor` converts all but paths)."""
     if not isinstance(source, (str, os.PathLike)):
         return image_tensor(source, channels)
     if channels not in (1, 3):

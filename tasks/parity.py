@@ -1,6 +1,6 @@
 """Parity presets as benchmark runs, and caption files.
 
-A parity preset (:mod:`guidance.presets`) fixes the whole published setting: the method and its options, the
+A parity preset (:mod:`guidance.features.presets`) fixes the whole published setting: the method and its options, the
 number of steps, the operators, the measurement noise, the objective, the model, its dtype and autoencoders, the
 image size, the prompt, the negative prompt, the guidance scale and the seed. :func:`preset_run` turns one into
 :func:`tasks.benchmark.run_benchmark` arguments; every argument the user gives explicitly overrides the preset and
@@ -29,7 +29,7 @@ PRESET_ARGUMENTS = {
 def preset_run(name: str, given: dict[str, Any], operators: list[str], methods: list[str],
                options: dict[str, dict], official_quirks: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(arguments, record)`` of the preset ``name`` (its parity variant with ``official_quirks``, see
-    :func:`guidance.presets.get_preset`) under the user's explicit values.
+    :func:`guidance.features.presets.get_preset`) under the user's explicit values.
 
     ``given`` maps :data:`PRESET_ARGUMENTS` names to the user's values (None: not given). ``operators`` and
     ``methods`` replace the preset's when non-empty; ``options`` are laid over the preset method's options.
@@ -37,7 +37,7 @@ def preset_run(name: str, given: dict[str, Any], operators: list[str], methods: 
     and ``objective_options``; ``record`` is what the benchmark stores: the preset's name, source and full
     content, and the overrides (argument -> {"preset": value, "used": value}).
     """
-    from guidance.presets import get_preset
+    from guidance.features.presets import get_preset
 
     preset = get_preset(name, official_quirks)
     if preset.get("objective") is None:

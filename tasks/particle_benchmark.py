@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from guidance import AnalyticGMMFlow, CallableObjective, get_method
-from guidance.files import write_text_atomic
-from guidance.hard_inputs import threshold
+from guidance.loading.files import write_text_atomic
+from guidance.features.hard_inputs import threshold
 
 from .design import load_sequence_flow, motif_score
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from guidance.files import write_atomic
+from guidance.loading.files import write_atomic
 
 __all__ = ["PALETTE", "bar_chart", "save_bar_chart"]
 

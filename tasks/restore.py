@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from guidance import MeasurementFidelity, get_method
-from guidance.consistency import check_consistency_steps, pixel_consistency
-from guidance.devices import check_device, check_dtype
-from guidance.files import write_text_atomic
-from guidance.loading import quiet_loading
-from guidance.images import ImageOutput, check_output_type
+from guidance.features.consistency import check_consistency_steps, pixel_consistency
+from guidance.loading.devices import check_device, check_dtype
+from guidance.loading.files import write_text_atomic
+from guidance.loading.models import quiet_loading
+from guidance.loading.images import ImageOutput, check_output_type
 from operators import Operator, as_operator, make_operator, operator_name, operator_spec
 
 from .grid import save_grid
@@ -127,7 +127,7 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
             an estimate of the posterior mean E[x | y] (lower MSE than any single sample: the fidelity setting),
             and ``metrics["sample_std"]`` their mean per-pixel standard deviation.
         consistency_steps: the most projected Landweber iterations that make the result consistent with y in
-            pixel space, stopped at the noise level (:func:`guidance.consistency.pixel_consistency`); None: the
+            pixel space, stopped at the noise level (:func:`guidance.features.consistency.pixel_consistency`); None: the
             model's recommendation (``model.restore_options``), else 0 (off).
         num_inference_steps: diffusers' name for ``num_steps``.
         output_type: the form of the result's ``images`` ("pil", "np" or "pt").
@@ -373,7 +373,7 @@ def open_model(source: Any = "default", device: str | torch.device | None = None
     """:func:`guidance.load_model` on ``device`` (default CUDA when available, else CPU) in ``dtype`` (a torch
     dtype or its name; default bfloat16 on CUDA, float32 on CPU), with the autoencoders ``decoder`` / ``encoder``
     in place of the model's VAE when given; a missing model's error suggests close known names."""
-    from guidance.loading import ModelNotFoundError, load_model
+    from guidance.loading.models import ModelNotFoundError, load_model
     from guidance.backbones.base import FlowModel
 
     if isinstance(source, FlowModel):

@@ -10,7 +10,7 @@ Images are (B, 3, H, W) in [-1, 1], and everything stays differentiable (the pro
 normalisation run in torch, see :func:`guidance.objectives.transformers_preprocess`). ``module:function`` also
 takes ``path/to/file.py:function``; modules are looked up in the current folder too. Hub models are loaded with
 ``local_files_only`` when ``HF_HUB_OFFLINE`` is set and never run remote code; missing weights raise a
-:class:`~guidance.loading.ModelNotFoundError` that says how to get them.
+:class:`~guidance.loading.models.ModelNotFoundError` that says how to get them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from guidance.loading import ModelNotFoundError, hub_offline
+from guidance.loading.models import ModelNotFoundError, hub_offline
 from guidance.objectives import (ClassifierObjective, Objective, RewardObjective, class_index,
                                  transformers_preprocess)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from guidance import AnalyticSimplexFlow, CategoricalMixture, ClassifierObjective, get_method
 
-from guidance.files import write_text_atomic
+from guidance.loading.files import write_text_atomic
 
 LENGTH, VOCAB, COMPONENTS = 12, 4, 3
 BIAS = 5.0  # makes class 1 rare: 5 % of prior samples

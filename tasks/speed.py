@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import torch
 
-from guidance.files import write_text_atomic
+from guidance.loading.files import write_text_atomic
 
 from .restore import max_rss_gib
 
@@ -318,7 +318,7 @@ def cell_options(cell: Cell, settings: Settings) -> dict:
     method = METHODS[cell.method][0]
     options = {}
     if method == "flair":
-        from guidance.calibration import DEFAULT_CRW
+        from guidance.features.calibration import DEFAULT_CRW
 
         options["crw"] = DEFAULT_CRW
     if cell.backbone in FULL_SIZE and "check_divergence" in method_options(method):
@@ -426,7 +426,7 @@ def _positive_ints(values, option: str) -> list[int]:
 
 def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate=True,
               compile_backend=None, options=None) -> Settings:
-    from guidance.devices import check_device
+    from guidance.loading.devices import check_device
 
     device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if dtype is None:

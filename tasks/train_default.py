@@ -436,8 +436,8 @@ def train_classifier(out: Path, kind: str, name: str, steps: int, batch: int, se
 
 # -- stage 4: calibration ------------------------------------------------------------------------------------
 def calibrate_default(out: Path, seed: int, count: int = 16, size: int = 256):
-    from guidance.calibration import calibrate
-    from guidance.loading import load_model
+    from guidance.features.calibration import calibrate
+    from guidance.loading.models import load_model
 
     model = load_model(str(out))
     names = ("astronaut", "rocket", "immunohistochemistry", "retina")[:count]

@@ -4,7 +4,7 @@ posterior-mean restoration from several samples, the model's recommended consist
 import pytest
 import torch
 
-from guidance.consistency import pixel_consistency
+from guidance.features.consistency import pixel_consistency
 from operators import make_operator
 from tasks.restore import restore
 

@@ -14,7 +14,7 @@ import torch
 from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline, tiny_taesd
 
 from guidance import AnalyticGMMFlow, MeasurementFidelity, get_method, sample
-from guidance.calibration import DEFAULT_CRW
+from guidance.features.calibration import DEFAULT_CRW
 from guidance.backbones.flux import FluxModel
 from guidance.backbones.sd3 import SD3Model
 from operators import make_operator

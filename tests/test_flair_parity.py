@@ -11,12 +11,12 @@ import torch
 from tiny_models import PROMPT, sd3_pipeline, tiny_taesd
 
 from guidance import MeasurementFidelity, get_method
-from guidance.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, calibrate, load_crw, official_crw_name,
+from guidance.features.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, calibrate, load_crw, official_crw_name,
                                   official_crw_table, resolve_crw)
-from guidance.loading import ModelNotFoundError, load_model
+from guidance.loading.models import ModelNotFoundError, load_model
 from guidance.methods.flair import PRESETS, flair_grid
 from guidance.backbones.sd3 import SD3Model
-from guidance.presets import get_preset
+from guidance.features.presets import get_preset
 from operators import make_operator
 
 # sha256 of the float32 arrays in the official files (np.load(...).astype("<f4").tobytes())

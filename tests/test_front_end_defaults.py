@@ -9,7 +9,7 @@ import torch
 
 import tasks
 from guidance import AnalyticSimplexFlow, CategoricalMixture, ClassifierObjective, get_method, load_model
-from guidance.consistency import pixel_consistency
+from guidance.features.consistency import pixel_consistency
 from operators import make_operator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -146,7 +146,7 @@ def half_mask(tmp_path):
 
 
 def test_edit_writes_outputs_and_keeps_the_unmasked_region(tiny_sd3_folder, photo_32, half_mask, tmp_path, capsys):
-    from guidance.loading import load_model
+    from guidance.loading.models import load_model
 
     out = tmp_path / "edited"
     code = main(["edit", str(photo_32), "--mask", str(half_mask), "--source-prompt", "a photo of a cat",

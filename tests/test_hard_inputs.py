@@ -8,7 +8,7 @@ from PIL import Image
 from tiny_models import NEGATIVE, PROMPT
 
 from guidance import CallableObjective, objective_gradient, sample
-from guidance.hard_inputs import (
+from guidance.features.hard_inputs import (
     DecisionObjective,
     HardInputObjective,
     argmax_decision,

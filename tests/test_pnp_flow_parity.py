@@ -17,7 +17,7 @@ import torch
 from guidance import AnalyticGMMFlow, MeasurementFidelity
 from guidance.methods import get_method
 from guidance.methods.pnp_flow import PRESETS, pnp_flow, uniform_grid
-from guidance.presets import get_preset, list_presets
+from guidance.features.presets import get_preset, list_presets
 from operators import make_operator
 from operators.base import operator_gain
 from operators.function import FunctionOperator

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from guidance.methods import get_method
-from guidance.presets import get_preset, list_presets, method_from_preset
+from guidance.features.presets import get_preset, list_presets, method_from_preset
 from operators import make_operator
 
 

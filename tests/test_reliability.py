@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guidance import get_method, load_model
-from guidance.manifest import DamagedModelError
+from guidance.loading.manifest import DamagedModelError
 from guidance.backbones.default import DEFAULT_MODEL_DIR
 
 
@@ -88,7 +88,7 @@ def test_a_full_disk_names_the_file_and_leaves_no_incomplete_set(cli, photo_32, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def save_grid(path, rows, captions=None):
-        from guidance.files import write_atomic
+        from guidance.loading.files import write_atomic
 
         return write_atomic(path, lambda temporary: full(temporary, rows))
 

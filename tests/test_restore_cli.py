@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tasks.restore
-from guidance.files import write_atomic
+from guidance.loading.files import write_atomic
 from operators import make_operator
 from tasks.cli import main
 from tasks.image_io import load_image, save_image

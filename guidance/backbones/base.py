@@ -22,8 +22,9 @@ def check_num_steps(num_steps) -> int:
 
 def to_arguments(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:
     """(device, dtype) of a ``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or ``to(device=..., dtype=...)``
-    call, None where not given, checked as everywhere (:func:`guidance.devices.check_device`, ``check_dtype``)."""
-    from ..devices import check_device, check_dtype
+    call, None where not given, checked as everywhere (:func:`guidance.loading.devices.check_device`,
+    ``check_dtype``)."""
+    from ..loading.devices import check_device, check_dtype
 
     unknown = sorted(set(kwargs) - {"device", "dtype"})
     if unknown:

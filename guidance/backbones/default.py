@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..manifest import MANIFEST, DamagedModelError, verify_manifest, write_manifest
+from ..loading.manifest import MANIFEST, DamagedModelError, verify_manifest, write_manifest
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 #: Files that must be present for load_model("default").

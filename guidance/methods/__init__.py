@@ -64,7 +64,7 @@ def list_methods() -> list[str]:
 def get_method(name: str, **options) -> Callable[..., MethodResult]:
     """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones. The
     returned function takes the common arguments and diffusers' :data:`ALIASES`."""
-    from ..images import check_output_type
+    from ..loading.images import check_output_type
 
     function = _load(name)
     allowed = method_options(name)

@@ -10,7 +10,7 @@ import torch
 
 from operators.base import operator_gain
 
-from ..images import ImageOutput
+from ..loading.images import ImageOutput
 
 
 @dataclass

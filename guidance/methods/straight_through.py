@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..hard_inputs import straight_through as through
+from ..features.hard_inputs import straight_through as through
 from ..sequences.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from ..objectives import Objective
 from ..sampler import step_end
@@ -158,7 +158,7 @@ def straight_through(
     if not isinstance(model, SimplexFlow):
         raise ValueError(f"straight_through runs on simplex flows over sequences, got {type(model).__name__}; for "
                          f"images whose objective needs a hard input use flowchef with a "
-                         f"guidance.hard_inputs.HardInputObjective")
+                         f"guidance.features.hard_inputs.HardInputObjective")
     check_no_image_size(height, width, "straight_through")
     check_nonnegative(gamma, "gamma")
     check_count(samples, "samples (M)", minimum=1)

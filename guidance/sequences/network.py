@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..files import write_atomic, write_text_atomic
+from ..loading.files import write_atomic, write_text_atomic
 from .simplex import GumbelSoftmaxPath, SimplexFlow, check_length_and_vocabulary
 
 __all__ = ["EndpointNetwork", "NetworkSimplexFlow", "check_tokens", "train_simplex_flow"]

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .files import write_text_atomic
-from .flow import interpolate, velocity_target
-from .sampler import initial_noise
+from ..loading.files import write_text_atomic
+from ..flow import interpolate, velocity_target
+from ..sampler import initial_noise
 
 __all__ = [
     "CRWTable", "CRW_POINTS", "DEFAULT_CRW", "OFFICIAL_TABLES", "calibrate", "crw_cache_dir", "crw_key", "load_crw",
@@ -149,7 +149,7 @@ OFFICIAL_TABLES = {  # table name -> the hub id whose checkpoints it was measure
     "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
 }
 OFFICIAL_GUIDANCE = 2.0  # the CFG scale of the official configurations, at which the tables were measured
-_TABLE_DIR = Path(__file__).parent / "crw_tables"
+_TABLE_DIR = Path(__file__).resolve().parents[1] / "crw_tables"  # guidance/crw_tables
 
 
 def official_crw_table(name: str) -> CRWTable:

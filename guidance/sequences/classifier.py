@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .sequences.simplex import check_length_and_vocabulary
-from .sequences.network import check_positive_int, check_tokens, seed_from
+from .simplex import check_length_and_vocabulary
+from .network import check_positive_int, check_tokens, seed_from
 
 __all__ = ["SequenceClassifier", "train_sequence_classifier"]
 

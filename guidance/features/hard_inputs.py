@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from .objectives import SPACES, ClassifierObjective, Objective, _logits
+from ..objectives import SPACES, ClassifierObjective, Objective, _logits
 
 __all__ = [
     "HARD_FUNCTIONS", "DecisionObjective", "HardInputObjective", "argmax_decision", "get_hard_function",

@@ -63,7 +63,7 @@ def get_preset(name: str, official_quirks: bool = False) -> dict:
 def method_from_preset(name: str, official_quirks: bool = False, **overrides):
     """``(method, num_steps, objective_kwargs)`` for the preset (its parity variant with ``official_quirks``),
     with ``overrides`` applied to its options."""
-    from .methods import get_method
+    from ..methods import get_method
 
     preset = get_preset(name, official_quirks)
     method = get_method(preset["method"], **{**preset.get("options", {}), **overrides})

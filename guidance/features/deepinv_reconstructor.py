@@ -40,7 +40,7 @@ def _reconstructor_class() -> type:
         def __init__(self, model, method: str, num_steps: int, seed: int, options: dict, objective: dict,
                      img_size, dagger: str):
             super().__init__()
-            from .methods import get_method
+            from ..methods import get_method
 
             self.flow_model = model
             self.method, self.num_steps, self.seed = method, num_steps, seed
@@ -51,7 +51,7 @@ def _reconstructor_class() -> type:
         def forward(self, y: torch.Tensor, physics, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
             from operators.deepinv_bridge import from_deepinv
 
-            from .objectives import MeasurementFidelity
+            from ..objectives import MeasurementFidelity
 
             if kwargs:
                 raise ValueError(f"the flowsteer reconstructor takes (y, physics, generator=None), got the extra "

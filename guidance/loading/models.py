@@ -27,8 +27,8 @@ import torch
 
 from .devices import check_device, check_dtype
 from .manifest import DamagedModelError, verify_manifest
-from .backbones.base import FlowModel
-from .backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
+from ..backbones.base import FlowModel
+from ..backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
                                  supported_pipelines)
 
 __all__ = ["DamagedModelError", "ModelNotFoundError", "hub_offline", "load_decoder", "load_model", "quiet_loading"]
@@ -336,7 +336,7 @@ def load_model(
         )
     source = os.fspath(source)
     if source == "default":
-        from .backbones.default import DefaultModelError, _restore_hint, check_default_model
+        from ..backbones.default import DefaultModelError, _restore_hint, check_default_model
 
         folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
         try:
