@@ -6,7 +6,7 @@ import torch
 
 from guidance.features.consistency import pixel_consistency
 from operators import make_operator
-from tasks.restore import restore
+from tasks.commands.restore import restore
 
 
 def smooth_image(seed: int, size: int = 32) -> torch.Tensor:

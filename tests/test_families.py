@@ -23,12 +23,12 @@ from guidance import MeasurementFidelity, get_method, load_model
 from guidance.backbones.registry import BACKBONES, get_backbone
 from guidance.features.calibration import calibrate
 from operators import make_operator
-from tasks.random_backbones import TINY_PIPELINES, tiny_pipeline
+from tasks.random_models import TINY_PIPELINES, tiny_pipeline
 
 PROMPT = "a photo of a red fox sitting in the snow"
 STEPS = 3
 
-#: every family's tiny pipeline (tasks.random_backbones.TINY_PIPELINES) -> its condition's keyword arguments
+#: every family's tiny pipeline (tasks.random_models.TINY_PIPELINES) -> its condition's keyword arguments
 FAMILIES = {name: ({"max_sequence_length": 32} if name == "flux" else {}) for name in TINY_PIPELINES}
 
 

@@ -19,7 +19,7 @@ from guidance.features.hard_inputs import (
     threshold,
 )
 from guidance.methods.flowchef import flowchef
-from tasks.image_io import load_image, to_pil
+from tasks.outputs.image_io import load_image, to_pil
 
 
 class _Identity:

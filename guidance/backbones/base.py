@@ -85,7 +85,7 @@ class FlowModel:
         operator_options: options its authors recommend for one operator (by registry name) and method, over
             ``method_options`` (``{"sr": {"flowchef": {"step_size": 16.0}}}``); None: none.
         restore_options: restoration settings its authors recommend (``{"consistency_steps": 20}``, see
-            :func:`tasks.restore.restore`), applied when the user sets none; None: the task's defaults.
+            :func:`tasks.commands.restore.restore`), applied when the user sets none; None: the task's defaults.
         takes_text: whether :meth:`condition` takes a prompt (SD3, Flux); text-free models refuse one.
         working_size: the longest image side the model is meant to work at (``--resize`` fits larger images to it;
             None: ``max_size``, or no limit).

@@ -51,7 +51,7 @@ def quantize(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
         raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
     levels = 2**bits - 1
     soft = x.clamp(-1, 1)
-    hard = ((soft.detach().float() + 1) * (levels / 2)).round() / levels * 2 - 1  # as tasks.image_io does
+    hard = ((soft.detach().float() + 1) * (levels / 2)).round() / levels * 2 - 1  # as tasks.outputs.image_io does
     return straight_through(hard, soft)
 
 

@@ -6,7 +6,7 @@ options), ``objective`` (``MeasurementFidelity`` keyword arguments: space, weigh
 file and commit). Some add the rest of the run: ``noise_std``, ``guidance_scale`` (CFG, or Flux's distilled
 guidance), ``negative_prompt``, ``prompt``, ``seed``, ``resolution``, ``model``, ``dtype``, ``decoder`` and
 ``encoder`` (autoencoders replacing the model's VAE), and ``note``. Each method file defines its own ``PRESETS``;
-this module gathers them, and ``flowsteer benchmark --preset NAME`` runs one (:mod:`tasks.parity`).
+this module gathers them, and ``flowsteer benchmark --preset NAME`` runs one (:mod:`tasks.commands.benchmark.parity`).
 """
 
 from __future__ import annotations
