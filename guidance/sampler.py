@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .flow import euler_step, x0_from_velocity
 from .loading.images import ImageOutput
-from .noise import check_generator, initial_noise  # noqa: F401  (re-exported)
+from .noise import initial_noise  # noqa: F401  (re-exported: guidance.sampler.initial_noise)
 from .sde import check_noise_scale, sde_step
 from .backbones.base import FlowModel, check_num_steps
 

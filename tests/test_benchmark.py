@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.commands import benchmark
+from tasks.commands.benchmark import state as benchmark
 from tasks.commands.benchmark import (
     parse_method_options,
     run_benchmark,

@@ -2,13 +2,11 @@
 names exactly the folders there are."""
 
 import fnmatch
-import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

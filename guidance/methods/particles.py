@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..flow import x0_from_velocity
+from ..noise import check_generator
 from ..objectives import Objective, objective_gradient
-from ..sampler import check_generator, start_state, step_end
+from ..sampler import start_state, step_end
 from ..sde import check_noise_scale, sde_step, simplex_step
 from ..sequences.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, reference_scale

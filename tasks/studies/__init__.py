@@ -2,7 +2,7 @@
 
 * ``analytic_benchmark``: "Against exact posteriors" (methods scored on an analytic Gaussian-mixture prior, with
   the scores of ``posterior_scores``);
-* ``particle_benchmark``: "Particle search: rewards without a useful gradient" (the benchmark at equal NFE);
+* ``particle_benchmark``: "Benchmark at equal NFE" (in "Particle search: rewards without a useful gradient");
 * ``sequence_benchmark``: "Straight-through guidance: sequences and hard inputs" (on an exact categorical prior).
 
 The default model's tables come from :mod:`tasks.default_model.evaluate`, the Speed table from ``flowsteer speed``.

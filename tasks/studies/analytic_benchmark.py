@@ -1,5 +1,7 @@
 """Guidance methods scored against exact posteriors on an analytic Gaussian-mixture image prior.
 
+The README's table "Against exact posteriors" comes from this study.
+
     python -m tasks.studies.analytic_benchmark [--pairs 64] [--steps 50] [--methods flowchef,flair,...] [--json out.json]
         [--channels 3] [--operator "gaussian_blur:kernel_size=3,sigma=1.0"] [--presets pnp_flow_celeba_deblur]
 

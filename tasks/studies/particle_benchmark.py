@@ -1,5 +1,8 @@
 """Particle search against best-of-N (and gradient guidance) at equal NFE, on priors whose tilted target is exact.
 
+The README's table "Benchmark at equal NFE" (in "Particle search: rewards without a useful gradient") comes from
+this study.
+
     python -m tasks.studies.particle_benchmark [--outputs 512] [--particles 8] [--steps 20] [--default-model] [--json out.json]
 
 The reward is an indicator, r(x) = 1[x ∈ R]: no useful gradient, the case particle search is for. For a prior p

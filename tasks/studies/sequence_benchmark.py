@@ -1,5 +1,7 @@
 """Straight-through guidance against unguided sampling and best-of-N on an exact simplex prior.
 
+The README's table in "Straight-through guidance: sequences and hard inputs" comes from this study.
+
     python -m tasks.studies.sequence_benchmark [--samples 512] [--steps 50] [--m 8] [--gamma 2.0] [--json out.json]
 
 The prior is a random mixture of three per-position categorical distributions over sequences of length 12 with
