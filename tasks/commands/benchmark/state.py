@@ -7,7 +7,7 @@
   rewrite, ``remove_stale_parts`` the temporary files a killed write left, ``_forget_settings`` what a failed
   first run wrote;
 * resume: an item is done when ``items/<item>.json`` carries the fingerprint of its settings (``_read_item``);
-* shards: ``_shard`` reads RANK / WORLD_SIZE; process 0 ``_wait_for`` s the others' items.
+* shards: ``_shard`` reads RANK / WORLD_SIZE; process 0 waits for the other processes' items (``_wait_for``).
 """
 
 from __future__ import annotations
