@@ -1,4 +1,4 @@
-"""Benchmark guidance methods on a folder of photos with run_benchmark: tables, grids and bar charts.
+"""Benchmark guidance methods on a folder of photos with tasks.benchmark: tables, grids and bar charts.
 
     python demos/benchmark_folder.py                                  # demos/images, a tiny random model, offline
     python demos/benchmark_folder.py --model stabilityai/stable-diffusion-3.5-medium --out results/sd35
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.benchmark import run_benchmark
+from tasks import benchmark  # noqa: E402
 
 
 def tiny_model(folder: Path) -> Path:
@@ -49,9 +49,9 @@ def main() -> None:
         if not (model / "model_index.json").is_file():
             tiny_model(model)
     try:
-        result = run_benchmark(args.images, args.operators, args.methods, model=model, out=args.out,
-                               num_steps=args.steps or (4 if tiny else 28), size=args.size or (64 if tiny else None),
-                               limit=args.limit, overwrite=args.overwrite)
+        result = benchmark(args.images, args.operators, args.methods, model=model, out=args.out,
+                           num_steps=args.steps or (4 if tiny else 28), size=args.size or (64 if tiny else None),
+                           limit=args.limit, overwrite=args.overwrite)
     except ValueError as error:
         sys.exit(f"benchmark_folder: error: {error}")
     print((result.out / "summary.md").read_text())

@@ -25,9 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import ModelNotFoundError  # noqa: E402
-from tasks.generate import generate  # noqa: E402
-from tasks.restore import parse_options  # noqa: E402
+from guidance import ModelNotFoundError  # noqa: E402
+from tasks import generate, parse_options  # noqa: E402
 
 
 def colour_logits(images: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guidance import (ClassifierObjective, get_method, sample_sequences, train_sequence_classifier,  # noqa: E402
                       train_simplex_flow)
-from tasks.design import decode  # noqa: E402
+from tasks import decode_sequences as decode  # noqa: E402
 
 ALPHABET = "ACGT"
 LENGTH = 12

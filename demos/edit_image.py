@@ -19,10 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import ModelNotFoundError  # noqa: E402
-from tasks.edit import edit  # noqa: E402
-from tasks.image_io import load_image  # noqa: E402
-from tasks.restore import resize_image  # noqa: E402
+from guidance import ModelNotFoundError  # noqa: E402
+from tasks import edit, load_image, resize_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

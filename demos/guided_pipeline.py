@@ -21,9 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from guidance import MeasurementFidelity, ModelNotFoundError, get_method, load_model  # noqa: E402
 from operators import make_operator  # noqa: E402
-from tasks.grid import save_grid  # noqa: E402
-from tasks.image_io import load_image  # noqa: E402
-from tasks.restore import resize_image  # noqa: E402
+from tasks import load_image, resize_image, save_grid  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,9 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import ModelNotFoundError  # noqa: E402
-from tasks.grid import save_grid  # noqa: E402
-from tasks.restore import allowed_size, open_model, read_image, resize_image, restore  # noqa: E402
+from guidance import ModelNotFoundError  # noqa: E402
+from tasks import allowed_size, open_model, read_image, resize_image, restore, save_grid  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

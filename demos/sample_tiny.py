@@ -7,7 +7,7 @@ A real run is three lines::
     image = sample(model, cond, num_steps=28, height=1024, width=1024, generator=torch.Generator().manual_seed(0)).image
 
 This demo needs no download: it builds a tiny, randomly initialised pipeline of a family from config (SD3 by
-default; ``--family qwen_image``, ``flux2-klein``, ``sana``, ... any of ``tasks.random_backbones.TINY_PIPELINES``),
+default; ``--family qwen_image``, ``flux2-klein``, ``sana``, ... any of ``tasks.TINY_PIPELINES``),
 saves it to a temporary folder, loads it back with ``load_model`` (which recognises the family from the folder's
 model_index.json) and samples. The picture is noise (random weights); the shapes, the schedule and the code path
 are the real ones.
@@ -27,10 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.loading import load_model  # noqa: E402
-from guidance.sampler import sample  # noqa: E402
-from tasks.image_io import save_image  # noqa: E402
-from tasks.random_backbones import TINY_PIPELINES, tiny_pipeline  # noqa: E402
+from guidance import load_model, sample  # noqa: E402
+from tasks import TINY_PIPELINES, save_image, tiny_pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

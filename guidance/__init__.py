@@ -7,10 +7,10 @@ that ``import guidance`` stays light.
 from importlib import import_module
 
 from . import flow
-from .calibration import CRWTable, calibrate, load_crw
-from .hard_inputs import (HARD_FUNCTIONS, DecisionObjective, HardInputObjective, argmax_decision, get_hard_function,
-                          hard_function, quantize, threshold)
-from .loading import ModelNotFoundError, load_decoder, load_model
+from .features.calibration import CRWTable, calibrate, load_crw
+from .features.hard_inputs import (HARD_FUNCTIONS, DecisionObjective, HardInputObjective, argmax_decision,
+                                   get_hard_function, hard_function, quantize, threshold)
+from .loading.models import ModelNotFoundError, load_decoder, load_model
 from .methods import DivergenceError, MethodResult, get_method, list_methods
 from .objectives import (CallableObjective, ClassifierObjective, MeasurementFidelity, Objective, RewardObjective,
                          objective_gradient)
@@ -20,7 +20,7 @@ from .sequences import (EndpointNetwork, GumbelSoftmaxPath, NetworkSimplexFlow, 
                         check_simplex, sample_sequences, train_simplex_flow)
 from .backbones.registry import BACKBONES as _BACKBONES
 from .sampler import SampleResult, initial_noise, sample, start_state
-from .sequence_classifier import SequenceClassifier, train_sequence_classifier
+from .sequences.classifier import SequenceClassifier, train_sequence_classifier
 
 #: names imported on first use: every backbone adapter of the registry (SD3Model, FluxModel, Flux2Model,
 #: QwenImageModel, ...) and a few more, so that ``import guidance`` loads no diffusers pipeline module
@@ -28,7 +28,7 @@ _LAZY = {
     **{b.adapter.partition(":")[2]: b.adapter.partition(":")[0] for b in _BACKBONES},
     "SD3Condition": "guidance.backbones.sd3",
     "FluxCondition": "guidance.backbones.flux",
-    "flowsteer_reconstructor": "guidance.deepinv_reconstructor",
+    "flowsteer_reconstructor": "guidance.features.deepinv_reconstructor",
 }
 
 __all__ = [

@@ -64,8 +64,8 @@ def check_memory(model, height: int, width: int, batch: int = 1, what: str = "ru
     multiple = int(getattr(model, "size_multiple", 1) or 1)
     fits = tuple(scaled_side(side, scale, multiple) for side in (height, width))
     limit = getattr(model, "working_size", None) or getattr(model, "max_size", None)
-    resize = (f" (--resize fits an image to the model's working size, {limit} pixels)" if limit and what == "restoration"
-              else "")
+    resize = (f" (--resize fits an image to the model's working size, {limit} pixels)"
+              if limit and what == "restoration" else "")
     raise ValueError(f"a {height}x{width} {what}{f' of {batch} images' if batch > 1 else ''} needs about "
                      f"{estimate:.1f} GiB ({basis}), more than the {free:.1f} GiB free here; use at most "
                      f"{fits[0]}x{fits[1]}{f' or fewer images' if batch > 1 else ''}{resize} or a machine with more "

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from operators.checks import MAX_BATCH, check_generator, check_int
 
 from .flow import euler_step, x0_from_velocity
+from .loading.images import ImageOutput
 from .memory import check_memory
-from .images import ImageOutput
+from .noise import initial_noise  # noqa: F401  (re-exported: guidance.sampler.initial_noise)
 from .sde import check_noise_scale, sde_step
 from .backbones.base import FlowModel, check_num_steps
 
@@ -58,35 +59,6 @@ def step_end(callback_on_step_end: Callable | None, step: int, sigma, state: dic
         raise ValueError(f"callback_on_step_end returned an 'x' of shape "
                          f"{tuple(getattr(new, 'shape', ()))}; the state has shape {tuple(x.shape)}")
     return new.to(device=x.device, dtype=x.dtype)
-
-
-def initial_noise(
-    shape: tuple[int, ...],
-    generator: torch.Generator | list[torch.Generator] | None,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Standard normal noise of ``shape``, drawn like diffusers' ``randn_tensor``; returned as float32.
-
-    The draw happens on the generator's device (a CPU generator gives the same numbers whatever ``device`` is)
-    and in ``dtype`` (the backbone's dtype, as the pipelines draw their latents), so one seed gives the same
-    starting point as the diffusers pipeline. A list of generators seeds each batch element separately.
-    """
-    device = torch.device(device)
-    check_generator(generator)
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
-        parts = [
-            torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(device) for g in generator
-        ]
-        noise = torch.cat(parts)
-    else:
-        draw_device = generator.device if generator is not None else device
-        noise = torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
-    return noise.float()
 
 
 def _condition_batch(cond: Any) -> int:

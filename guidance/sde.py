@@ -41,9 +41,8 @@ import math
 
 import torch
 
-from operators.checks import check_generator
-
 from .flow import eps_from_velocity, euler_step, expand_sigma
+from .noise import check_generator, initial_noise
 
 __all__ = ["check_noise_scale", "diffusion_squared", "sde_step", "score_from_velocity", "simplex_step"]
 
@@ -89,8 +88,6 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigm
     if eta == 0 or _is_final(sigma_next):
         return euler_step(x, v, sigma, sigma_next)
     _check_generator(generator)
-    from .sampler import initial_noise
-
     s, s_next = expand_sigma(sigma, x), expand_sigma(sigma_next, x)
     eps_hat = eps_from_velocity(x, v, sigma)
     z = initial_noise(tuple(x.shape), generator, x.device).to(x.dtype)

@@ -14,8 +14,9 @@ import numbers
 
 import torch
 
-__all__ = ["MAX_NOISE_STD", "MAX_BATCH", "MAX_ITERATIONS", "MAX_SEED", "MAX_STEPS", "MAX_WORK", "check_choice", "check_flag",
-           "check_generator", "check_int", "check_number", "check_seed", "check_work", "parse_flag"]
+__all__ = ["MAX_BATCH", "MAX_ITERATIONS", "MAX_NOISE_STD", "MAX_SEED", "MAX_STEPS", "MAX_WORK", "RANGE_MARGIN",
+           "check_flag", "check_generator", "check_image_range", "check_int", "check_noise_std", "check_number",
+           "check_seed", "check_work"]
 
 #: the most time steps of one schedule (a sampler's or a method's num_steps)
 MAX_STEPS = 10_000
@@ -88,23 +89,6 @@ def check_flag(value, name: str) -> bool:
     """True or False only (no truthy text or numbers: ``"maybe"`` is refused, not taken as True)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {_kind(value)}")
-    return value
-
-
-def parse_flag(text: str, name: str) -> bool:
-    """A command-line flag's text: true/yes/on/1 or false/no/off/0 (any case); anything else refused."""
-    word = str(text).strip().lower()
-    if word in ("true", "yes", "on", "1"):
-        return True
-    if word in ("false", "no", "off", "0"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {text!r}")
-
-
-def check_choice(value, name: str, choices) -> str:
-    """One of ``choices`` (strings), else a ValueError listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {_kind(value)}")
     return value
 
 

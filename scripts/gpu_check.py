@@ -40,9 +40,10 @@ FORMAT = "flowsteer-gpu-check/1"
 #: Packages the kit imports and reports; the first four are what the GPU machine's image lacks (scripts/wheels.txt).
 PACKAGES = ("diffusers", "kornia", "kornia_rs", "lpips", "torch", "transformers", "accelerate", "safetensors",
             "tokenizers", "huggingface_hub", "numpy", "PIL", "skimage")
-FLOWSTEER_PACKAGES = ("guidance", "operators", "tasks", "tasks.cli", "tasks.speed", "guidance.backbones.sd3",
-                      "guidance.backbones.flux", "guidance.backbones.flux2", "guidance.backbones.qwen_image",
-                      "tasks.random_backbones", "tasks.random_flux2", "tasks.random_qwen_image")
+FLOWSTEER_PACKAGES = ("guidance", "operators", "tasks", "tasks.commands.cli", "tasks.commands.speed",
+                      "guidance.backbones.sd3", "guidance.backbones.flux", "guidance.backbones.flux2",
+                      "guidance.backbones.qwen_image", "tasks.random_models.sd3", "tasks.random_models.flux",
+                      "tasks.random_models.flux2", "tasks.random_models.qwen_image")
 METHODS = ("flowchef-latent", "flowchef-pixel", "flair", "pnp_flow", "dps")
 OPTIONS = {"flair": {"data_steps": 5}}
 #: (what, run_speed arguments) on the GPU, in the order they run.
@@ -76,7 +77,7 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, value) -> None:
-    from guidance.files import write_text_atomic
+    from guidance.loading.files import write_text_atomic
 
     write_text_atomic(path, json.dumps(value, indent=1, default=str) + "\n")
 
@@ -167,7 +168,7 @@ def run_tests(out: Path, dry_run: bool, timeout: float) -> dict:
 # -- 3. speed -------------------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
     """The kit's report: environment, tests, then every speed run's own table."""
-    from tasks.speed import markdown as speed_markdown
+    from tasks.commands.speed import markdown as speed_markdown
 
     env = report["environment"]
     v = env["versions"]
@@ -216,7 +217,7 @@ def run_kit(out: Path, dry_run: bool, budget: float, repeats: int, command: str)
         return 2
 
     def save() -> None:
-        from guidance.files import write_text_atomic
+        from guidance.loading.files import write_text_atomic
 
         write_json(out / "results.json", report)
         write_text_atomic(out / "table.md", markdown(report))
@@ -244,7 +245,7 @@ def run_kit(out: Path, dry_run: bool, budget: float, repeats: int, command: str)
 
 def run_speed_rows(runs, scratch: Path, report: dict, save, left, repeats: int) -> None:
     """Each speed run in turn, within the time left, its rows saved into the report as they come."""
-    from tasks.speed import run_speed
+    from tasks.commands.speed import run_speed
 
     for index, (what, arguments) in enumerate(runs):
         remaining = left() - MARGIN

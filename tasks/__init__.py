@@ -1,43 +1,51 @@
-"""End-to-end jobs (restore, generate, edit, benchmark, calibrate, design, speed), metrics, image I/O and the CLI.
+"""End-to-end jobs: the ``flowsteer`` commands, what they write, the studies behind the README's tables, random-weight
+models and the default model's training.
 
-Every command is a function here too: ``tasks.restore(model, image, "sr:factor=4", "flair")`` is
-``tasks.restore.restore(...)``; ``tasks.generate``, ``tasks.edit``, ``tasks.design``, ``tasks.benchmark``
-(``run_benchmark``), ``tasks.calibrate`` (``calibrate_folder``) and ``tasks.speed`` (``run_speed``) likewise. The
-command modules load on first use, and so do the image helpers (``tasks.load_image`` and the rest, from
-:mod:`tasks.image_io`), so ``import tasks`` (and the ``flowsteer`` console entry, :mod:`tasks.cli`) imports neither
-torch nor diffusers: Ctrl-C during start-up is met by the command line's own handling.
+Rooms: ``commands/`` (one module per command, and ``cli.py``), ``outputs/`` (image I/O, grids, plots, metrics,
+result folders), ``studies/`` (``python -m tasks.studies.<name>``), ``random_models/`` (one builder file per backbone
+family) and ``default_model/`` (training and evaluation of the embedded default model).
+
+Every command is a function here: ``tasks.restore(model, image, "sr:factor=4", "flair")``, ``tasks.generate``,
+``tasks.edit``, ``tasks.design``, ``tasks.benchmark`` (``run_benchmark``), ``tasks.calibrate``
+(``calibrate_folder``) and ``tasks.speed`` (``run_speed``). They and the helpers below load on first use, so
+``import tasks`` (and the ``flowsteer`` console entry, :mod:`tasks.commands.cli`) imports neither torch nor
+diffusers: Ctrl-C during start-up is met by the command line's own handling.
 """
 
-import sys
-import types
 from importlib import import_module
 
-#: image helpers, loaded from :mod:`tasks.image_io` on first use
-IMAGE_IO = ("load_image", "save_image", "to_pil", "write_atomic")
+#: command -> (its module, the function ``tasks.<command>`` is)
+COMMANDS = {
+    "restore": ("tasks.commands.restore", "restore"),
+    "generate": ("tasks.commands.generate", "generate"),
+    "edit": ("tasks.commands.edit", "edit"),
+    "design": ("tasks.commands.design", "design"),
+    "benchmark": ("tasks.commands.benchmark", "run_benchmark"),
+    "calibrate": ("tasks.commands.calibrate", "calibrate_folder"),
+    "speed": ("tasks.commands.speed", "run_speed"),
+}
 
-#: command module -> the function that calling the module runs
-COMMANDS = {"restore": "restore", "generate": "generate", "edit": "edit", "design": "design",
-            "benchmark": "run_benchmark", "calibrate": "calibrate_folder", "speed": "run_speed"}
+#: every name imported on first use: the commands and the helpers the demos use
+_LAZY = {
+    **COMMANDS,
+    **{name: ("tasks.outputs.image_io", name) for name in ("load_image", "save_image", "to_pil", "write_atomic")},
+    "save_grid": ("tasks.outputs.grid", "save_grid"),
+    "image_grid": ("tasks.outputs.grid", "image_grid"),
+    "open_model": ("tasks.commands.restore", "open_model"),
+    "read_image": ("tasks.commands.restore", "read_image"),
+    "resize_image": ("tasks.commands.restore", "resize_image"),
+    "allowed_size": ("tasks.commands.restore", "allowed_size"),
+    "parse_options": ("tasks.commands.restore", "parse_options"),
+    "decode_sequences": ("tasks.commands.design", "decode"),
+    "TINY_PIPELINES": ("tasks.random_models", "TINY_PIPELINES"),
+    "tiny_pipeline": ("tasks.random_models", "tiny_pipeline"),
+}
 
-__all__ = ["COMMANDS", *IMAGE_IO, *COMMANDS]
-
-
-class CommandModule(types.ModuleType):
-    """A command's module that is also its function: calling it calls ``COMMANDS[name]`` with the same arguments
-    (attributes, submodule imports and ``from tasks.restore import ...`` work as for any module)."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(self, COMMANDS[self.__name__.rpartition(".")[2]])(*args, **kwargs)
-
-
-def callable_command(name: str) -> None:
-    """Make the command module ``name`` (a module's ``__name__``) callable; each command module calls this last."""
-    sys.modules[name].__class__ = CommandModule
+__all__ = ["COMMANDS", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in COMMANDS:
-        return import_module(f"{__name__}.{name}")
-    if name in IMAGE_IO:
-        return getattr(import_module(f"{__name__}.image_io"), name)
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        return getattr(import_module(module), attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

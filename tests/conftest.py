@@ -60,7 +60,7 @@ def photo_32(tmp_path):
     """A smooth 32x32 RGB test photo written as PNG."""
     import torch
 
-    from tasks.image_io import save_image
+    from tasks.outputs.image_io import save_image
 
     y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     image = torch.stack([x, y, (x * y)], 0)[None] * 0.8
@@ -78,7 +78,7 @@ def offline_cache(monkeypatch, tmp_path):
 @pytest.fixture()
 def cli(capsys, offline_cache):
     """Run `flowsteer ARGS...` in-process: ``cli(*args) -> (exit code, stdout, stderr)``."""
-    from tasks.cli import main
+    from tasks.commands.cli import main
 
     def run(*args):
         capsys.readouterr()

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import benchmark
-from tasks.benchmark import (
+from tasks.commands.benchmark import state as benchmark
+from tasks.commands.benchmark import (
     parse_method_options,
     run_benchmark,
     split_methods,
     split_operators,
 )
-from tasks.cli import main
-from tasks.image_io import load_image, save_image
+from tasks.commands.cli import main
+from tasks.outputs.image_io import load_image, save_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATORS = "sr:factor=2;gaussian_blur:sigma=1,kernel_size=5"
@@ -110,7 +110,7 @@ def test_outputs(reference, tiny_sd3_folder):
         assert (reference / "plots" / f"{name}.png").is_file()
     grid = load_image(reference / "grids" / "a.png")  # 2 rows (operators) x 4 columns, with captions
     cell = (grid.shape[-1] - 2) / 4 - 2  # 32x32 images enlarged 4x to 128, wider for long captions
-    from tasks.grid import _font, _line_height
+    from tasks.outputs.grid import _font, _line_height
 
     caption = 2 * _line_height(_font()) + 2  # two lines under the methods: name and PSNR
     assert cell == int(cell) and cell >= 128 and grid.shape[-2] == 2 * (128 + caption + 2) + 2
@@ -150,11 +150,11 @@ def test_sharded_over_two_processes_matches_one(reference, images, tiny_sd3_fold
     if launcher:
         command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
-                   "-m", "tasks.benchmark", *argv]
+                   "-m", "tasks.commands.benchmark", *argv]
         done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     else:  # the same protocol by hand
-        procs = [subprocess.Popen([sys.executable, "-m", "tasks.benchmark", *argv], cwd=ROOT,
+        procs = [subprocess.Popen([sys.executable, "-m", "tasks.commands.benchmark", *argv], cwd=ROOT,
                                   env={**env, "RANK": str(r), "WORLD_SIZE": "2"}) for r in (1, 0)]
         assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert quality(read_summary(out)) == quality(read_summary(reference))
@@ -173,7 +173,7 @@ def test_overwrite_and_divergence(images, tiny_sd3_folder, tmp_path, capsys, mon
     def diverge(*args, **kwargs):
         raise DivergenceError("the iterate became NaN")
 
-    monkeypatch.setattr("tasks.restore.restore", diverge)
+    monkeypatch.setattr("tasks.commands.restore.restore", diverge)
     assert main([*base, "--operators", "denoise", "--overwrite"]) == 0
     names = sorted(p.name for p in (out / "items").iterdir())
     assert names == ["a__denoise__pseudo_inverse.json"]  # the stale sr items are gone; nothing was measured

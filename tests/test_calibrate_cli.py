@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from guidance import load_crw, load_model
-from tasks.image_io import save_image
+from tasks.outputs.image_io import save_image
 
 
 pytestmark = pytest.mark.usefixtures("offline_cache")

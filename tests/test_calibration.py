@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny_models import PROMPT, sd3_pipeline
 
-import guidance.calibration as calibration
+import guidance.features.calibration as calibration
 from guidance import AnalyticGMMFlow, MeasurementFidelity
-from guidance.calibration import (DEFAULT_CRW, CRWTable, calibrate, crw_cache_dir, crw_key, load_crw,
+from guidance.features.calibration import (DEFAULT_CRW, CRWTable, calibrate, crw_cache_dir, crw_key, load_crw,
                                   model_identity)
 from guidance.methods.flair import flair, flair_grid
 from guidance.backbones.sd3 import SD3Model

@@ -9,8 +9,9 @@ from tiny_models import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, NEGATIVE, PROMPT
 from guidance.backbones.chroma import ChromaCondition, ChromaModel
 from guidance.backbones.flux import pack_latents
 from guidance.sampler import sample
-from tasks.random_backbones import parameter_count
-from tasks.random_chroma import chroma_hd_config, chroma_hd_transformer, tiny_chroma_components, tiny_chroma_pipeline
+from tasks.random_models.common import parameter_count
+from tasks.random_models.chroma import (chroma_hd_config, chroma_hd_transformer, tiny_chroma_components,
+                                         tiny_chroma_pipeline)
 
 ATOL = 1e-5
 SIZE = 64  # 8x8 latents, 16 packed tokens

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from operators import list_operators
-from tasks.cli import main
+from tasks.commands.cli import main
 
 
 def test_version(capsys):

@@ -4,9 +4,9 @@ posterior-mean restoration from several samples, the model's recommended consist
 import pytest
 import torch
 
-from guidance.consistency import pixel_consistency
+from guidance.features.consistency import pixel_consistency
 from operators import make_operator
-from tasks.restore import restore
+from tasks.commands.restore import restore
 
 
 def smooth_image(seed: int, size: int = 32) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_consistency_steps_follow_the_model_unless_set(default_model, monkeypatc
 
 def test_a_noiseless_iteration_ends_on_stagnation_far_before_its_bound():
     """With σ_n = 0 the discrepancy principle never fires; stagnation ends the iteration anyway."""
-    from guidance.consistency import STAGNATION
+    from guidance.features.consistency import STAGNATION
 
     op = make_operator("sr:factor=4")
     x_true, guess = smooth_image(0), smooth_image(1) * 0.5

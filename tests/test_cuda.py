@@ -14,7 +14,7 @@ import torch
 from tiny_models import NEGATIVE, PROMPT, flux_pipeline, sd3_pipeline, tiny_taesd
 
 from guidance import AnalyticGMMFlow, MeasurementFidelity, get_method, sample
-from guidance.calibration import DEFAULT_CRW
+from guidance.features.calibration import DEFAULT_CRW
 from guidance.backbones.flux import FluxModel
 from guidance.backbones.sd3 import SD3Model
 from operators import make_operator
@@ -138,7 +138,7 @@ def test_analytic_flow_on_the_device_equals_the_cpu_in_float64(cuda_device):
 # -- the default model and the command line -------------------------------------------------------------------
 def test_default_model_restores_on_the_device_as_on_the_cpu(cuda_device):
     from guidance import load_model
-    from tasks.restore import restore
+    from tasks.commands.restore import restore
 
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=_gen(21)) * 1.6 - 0.8, size=(32, 32),
                                             mode="bicubic").clamp(-1, 1)
@@ -162,7 +162,7 @@ def test_restore_command_on_the_device(cuda_device, cli, photo_32, tmp_path):
 
 # -- speed paths ----------------------------------------------------------------------------------------------
 def test_speed_cell_on_the_device_reports_the_allocator_peak(cuda_device):
-    from tasks.speed import Cell, Settings, measure_cell, open_backbone
+    from tasks.commands.speed import Cell, Settings, measure_cell, open_backbone
 
     settings = Settings(str(cuda_device), "bfloat16" if cuda_device.type == "cuda" else "float32", repeats=1,
                         isolate=False)

@@ -16,7 +16,7 @@ import test_operators_generic as generic  # noqa: E402
 from guidance import MeasurementFidelity, flowsteer_reconstructor, get_method  # noqa: E402
 from operators import FunctionOperator, from_deepinv, make_operator, to_deepinv  # noqa: E402
 from operators.base import operator_gain  # noqa: E402
-from tasks.analytic_benchmark import smooth_image_prior  # noqa: E402
+from tasks.studies.analytic_benchmark import smooth_image_prior  # noqa: E402
 
 physics = deepinv.physics
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

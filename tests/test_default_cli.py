@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from guidance.backbones.default import DEFAULT_MODEL_DIR
-from tasks.image_io import load_image, save_image
+from tasks.outputs.image_io import load_image, save_image
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos" / "images"
 

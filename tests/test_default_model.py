@@ -15,9 +15,9 @@ from guidance.backbones.default import DEFAULT_MODEL_DIR, DefaultModelError, che
 from guidance.backbones.generic import GenericFlowModel
 from guidance.objectives import MeasurementFidelity
 from operators import make_operator
-from tasks.image_io import load_image
-from tasks.metrics import psnr
-from tasks.rewards import load_classifier
+from tasks.outputs.image_io import load_image
+from tasks.outputs.metrics import psnr
+from guidance.features.rewards import load_classifier
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos" / "images"
 
@@ -95,7 +95,7 @@ def test_flair_restores_a_held_out_crop(model):
 
 
 def test_classifiers_recognise_their_classes():
-    from tasks.train_default import CLASSES, CropSampler
+    from tasks.default_model.train import CLASSES, CropSampler
 
     photos = {photo: 1.0 for group in CLASSES.values() for photo in group}
     label_of = [i for i, group in enumerate(CLASSES.values()) for _ in group]
@@ -135,7 +135,7 @@ def test_damaged_weights_name_the_file_and_the_fix(copy_of_default):
     with pytest.raises(DefaultModelError, match="damaged") as error:
         load_model("default")
     assert "unet/diffusion_pytorch_model.safetensors" in str(error.value)
-    assert "pip install --force-reinstall" in str(error.value) and "train_default" in str(error.value)
+    assert "pip install --force-reinstall" in str(error.value) and "tasks.default_model.train" in str(error.value)
 
 
 def test_missing_weights_name_the_file_and_the_fix(cli, copy_of_default, tmp_path):
@@ -144,7 +144,7 @@ def test_missing_weights_name_the_file_and_the_fix(cli, copy_of_default, tmp_pat
         check_default_model()
     code, _, err = cli("restore", DEMOS / "chelsea.png", "--operator", "sr", "--simulate", "--out", tmp_path / "out",
                        "--quiet")
-    assert code != 0 and "train_default" in err and "Traceback" not in err
+    assert code != 0 and "tasks.default_model.train" in err and "Traceback" not in err
 
 
 def test_manifest_covers_every_weight_file():
@@ -155,7 +155,7 @@ def test_manifest_covers_every_weight_file():
 
 
 def test_recommended_options_per_method_and_operator_match_the_training_script(model):
-    from tasks.train_default import OPERATOR_OPTIONS, RECOMMENDED_OPTIONS, RESTORE_OPTIONS
+    from tasks.default_model.train import OPERATOR_OPTIONS, RECOMMENDED_OPTIONS, RESTORE_OPTIONS
 
     assert (model.method_options, model.operator_options, model.restore_options) == (
         RECOMMENDED_OPTIONS, OPERATOR_OPTIONS, RESTORE_OPTIONS)
@@ -170,7 +170,7 @@ def test_recommended_options_per_method_and_operator_match_the_training_script(m
 
 def test_restore_applies_the_operators_recommendation_under_the_users_options(model):
     from operators import BicubicDownsampling, Composition
-    from tasks.restore import restore
+    from tasks.commands.restore import restore
 
     crop = held_out(32)
     run = dict(simulate=True, num_steps=4, progress=False, consistency_steps=0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import design as tasks_design
-from tasks.cli import main
+from tasks.commands import design as tasks_design
+from tasks.commands.cli import main
 
 ALPHABET = "ACGT"
 

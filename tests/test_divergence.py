@@ -12,7 +12,7 @@ from guidance import AnalyticGMMFlow, DivergenceError, MeasurementFidelity, get_
 from guidance.methods.common import DIVERGENCE_FACTOR, WARNING_FACTOR, reference_scale, state_rms
 from operators import as_operator
 from operators.base import operator_gain
-from tasks.analytic_benchmark import smooth_image_prior
+from tasks.studies.analytic_benchmark import smooth_image_prior
 
 FLOW = smooth_image_prior()  # 1x8x8, pixel values in about [-1, 1]
 GAIN = 5.0  # ‖A‖², as deepinv's compressed sensing (5.5)

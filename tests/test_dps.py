@@ -9,8 +9,8 @@ from tiny_models import text_case as _text_case
 from guidance import CallableObjective, DivergenceError, MeasurementFidelity, get_method, sample
 from guidance.methods.dps import dps
 from operators import make_operator
-from tasks.analytic_benchmark import smooth_image_prior
-from tasks.posterior_scores import mse_over_mmse
+from tasks.studies.analytic_benchmark import smooth_image_prior
+from tasks.studies.posterior_scores import mse_over_mmse
 
 NOISE_STD = 0.05
 FLOW = smooth_image_prior()  # 1x8x8, six nearly degenerate smooth-image components

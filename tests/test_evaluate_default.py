@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from tasks import evaluate_default
-from tasks.evaluate_default import markdown, merge_rows, restoration_table, row_method, summarise
+from tasks.default_model import evaluate as evaluate_default
+from tasks.default_model.evaluate import markdown, merge_rows, restoration_table, row_method, summarise
 
 pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 def test_restoration_table_rows_and_grid(monkeypatch):
     from guidance import load_model
-    from tasks.train_default import held_out_images
+    from tasks.default_model.train import held_out_images
 
     monkeypatch.setattr(evaluate_default, "OPERATORS", {"SR x4": ("sr:factor=4,noise_std=0.01", "bicubic")})
     crop = held_out_images(64)[:1]
@@ -35,7 +35,7 @@ def test_restoration_table_rows_and_grid(monkeypatch):
 
 def test_grid_only_methods_join_the_grid_with_their_first_sample_but_add_no_rows(monkeypatch):
     from guidance import load_model
-    from tasks.train_default import held_out_images
+    from tasks.default_model.train import held_out_images
 
     monkeypatch.setattr(evaluate_default, "OPERATORS", {"SR x4": ("sr:factor=4,noise_std=0.01", "bicubic")})
     crops = held_out_images(64)[:2]
@@ -72,7 +72,7 @@ def test_merged_rows_keep_other_methods_measure_floors_anew_and_follow_the_table
 def test_a_run_of_some_methods_keeps_the_other_rows_of_the_same_settings(monkeypatch, tmp_path, capsys):
     import json
 
-    from tasks.train_default import held_out_images
+    from tasks.default_model.train import held_out_images
 
     monkeypatch.setattr(evaluate_default, "OPERATORS", {"SR x4": ("sr:factor=4,noise_std=0.01", "bicubic")})
     monkeypatch.setattr(evaluate_default, "held_out_images", lambda: held_out_images(64)[:2])

@@ -21,14 +21,14 @@ import torch
 import guidance
 from guidance import MeasurementFidelity, get_method, load_model
 from guidance.backbones.registry import BACKBONES, get_backbone
-from guidance.calibration import calibrate
+from guidance.features.calibration import calibrate
 from operators import make_operator
-from tasks.random_backbones import TINY_PIPELINES, tiny_pipeline
+from tasks.random_models import TINY_PIPELINES, tiny_pipeline
 
 PROMPT = "a photo of a red fox sitting in the snow"
 STEPS = 3
 
-#: every family's tiny pipeline (tasks.random_backbones.TINY_PIPELINES) -> its condition's keyword arguments
+#: every family's tiny pipeline (tasks.random_models.TINY_PIPELINES) -> its condition's keyword arguments
 FAMILIES = {name: ({"max_sequence_length": 32} if name == "flux" else {}) for name in TINY_PIPELINES}
 
 
@@ -174,7 +174,7 @@ def test_flair_presets_run_on_every_family(case, preset):
     """A FLAIR preset's options (data steps, data lr, DTA, its weight table; flowsteer presets) on every family, at 3
     steps and the tiny model's size: the measurement residual drops below unguided sampling's. (The FlowChef and
     PnP-Flow presets' steps are tuned to their published image sizes and models.)"""
-    from guidance.presets import get_preset, method_from_preset
+    from guidance.features.presets import get_preset, method_from_preset
 
     model, cond, side = setting(case)
     method, _, objective_kwargs = method_from_preset(preset)

@@ -8,7 +8,7 @@ import torch
 from tiny_models import PROMPT, flux_pipeline, sd3_pipeline
 
 from guidance import AnalyticGMMFlow, CallableObjective, DivergenceError, MeasurementFidelity, get_method
-from guidance.calibration import CRWTable
+from guidance.features.calibration import CRWTable
 from guidance.methods import method_options
 from guidance.methods.flair import (PRESETS, data_consistency, default_data_lr, dta_noise, flair, flair_grid,
                                     initial_image, operator_gain, regularizer_step, sr_data_lr)

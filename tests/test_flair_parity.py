@@ -11,12 +11,12 @@ import torch
 from tiny_models import PROMPT, sd3_pipeline, tiny_taesd
 
 from guidance import MeasurementFidelity, get_method
-from guidance.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, calibrate, load_crw, official_crw_name,
+from guidance.features.calibration import (DEFAULT_CRW, OFFICIAL_TABLES, calibrate, load_crw, official_crw_name,
                                   official_crw_table, resolve_crw)
-from guidance.loading import ModelNotFoundError, load_model
+from guidance.loading.models import ModelNotFoundError, load_model
 from guidance.methods.flair import PRESETS, flair_grid
 from guidance.backbones.sd3 import SD3Model
-from guidance.presets import get_preset
+from guidance.features.presets import get_preset
 from operators import make_operator
 
 # sha256 of the float32 arrays in the official files (np.load(...).astype("<f4").tobytes())
@@ -188,7 +188,7 @@ def test_flair_presets_carry_the_official_configurations():
 
 
 def _photos(folder: Path, count: int = 2) -> Path:
-    from tasks.image_io import save_image
+    from tasks.outputs.image_io import save_image
 
     folder.mkdir()
     y, x = torch.meshgrid(torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 48), indexing="ij")
@@ -198,7 +198,7 @@ def _photos(folder: Path, count: int = 2) -> Path:
 
 
 def test_benchmark_preset_reproduces_the_official_x12_setting(hub_cache, tmp_path):
-    from tasks.benchmark import run_benchmark
+    from tasks.commands.benchmark import run_benchmark
 
     images = _photos(tmp_path / "images")
     (tmp_path / "captions.txt").write_text("photo0.png: bloom, field\nphoto1.png: sky\n")
@@ -231,7 +231,7 @@ def test_benchmark_preset_reproduces_the_official_x12_setting(hub_cache, tmp_pat
 
 
 def test_benchmark_preset_refuses_what_does_not_fit(hub_cache, tmp_path):
-    from tasks.benchmark import run_benchmark
+    from tasks.commands.benchmark import run_benchmark
 
     images = _photos(tmp_path / "images", 1)
     with pytest.raises(ValueError, match="flair setting; drop --methods"):
@@ -246,7 +246,7 @@ def test_benchmark_preset_refuses_what_does_not_fit(hub_cache, tmp_path):
 
 @pytest.mark.parametrize("name", ["flair_inpaint", "flair_motion_deblur"])
 def test_benchmark_runs_the_other_flair_presets_as_published(hub_cache, tmp_path, name):
-    from tasks.benchmark import run_benchmark
+    from tasks.commands.benchmark import run_benchmark
 
     preset = get_preset(name)
     result = run_benchmark(_photos(tmp_path / "images", 1), out=tmp_path / "out", preset=name, size=48,
@@ -262,7 +262,7 @@ def test_benchmark_runs_the_other_flair_presets_as_published(hub_cache, tmp_path
 
 
 def test_a_preset_on_an_unconditional_model_runs_without_its_text_settings(tmp_path, offline_cache):
-    from tasks.benchmark import run_benchmark
+    from tasks.commands.benchmark import run_benchmark
 
     with pytest.warns(UserWarning, match="sets prompt, negative_prompt, guidance_scale, which 'default' does not take"):
         result = run_benchmark(_photos(tmp_path / "images", 1), out=tmp_path / "out", preset="flair_sr12",

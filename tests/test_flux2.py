@@ -19,7 +19,7 @@ from guidance.backbones.flux2 import (
     unpatchify,
 )
 from guidance.sampler import sample
-from tasks.random_flux2 import flux2_klein_components, flux2_klein_transformer, flux2_vae, tiny_flux2_pipeline
+from tasks.random_models.flux2 import flux2_klein_components, flux2_klein_transformer, flux2_vae, tiny_flux2_pipeline
 
 ATOL = 1e-5
 SIZE = 32  # 2x2 latent tokens of 16 channels

@@ -222,7 +222,7 @@ def test_generate_records_a_loaded_models_source_and_restore_grids_carry_the_psn
                                 width=32, progress=False)
     assert generation.settings["model"] == "default" and generation.images[0].size == (32, 32)
 
-    import tasks.restore as restore_module
+    import tasks.commands.restore as restore_module
 
     seen = {}
     real = restore_module.save_grid

@@ -1,5 +1,6 @@
 """Default paths as a new user tries them: each test runs the user's exact call or command."""
 
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 import tasks
 from guidance import AnalyticSimplexFlow, CategoricalMixture, ClassifierObjective, get_method, load_model
-from guidance.consistency import pixel_consistency
+from guidance.features.consistency import pixel_consistency
 from operators import make_operator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,15 +87,14 @@ def test_restore_command_warns_in_one_line_for_a_nonlinear_operator(cli, photo_3
 
 
 def test_every_command_is_a_function_in_tasks():
-    for name, function in tasks.COMMANDS.items():
-        module = getattr(tasks, name)
-        assert callable(module) and callable(getattr(module, function)), name
+    for name, (module, function) in tasks.COMMANDS.items():
+        assert getattr(tasks, name) is getattr(importlib.import_module(module), function), name
     out = tasks.restore(load_model("default"), _smooth(), "sr:factor=2", "pnp_flow", simulate=True, num_steps=2,
                         progress=False)
     assert out.restored.shape == (1, 3, 32, 32)
-    from tasks.restore import restore  # the module's own function, as before
+    from tasks.commands.restore import restore  # the command module's own function
 
-    assert tasks.restore.restore is restore
+    assert tasks.restore is restore
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         tasks.nosuch  # noqa: B018
 

@@ -15,8 +15,8 @@ import torch
 
 from guidance import ClassifierObjective
 from guidance.backbones.default import default_model_dir
-from tasks.generate import classifier_source
-from tasks.rewards import load_classifier
+from tasks.commands.generate import classifier_source
+from guidance.features.rewards import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMOS = sorted((ROOT / "demos").glob("*.py"))

@@ -169,8 +169,8 @@ def test_as_operator_keeps_operators_and_names_what_it_accepts():
 
 # -- 3. one mask convention: 1 / white = missing ---------------------------------------------------------------------
 def test_the_same_mask_means_the_same_pixels_everywhere(tmp_path):
-    from tasks.edit import read_mask
-    from tasks.image_io import save_image
+    from tasks.commands.edit import read_mask
+    from tasks.outputs.image_io import save_image
 
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:10, 2:7] = 1  # white = missing / to edit

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import grid as tasks_grid
-from tasks.image_io import load_image, save_image, to_pil
+from tasks.outputs import grid as tasks_grid
+from tasks.outputs.image_io import load_image, save_image, to_pil
 
 DEMOS = Path(__file__).resolve().parent.parent / "demos" / "images"
 
@@ -53,7 +53,7 @@ def test_grid_cells_of_32px_images_are_128px_and_exact_pixel_repeats(tmp_path):
 @pytest.fixture(scope="module")
 def default_bench(tmp_path_factory):
     """`flowsteer benchmark --model default ...` on one 32x32 photo, with the captions passed to save_grid."""
-    from tasks.cli import main
+    from tasks.commands.cli import main
 
     root = tmp_path_factory.mktemp("front_end_bench")
     folder = root / "photos"

@@ -1,5 +1,6 @@
 """`flowsteer generate` and `flowsteer edit` on the tiny SD3 folder (32x32, 3 steps), with tiny CLIP and ViT models
-built from config and saved locally (nothing is downloaded), plus the reward / classifier loading of tasks.rewards."""
+built from config and saved locally (nothing is downloaded), plus the reward / classifier loading of
+guidance.features.rewards."""
 
 import json
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from tiny_models import word_tokenizer
 
-from tasks.cli import main
-from tasks.image_io import load_image, save_image
-from tasks.rewards import load_classifier, load_reward, make_guide, resolve_label
+from tasks.commands.cli import main
+from tasks.outputs.image_io import load_image, save_image
+from guidance.features.rewards import load_classifier, load_reward, make_guide, resolve_label
 
 TINY = ["--size", "32", "32", "--steps", "3", "--quiet"]
 
@@ -146,7 +147,7 @@ def half_mask(tmp_path):
 
 
 def test_edit_writes_outputs_and_keeps_the_unmasked_region(tiny_sd3_folder, photo_32, half_mask, tmp_path, capsys):
-    from guidance.loading import load_model
+    from guidance.loading.models import load_model
 
     out = tmp_path / "edited"
     code = main(["edit", str(photo_32), "--mask", str(half_mask), "--source-prompt", "a photo of a cat",
@@ -187,7 +188,7 @@ def test_edit_errors(tiny_sd3_folder, photo_32, tmp_path, capsys):
     assert "--overwrite" in error_line(capsys)
 
 
-# -- tasks.rewards ------------------------------------------------------------------------------------------
+# -- guidance.features.rewards -----------------------------------------------------------------------------------------
 def test_labels_by_index_or_name():
     names = ["dark", "bright"]
     assert resolve_label(1, names) == resolve_label("1", names) == resolve_label("BRIGHT", names) == 1

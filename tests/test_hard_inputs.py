@@ -8,7 +8,7 @@ from PIL import Image
 from tiny_models import NEGATIVE, PROMPT
 
 from guidance import CallableObjective, objective_gradient, sample
-from guidance.hard_inputs import (
+from guidance.features.hard_inputs import (
     DecisionObjective,
     HardInputObjective,
     argmax_decision,
@@ -19,7 +19,7 @@ from guidance.hard_inputs import (
     threshold,
 )
 from guidance.methods.flowchef import flowchef
-from tasks.image_io import load_image, to_pil
+from tasks.outputs.image_io import load_image, to_pil
 
 
 class _Identity:

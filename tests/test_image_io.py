@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import tasks.image_io as image_io
+import tasks.outputs.image_io as image_io
 from tasks import load_image, save_image
 
 

@@ -2,19 +2,17 @@
 names exactly the folders there are."""
 
 import fnmatch
-import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Modules that train or benchmark; ``import guidance, operators, tasks`` must load none of them.
-HEAVY = ("train_default", "speed", "random_backbones", "benchmark", "evaluate_default", "analytic_benchmark",
-         "sequence_benchmark")
+#: Rooms of tasks/ that hold commands, studies, model builders or training; ``import guidance, operators, tasks``
+#: must load none of their modules (the commands are functions of ``tasks`` imported on first use).
+HEAVY = ("tasks.commands", "tasks.studies", "tasks.random_models", "tasks.default_model")
 
 
 def test_importing_the_packages_loads_no_training_or_benchmark_module():
@@ -23,8 +21,8 @@ def test_importing_the_packages_loads_no_training_or_benchmark_module():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     loaded = done.stdout.split()
-    assert "guidance.loading" in loaded and "operators.registry" in loaded  # the check sees the imports
-    heavy = [name for name in loaded if any(part in HEAVY for part in name.split("."))]
+    assert "guidance.loading.models" in loaded and "operators.registry" in loaded  # the check sees the imports
+    heavy = [name for name in loaded if any(name == room or name.startswith(room + ".") for room in HEAVY)]
     assert not heavy, f"import guidance, operators, tasks loads {heavy}"
     assert not [name for name in loaded if name.startswith("guidance.backbones.") and name.rpartition(".")[2] in
                 ("sd3", "flux", "generic", "pipeline")], "the backbone adapters load on first use only"
@@ -47,43 +45,75 @@ def _ignored() -> list[str]:
     return [line.strip().strip("/") for line in lines if line.strip() and not line.startswith("#")]
 
 
-def _folders(parent: Path) -> set[str]:
-    """The folders of ``parent`` that belong to the project: those holding tracked files in a git checkout (so an
-    ``out/`` folder a user made does not count), else those not hidden and not ignored (venv/, build/, caches)."""
-    tracked = _tracked(parent)
-    folders = {path.name for path in parent.iterdir() if path.is_dir() and not path.name.startswith(".")}
+def _tracked_folders() -> set[str] | None:
+    """Every folder (a relative path, "/"-separated) that holds a file git tracks; None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except OSError:  # no git
+        return None
+    if done.returncode != 0 or not done.stdout:
+        return None
+    folders = set()
+    for name in done.stdout.split("\0"):
+        parts = name.split("/")[:-1]
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return folders
+
+
+def _folders(parent: str, tracked: set[str] | None) -> set[str]:
+    """The folders of ``parent`` ("" for the top) that belong to the project: those git tracks files in (an ``out/``
+    folder a user made does not count); outside a git checkout, those on disk that are not hidden or ignored."""
     if tracked is not None:
-        return folders & tracked
-    ignored = _ignored()
-    return {name for name in folders if not any(fnmatch.fnmatch(name, pattern) for pattern in ignored)}
+        prefix = f"{parent}/" if parent else ""
+        return {path[len(prefix):] for path in tracked if path.startswith(prefix) and "/" not in path[len(prefix):]
+                and not path[len(prefix):].startswith(".")}
+    ignored = [*_ignored(), "__pycache__"]
+    return {path.name for path in (ROOT / parent).iterdir() if path.is_dir() and not path.name.startswith(".")
+            and not any(fnmatch.fnmatch(path.name, pattern) for pattern in ignored)}
 
 
-def _layout() -> tuple[set[str], set[str]]:
-    """(the top-level folders, the folders under guidance/) that the README's Layout block lists."""
+def _layout() -> dict[str, set[str]]:
+    """The folder tree of the README's Layout block (two spaces of indent per level): folder path -> the
+    subfolders it lists ("" for the top level)."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout\n", 1)[1].split("```", 2)[1]
-    top, sub, parent = set(), set(), None
+    tree: dict[str, set[str]] = {"": set()}
+    stack: list[str] = []
     for line in block.splitlines():
-        if match := re.match(r"([\w.-]+)/\s", line):
-            parent = match.group(1)
-            top.add(parent)
-        elif (match := re.match(r"  ([\w.-]+)/\s", line)) and parent == "guidance":
-            sub.add(match.group(1))
-    return top, sub
+        if match := re.match(r"((?:  )*)([\w.-]+)/(?:\s|$)", line):
+            depth = len(match.group(1)) // 2
+            if depth > len(stack):
+                continue  # deeper than a listed parent: not a folder line
+            stack[depth:] = [match.group(2)]
+            parent, path = "/".join(stack[:-1]), "/".join(stack)
+            tree.setdefault(parent, set()).add(match.group(2))
+            tree.setdefault(path, set())
+    return tree
 
 
 def test_the_readme_layout_lists_exactly_the_folders():
-    top, sub = _layout()
-    assert top == _folders(ROOT), "README.md's Layout section and the top-level folders differ"
-    assert sub == _folders(ROOT / "guidance"), "README.md's Layout section and the folders of guidance/ differ"
-    assert {"backbones", "analytic", "sequences"} <= sub
+    """The top level, guidance/ and tasks/ (and any folder whose subfolders the README lists) have exactly the
+    folders the README's Layout section names, counting folders that hold tracked files only."""
+    tree, tracked = _layout(), _tracked_folders()
+    for parent, listed in tree.items():
+        if parent in ("", "guidance", "tasks") or listed:
+            assert listed == _folders(parent, tracked), \
+                f"README.md's Layout section and the folders of {parent or 'the top level'}/ differ"
+    assert {"backbones", "methods", "analytic", "sequences", "loading"} <= tree["guidance"]
+    assert {"commands", "outputs", "studies", "random_models", "default_model"} <= tree["tasks"]
+
+
+def test_a_folder_git_does_not_track_does_not_count():
+    """An ``out/`` folder a user made (untracked) is not a project folder; a tracked one is."""
+    assert "out" not in _folders("", {"guidance", "guidance/methods", "tasks"})
+    assert _folders("guidance", {"guidance", "guidance/methods", "guidance/methods/x", "tasks"}) == {"methods"}
 
 
 def test_the_backbone_registry_names_classes_that_exist():
     """Every family's adapter is a FlowModel and its diffusers classes exist; `flowsteer models` lists its rows."""
     from guidance import FlowModel
     from guidance.backbones.registry import BACKBONES, known_models
-    from tasks.cli_listing import KNOWN_MODELS
+    from tasks.commands.listings import KNOWN_MODELS
 
     assert len({b.name for b in BACKBONES}) == len(BACKBONES)
     import guidance
@@ -95,16 +125,3 @@ def test_the_backbone_registry_names_classes_that_exist():
             assert backbone.pipeline_class(name).__name__ == name
             assert backbone.transformer_class().__name__ == backbone.transformer
     assert KNOWN_MODELS == known_models() and KNOWN_MODELS[0][0] == "default"
-
-
-def test_the_former_import_paths_are_the_moved_modules():
-    from guidance.models import MOVED
-
-    for former, now in MOVED.items():
-        assert importlib.import_module(f"guidance.models.{former}") is importlib.import_module(now), former
-    from guidance.models.simplex_network import train_simplex_flow  # the form the documentation used
-    from guidance.sequences.network import train_simplex_flow as moved
-
-    assert train_simplex_flow is moved
-    with pytest.raises(ModuleNotFoundError):
-        importlib.import_module("guidance.models.no_such_module")

@@ -8,7 +8,7 @@ import torch
 from tiny_models import NEGATIVE, PROMPT, flux_components, flux_pipeline, sd3_pipeline, tiny_taesd, tiny_unet, tiny_vae
 from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from guidance.loading import ModelNotFoundError, load_model
+from guidance.loading.models import ModelNotFoundError, load_model
 from guidance.backbones.flux import FluxModel
 from guidance.backbones.generic import GenericFlowModel
 from guidance.backbones.sd3 import SD3Model

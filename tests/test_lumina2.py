@@ -9,7 +9,7 @@ from tiny_models import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, NEGATIVE, PROMPT
 
 from guidance.backbones.lumina2 import Lumina2Condition, Lumina2Model
 from guidance.sampler import sample
-from tasks.random_lumina2 import tiny_lumina2_pipeline
+from tasks.random_models.lumina2 import tiny_lumina2_pipeline
 
 ATOL = 1e-5
 SIZE = 64  # 8x8 latents, 16 patches

@@ -9,8 +9,8 @@ import torch
 from guidance import AnalyticGMMFlow, CallableObjective, get_method, sample
 from guidance.methods.particles import ancestors
 from guidance.sde import sde_step
-from tasks import particle_benchmark as bench
-from tasks.design import load_score, load_sequence_flow
+from tasks.studies import particle_benchmark as bench
+from tasks.commands.design import load_score, load_sequence_flow
 
 
 def gmm_flow() -> AnalyticGMMFlow:
@@ -183,7 +183,7 @@ def test_particles_on_a_simplex_flow_with_a_gradient_step():
 
 def test_particles_on_the_default_image_model_with_a_hard_decision():
     from guidance import DecisionObjective, load_model
-    from tasks.rewards import classifier_source, load_classifier
+    from guidance.features.rewards import classifier_source, load_classifier
 
     model = load_model("default")
     classifier = load_classifier(classifier_source("default"))

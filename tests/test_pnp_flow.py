@@ -11,8 +11,8 @@ from guidance.methods.common import data_term_gain
 from guidance.methods.pnp_flow import pnp_flow
 from operators import make_operator
 from operators.base import operator_gain
-from tasks.analytic_benchmark import smooth_image_prior
-from tasks.posterior_scores import mse_over_mmse
+from tasks.studies.analytic_benchmark import smooth_image_prior
+from tasks.studies.posterior_scores import mse_over_mmse
 
 NOISE_STD = 0.05
 FLOW = smooth_image_prior()  # 1x8x8, six nearly degenerate smooth-image components

@@ -17,11 +17,11 @@ import torch
 from guidance import AnalyticGMMFlow, MeasurementFidelity
 from guidance.methods import get_method
 from guidance.methods.pnp_flow import PRESETS, pnp_flow, uniform_grid
-from guidance.presets import get_preset, list_presets
+from guidance.features.presets import get_preset, list_presets
 from operators import make_operator
 from operators.base import operator_gain
 from operators.function import FunctionOperator
-from tasks.analytic_benchmark import smooth_image_prior
+from tasks.studies.analytic_benchmark import smooth_image_prior
 
 FLOW = smooth_image_prior(shape=(3, 4, 4), components=3)  # a small colour prior keeps 100 x 5 evaluations cheap
 BATCH = 2

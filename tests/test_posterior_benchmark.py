@@ -9,8 +9,8 @@ import torch
 
 from guidance import CallableObjective, MeasurementFidelity, get_method
 from operators import make_operator
-from tasks import posterior_scores
-from tasks.analytic_benchmark import NOISE_STD, OPERATORS, score, smooth_image_prior
+from tasks.studies import posterior_scores
+from tasks.studies.analytic_benchmark import NOISE_STD, OPERATORS, score, smooth_image_prior
 
 FLOW = smooth_image_prior()
 BOUNDS = {"flowchef": 3.0, "flair": 4.0}

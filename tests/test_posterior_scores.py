@@ -3,7 +3,7 @@
 import torch
 
 from guidance import GaussianMixture
-from tasks import posterior_scores as scores
+from tasks.studies import posterior_scores as scores
 
 
 def test_posterior_mean_scores_one_and_posterior_samples_score_about_two():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from guidance.methods import get_method
-from guidance.presets import get_preset, list_presets, method_from_preset
+from guidance.features.presets import get_preset, list_presets, method_from_preset
 from operators import make_operator
 
 
@@ -54,7 +54,7 @@ def test_a_preset_without_quirks_has_no_parity_variant():
 
 
 def test_preset_run_applies_the_preset_and_records_overrides():
-    from tasks.parity import preset_run
+    from tasks.commands.benchmark.parity import preset_run
 
     given = dict.fromkeys(("model", "dtype", "decoder", "encoder", "size", "seed", "num_steps", "prompt",
                            "negative_prompt", "guidance_scale", "noise_std"))

@@ -48,7 +48,7 @@ def test_the_quick_start_then_the_test_command_pass_in_a_row(fresh_checkout):
     command = quick_start_command()
     assert command.startswith("flowsteer restore ") and command.endswith("--out out/")
     flowsteer = Path(sys.executable).with_name("flowsteer")
-    program = [str(flowsteer)] if flowsteer.is_file() else [sys.executable, "-m", "tasks.cli"]
+    program = [str(flowsteer)] if flowsteer.is_file() else [sys.executable, "-m", "tasks.commands.cli"]
     done = subprocess.run(program + command.split()[1:] + ["--quiet"], cwd=fresh_checkout, capture_output=True,
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stderr

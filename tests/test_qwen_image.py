@@ -9,8 +9,8 @@ from diffusers import QwenImageImg2ImgPipeline, QwenImagePipeline
 from guidance.backbones.flux import pack_latents, unpack_latents
 from guidance.backbones.qwen_image import QwenImageCondition, QwenImageModel
 from guidance.sampler import sample
-from tasks.random_backbones import parameter_count
-from tasks.random_qwen_image import (
+from tasks.random_models.common import parameter_count
+from tasks.random_models.qwen_image import (
     NEGATIVE,
     PROMPT,
     QWEN_TEXT_WIDTH,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guidance import get_method, load_model
-from guidance.manifest import DamagedModelError
+from guidance.loading.manifest import DamagedModelError
 from guidance.backbones.default import DEFAULT_MODEL_DIR
 
 
@@ -82,13 +82,13 @@ def test_a_full_disk_names_the_file_and_leaves_no_incomplete_set(cli, photo_32, 
     before it) are removed, so no set without metrics.json is left; the folder made for it is removed too."""
     import errno
 
-    import tasks.restore as restore_module
+    import tasks.commands.restore as restore_module
 
     def full(path, rows, captions=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def save_grid(path, rows, captions=None):
-        from guidance.files import write_atomic
+        from guidance.loading.files import write_atomic
 
         return write_atomic(path, lambda temporary: full(temporary, rows))
 
@@ -109,7 +109,7 @@ def test_no_empty_output_folder_is_left_after_an_error(cli, photo_32, tmp_path):
 
 
 def test_calibrate_checks_its_cache_folder_before_computing(cli, tmp_path, monkeypatch):
-    import tasks.calibrate as calibrate_module
+    import tasks.commands.calibrate as calibrate_module
 
     images = tmp_path / "images"
     images.mkdir()
@@ -162,7 +162,7 @@ def _bench(images, out, *extra):
 
 
 def test_benchmark_checks_every_image_before_the_first_item(cli, tmp_path, monkeypatch):
-    import tasks.benchmark as benchmark_module
+    import tasks.commands.benchmark.run as benchmark_module
 
     images = _photos(tmp_path / "photos")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -210,7 +210,7 @@ def test_resize_fits_a_large_photo_to_the_models_working_size(cli, tmp_path):
 
 def test_a_run_far_beyond_the_free_memory_is_refused_before_it_starts(cli, tmp_path, monkeypatch):
     import guidance.memory
-    import tasks.restore as restore_module
+    import tasks.commands.restore as restore_module
     from tasks import save_image
 
     monkeypatch.setattr(guidance.memory, "free_memory_gib", lambda device: 2.0)

@@ -10,7 +10,7 @@ import torch
 from guidance import MeasurementFidelity, get_method, load_model, sample
 from operators import make_operator
 from operators.checks import MAX_ITERATIONS, MAX_STEPS, check_int, check_work
-from tasks.image_io import save_image
+from tasks.outputs.image_io import save_image
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,8 @@ def test_the_measurement_fidelity_and_restore_refuse_what_they_would_ignore_or_m
     with pytest.raises(ValueError, match="num_steps=2 and num_inference_steps=3 are the same setting"):
         restore(default_model, torch.zeros(1, 3, 32, 32), "sr:factor=2", "pnp_flow", simulate=True, num_steps=2,
                 num_inference_steps=3, progress=False)
-    for seed, words in ((2**70, "is outside the seeds a torch.Generator takes"), (1.5, "must be an integer >= 0, got 1.5")):
+    for seed, words in ((2**70, "is outside the seeds a torch.Generator takes"),
+                        (1.5, "must be an integer >= 0, got 1.5")):
         with pytest.raises(ValueError, match=f"seed.*{words}"):
             restore(default_model, torch.zeros(1, 3, 32, 32), "sr:factor=2", "pnp_flow", simulate=True, seed=seed,
                     num_steps=2, progress=False)

@@ -10,7 +10,7 @@ import torch
 import guidance
 from guidance import MeasurementFidelity, RewardObjective, get_method, load_model
 from operators import make_operator
-from tasks.image_io import save_image
+from tasks.outputs.image_io import save_image
 
 pytestmark = pytest.mark.usefixtures("offline_cache")
 
@@ -76,9 +76,9 @@ def test_a_reward_that_returns_nan_is_refused_as_nan_not_as_a_divergence(model):
 
 
 def test_a_classifier_label_out_of_range_is_refused_before_the_model_loads(cli, user_module, tmp_path, monkeypatch):
-    import tasks.restore
+    import tasks.commands.restore
 
-    monkeypatch.setattr(tasks.restore, "open_model", lambda *a, **k: pytest.fail("the flow model was loaded"))
+    monkeypatch.setattr(tasks.commands.restore, "open_model", lambda *a, **k: pytest.fail("the flow model was loaded"))
     out = tmp_path / "g"
     code, _, stderr = cli("generate", "--classifier", f"{user_module}:ten_logits", "--label", 5000, "--size", 32, 32,
                           "--steps", 2, "--quiet", "--out", out)
@@ -158,7 +158,7 @@ def test_a_15x15_measurement_for_sr_x2_names_the_measurement_and_the_size_that_w
     assert "multiples of 16" in line and "(e.g. 16x16 -> 32x32)" in line and "--resize" in line
     assert "height=30" not in line and not out.exists()
 
-    from tasks.restore import restore  # the Python API says the same, offering a resize instead of --resize
+    from tasks.commands.restore import restore  # the Python API says the same, offering a resize instead of --resize
 
     with pytest.raises(ValueError, match=r"measurement is 15x20 \(HxW\), so the restored image would be 30x40.*"
                                          r"16x24 -> 32x48.*resize the measurement to 16x24 first"):
@@ -183,7 +183,7 @@ def test_a_huge_noise_std_is_refused_where_the_operator_is_built(cli, photo_32, 
 def test_a_run_that_uses_a_cached_calibration_says_so_and_clear_removes_it(cli, photo_32, tmp_path, model, caplog):
     import shutil
 
-    from guidance.calibration import calibrate, clear_crw, crw_cache_dir
+    from guidance.features.calibration import calibrate, clear_crw, crw_cache_dir
 
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cache = tmp_path / "crw"
@@ -226,7 +226,7 @@ def test_a_run_that_uses_a_cached_calibration_says_so_and_clear_removes_it(cli, 
 def test_an_empty_image_names_its_size_height_first():
     from PIL import Image
 
-    from guidance.images import image_tensor
+    from guidance.loading.images import image_tensor
 
     with pytest.raises(ValueError, match=r"the PIL image is empty \(0x7 pixels\)"):
         image_tensor(Image.new("RGB", (7, 0)))

@@ -19,7 +19,7 @@ import torch
 
 from guidance import load_model
 from guidance.backbones.default import DEFAULT_MODEL_DIR
-from guidance.manifest import DamagedModelError, sha256, write_manifest
+from guidance.loading.manifest import DamagedModelError, sha256, write_manifest
 
 GENERATE = ("generate", "--classifier", "default", "--label", "hubble", "--steps", "2", "--size", "32", "32",
             "--quiet")
@@ -65,7 +65,7 @@ def test_a_meta_device_is_refused_by_every_command_before_anything_loads(cli, ph
 
 
 def test_devices_of_other_types_are_refused_by_the_api_in_one_line():
-    from guidance.devices import check_device
+    from guidance.loading.devices import check_device
 
     for name in ("meta", "xpu", "hpu:0"):
         with pytest.raises(ValueError, match=rf"device '{name}': flowsteer runs on 'cpu', 'cuda' .* use device='cpu'"):
@@ -76,11 +76,11 @@ def test_devices_of_other_types_are_refused_by_the_api_in_one_line():
 
 
 def test_generate_on_cuda_without_a_gpu_says_so_before_anything_loads(cli, tmp_path, monkeypatch):
-    import tasks.generate
+    import tasks.commands.generate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(tasks.generate, "make_guide", lambda *a, **k: pytest.fail("the classifier was loaded"))
+    monkeypatch.setattr(tasks.commands.generate, "make_guide", lambda *a, **k: pytest.fail("the classifier was loaded"))
     out = tmp_path / "g"
     code, _, stderr = cli(*GENERATE, "--device", "cuda", "--out", out)
     line = one_line(stderr)
@@ -139,7 +139,7 @@ def test_a_benchmark_folder_with_a_bomb_names_it_before_any_work(cli, tmp_path):
                                    torch.zeros(3, 0, 0), torch.zeros(1, 3, 0, 8), torch.zeros(0, 3, 8, 8),
                                    torch.zeros(3, 0, 0, dtype=torch.uint8), torch.zeros(0)])
 def test_an_empty_image_is_refused_in_one_line(empty):
-    from guidance.images import image_tensor
+    from guidance.loading.images import image_tensor
     from tasks import load_image
 
     for take in (load_image, image_tensor):
@@ -190,7 +190,7 @@ def test_non_finite_weights_are_refused_on_loading_naming_the_component_and_the_
 
 # -- 4. manifest entries confined to the model folder ----------------------------------------------------------
 def test_a_manifest_entry_outside_the_model_folder_is_refused(copied_model, tmp_path, monkeypatch):
-    import guidance.manifest
+    import guidance.loading.manifest
 
     secret = tmp_path / "secret.txt"
     secret.write_text("not a weight file of this model")
@@ -200,7 +200,7 @@ def test_a_manifest_entry_outside_the_model_folder_is_refused(copied_model, tmp_
         manifest["sha256"][entry] = sha256(secret)  # matches: only the confinement can refuse it
         (copied_model / "manifest.json").write_text(json.dumps(manifest))
         read = []
-        monkeypatch.setattr(guidance.manifest, "sha256", lambda path: read.append(str(path)) or "0")
+        monkeypatch.setattr(guidance.loading.manifest, "sha256", lambda path: read.append(str(path)) or "0")
         with pytest.raises(DamagedModelError, match=rf"its entry {entry!r} is not a path inside the folder"):
             load_model(str(copied_model))
         assert read == []  # refused before any file was read
@@ -230,7 +230,8 @@ def _environment():
 
 
 def test_importing_the_console_entry_imports_no_heavy_library():
-    code = "import sys, tasks.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    code = ("import sys, tasks.commands.cli; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_environment(),
                           timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
@@ -256,16 +257,16 @@ def test_ctrl_c_while_torch_loads_at_start_up_prints_one_line_and_exits_130(tmp_
 
 
 def test_ctrl_c_while_the_command_modules_import_is_one_line(capsys, monkeypatch):
-    import tasks.cli
+    import tasks.commands.cli
 
     def interrupted(name):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tasks.cli, "import_module", interrupted)
+    monkeypatch.setattr(tasks.commands.cli, "import_module", interrupted)
     try:
-        code = tasks.cli.main(["operators"])
+        code = tasks.commands.cli.main(["operators"])
     except KeyboardInterrupt:  # not re-raised: it would stop the whole test session
-        pytest.fail("KeyboardInterrupt escaped tasks.cli.main during start-up")
+        pytest.fail("KeyboardInterrupt escaped tasks.commands.cli.main during start-up")
     assert code == 130
     assert one_line(capsys.readouterr().err) == ("flowsteer: interrupted; finished results are kept, no partial "
                                                  "file or result was written")
@@ -274,7 +275,7 @@ def test_ctrl_c_while_the_command_modules_import_is_one_line(capsys, monkeypatch
 # -- 7. a result set appears whole or not at all ---------------------------------------------------------------
 def _full_disk(module, monkeypatch):
     """The grid write (after the images, before metrics.json) fails as on a full disk."""
-    from guidance.files import write_atomic
+    from guidance.loading.files import write_atomic
 
     def full(temporary):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -283,9 +284,9 @@ def _full_disk(module, monkeypatch):
 
 
 def test_generate_on_a_full_disk_leaves_no_sample_without_its_metrics(cli, tmp_path, monkeypatch):
-    import tasks.generate
+    import tasks.commands.generate
 
-    _full_disk(tasks.generate, monkeypatch)
+    _full_disk(tasks.commands.generate, monkeypatch)
     out = tmp_path / "g"
     code, _, stderr = cli(*GENERATE, "--num", "2", "--out", out)
     line = one_line(stderr)
@@ -294,33 +295,33 @@ def test_generate_on_a_full_disk_leaves_no_sample_without_its_metrics(cli, tmp_p
 
 
 def test_a_failed_overwrite_keeps_the_earlier_set_whole(cli, tmp_path, monkeypatch):
-    import tasks.generate
+    import tasks.commands.generate
 
     out = tmp_path / "g"
     assert cli(*GENERATE, "--out", out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    _full_disk(tasks.generate, monkeypatch)
+    _full_disk(tasks.commands.generate, monkeypatch)
     code, _, stderr = cli(*GENERATE, "--seed", "7", "--overwrite", "--out", out)
     assert code == 1 and "grid.png" in one_line(stderr)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the set of seed 0, untouched
 
 
 def test_edit_writes_its_set_whole_or_not_at_all(tmp_path, monkeypatch):
-    import tasks.edit
+    import tasks.commands.edit
 
     image = torch.zeros(1, 3, 8, 8)
-    result = tasks.edit.Edit(edited=image, source=image, mask=torch.ones(1, 1, 8, 8), metrics={}, settings={})
-    _full_disk(tasks.edit, monkeypatch)
+    result = tasks.commands.edit.Edit(edited=image, source=image, mask=torch.ones(1, 1, 8, 8), metrics={}, settings={})
+    _full_disk(tasks.commands.edit, monkeypatch)
     with pytest.raises(OSError, match=f"could not write {tmp_path / 'grid.png'}: No space left on device"):
-        tasks.edit.save_edit(result, tmp_path)
+        tasks.commands.edit.save_edit(result, tmp_path)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    tasks.edit.save_edit(result, tmp_path)
+    tasks.commands.edit.save_edit(result, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.png", "grid.png", "metrics.json"]
 
 
 def test_an_interrupted_set_leaves_nothing_and_replaces_nothing(tmp_path):
-    from guidance.files import write_text_atomic
+    from guidance.loading.files import write_text_atomic
     from tasks.outputs import write_outputs
 
     def interrupt(path):

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import tasks.restore
-from guidance.files import write_atomic
+import tasks.commands.restore
+from guidance.loading.files import write_atomic
 from operators import make_operator
-from tasks.cli import main
-from tasks.image_io import load_image, save_image
+from tasks.commands.cli import main
+from tasks.outputs.image_io import load_image, save_image
 
 FILES = ["grid.png", "measurement.png", "metrics.json", "restored.png"]
 pytestmark = pytest.mark.usefixtures("offline_cache")
@@ -152,7 +152,7 @@ def test_ctrl_c_leaves_no_partial_file(cli, monkeypatch, tiny_sd3_folder, photo_
             raise KeyboardInterrupt
         write_atomic(path, write)
 
-    monkeypatch.setattr(tasks.restore, "save_grid", interrupted_grid)
+    monkeypatch.setattr(tasks.commands.restore, "save_grid", interrupted_grid)
     code, _, err = restore(cli, photo_32, "--operator", "sr:factor=2", "--method", "flowchef", "--model",
                            tiny_sd3_folder, "--simulate", "--steps", 2, "--out", tmp_path / "out")
     assert code == 130 and "interrupted" in err

@@ -6,8 +6,8 @@ from diffusers import SanaPipeline
 
 from guidance.backbones.sana import SanaCondition, SanaModel
 from guidance.sampler import sample
-from tasks.random_backbones import NEGATIVE, PROMPT
-from tasks.random_sana import SANA_VAE_SCALE, sana_scheduler, tiny_sana_pipeline
+from tasks.random_models.common import NEGATIVE, PROMPT
+from tasks.random_models.sana import SANA_VAE_SCALE, sana_scheduler, tiny_sana_pipeline
 
 ATOL = 1e-5
 SIZE = 64  # 2x2 latents (32x downsampling)

@@ -9,8 +9,9 @@ from diffusers import SanaSprintPipeline
 from guidance.backbones.sana import SanaCondition
 from guidance.backbones.sana_sprint import SanaSprintModel, trigflow_to_flow
 from guidance.sampler import sample
-from tasks.random_backbones import NEGATIVE, PROMPT
-from tasks.random_sana import tiny_sana_sprint_pipeline, tiny_sana_transformer
+from tasks.random_models.common import NEGATIVE, PROMPT
+from tasks.random_models.sana import tiny_sana_transformer
+from tasks.random_models.sana_sprint import tiny_sana_sprint_pipeline
 
 ATOL = 1e-5
 SIZE = 64  # 2x2 latents (32x downsampling)

@@ -12,7 +12,7 @@ from guidance.sequences.network import (
     NetworkSimplexFlow,
     train_simplex_flow,
 )
-from guidance.sequence_classifier import SequenceClassifier, train_sequence_classifier
+from guidance.sequences.classifier import SequenceClassifier, train_sequence_classifier
 
 L, K = 12, 4
 MOTIFS = torch.tensor([[0, 1, 2, 3], [3, 3, 0, 0], [2, 0, 2, 1]])

@@ -10,10 +10,10 @@ import torch
 from tiny_models import NEGATIVE, PROMPT, measured_fidelity, sd3_pipeline, tiny_taesd
 
 from guidance import get_method
-from tasks import random_backbones as rb
+from tasks.random_models import common as random_common, flux as random_flux, sd3 as random_sd3
 from guidance.backbones.flux import FluxCondition, FluxModel
 from guidance.backbones.sd3 import SD3Condition, SD3Model
-from tasks.speed import Cell, CellSkipped, Settings, measure_cell
+from tasks.commands.speed import Cell, CellSkipped, Settings, measure_cell
 
 
 def _gen(seed):
@@ -60,7 +60,7 @@ def test_full_size_backbones_are_refused_without_a_gpu(cli, tmp_path):
     assert len(stderr.strip().splitlines()) == 1 and "flux-dev needs a CUDA GPU" in stderr
     assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match="CUDA GPU only"):
-        rb.sd35_medium_transformer(1.0, "cpu")
+        random_sd3.sd35_medium_transformer(1.0, "cpu")
 
 
 def test_cells_in_process_and_sizes_the_backbone_cannot_take(sd3):
@@ -81,7 +81,7 @@ def test_default_backbone_gets_a_tiny_decoder_of_its_own_factor(offline_cache, t
     from tiny_models import tiny_unet
 
     from guidance.backbones.default import write_manifest
-    from tasks.speed import open_backbone
+    from tasks.commands.speed import open_backbone
 
     folder = tmp_path / "default_model"
     tiny_unet(4).save_pretrained(folder / "unet")
@@ -214,21 +214,21 @@ def test_vae_tiling_decodes_on_tiles_close_to_the_whole_image():
 def test_full_size_configs_and_parameter_counts():
     """The released configs at scale 1, counted on the meta device (no memory): SD3.5-medium 2.24B transformer
     parameters (+ its 384 x 384 position-embedding buffer), FLUX.1-dev 11.9B."""
-    sd35 = rb.sd35_medium_config(1.0)
-    assert sd35 == rb.SD35_MEDIUM_TRANSFORMER and sd35["dual_attention_layers"] == tuple(range(13))
-    assert rb.flux_dev_config(1.0) == rb.FLUX_DEV_TRANSFORMER
-    assert rb.text_widths(1.0) == (768, 1280, 4096) and sd35["pooled_projection_dim"] == 768 + 1280
-    assert 2.2e9 < rb.parameter_count(rb.sd35_medium_transformer(1.0, "meta")) < 2.3e9
-    assert 11.8e9 < rb.parameter_count(rb.flux_dev_transformer(1.0, "meta")) < 12.0e9
-    assert 83e6 < rb.parameter_count(rb.vae16(1.0, 0.0, 1.0, "meta")) < 85e6
+    sd35 = random_sd3.sd35_medium_config(1.0)
+    assert sd35 == random_sd3.SD35_MEDIUM_TRANSFORMER and sd35["dual_attention_layers"] == tuple(range(13))
+    assert random_flux.flux_dev_config(1.0) == random_flux.FLUX_DEV_TRANSFORMER
+    assert random_common.text_widths(1.0) == (768, 1280, 4096) and sd35["pooled_projection_dim"] == 768 + 1280
+    assert 2.2e9 < random_common.parameter_count(random_sd3.sd35_medium_transformer(1.0, "meta")) < 2.3e9
+    assert 11.8e9 < random_common.parameter_count(random_flux.flux_dev_transformer(1.0, "meta")) < 12.0e9
+    assert 83e6 < random_common.parameter_count(random_common.vae16(1.0, 0.0, 1.0, "meta")) < 85e6
     with pytest.raises(ValueError, match="scale must be a number in"):
-        rb.sd35_medium_config(0)
+        random_sd3.sd35_medium_config(0)
 
 
 def test_miniatures_of_the_full_size_builders_run_through_the_adapters():
     scale = 1 / 16
-    components = rb.sd35_medium_components(scale, "cpu", torch.float32)
-    decoder = rb.taesd16(rb.SD3_VAE_SCALE, rb.SD3_VAE_SHIFT, scale)
+    components = random_sd3.sd35_medium_components(scale, "cpu", torch.float32)
+    decoder = random_common.taesd16(random_common.SD3_VAE_SCALE, random_common.SD3_VAE_SHIFT, scale)
     sd35 = SD3Model.from_components(decoder=decoder, **components)
     config = sd35.transformer.config
     assert (config.num_layers, config.num_attention_heads, config.dual_attention_layers) == (2, 2, (0,))
@@ -240,11 +240,11 @@ def test_miniatures_of_the_full_size_builders_run_through_the_adapters():
     v = sd35.velocity(x, 0.5, cond)
     assert v.shape == x.shape and bool(torch.isfinite(v).all())
     assert sd35.decode(x).shape == (1, 3, 64, 64)
-    bf16 = rb.sd35_medium_transformer(scale, "cpu", torch.bfloat16)  # built in bf16 directly, as on a GPU
+    bf16 = random_sd3.sd35_medium_transformer(scale, "cpu", torch.bfloat16)  # built in bf16 directly, as on a GPU
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} == {bf16.pos_embed.pos_embed.dtype}
     assert torch.get_default_dtype() == torch.float32
 
-    flux = FluxModel.from_components(**rb.flux_dev_components(scale, "cpu", torch.float32))
+    flux = FluxModel.from_components(**random_flux.flux_dev_components(scale, "cpu", torch.float32))
     config = flux.transformer.config
     assert (config.num_layers, config.num_single_layers, config.guidance_embeds) == (1, 2, True)
     cond = flux.condition(PROMPT, max_sequence_length=32)
@@ -256,7 +256,7 @@ def test_miniatures_of_the_full_size_builders_run_through_the_adapters():
 def test_rows_are_written_as_they_come_and_a_time_budget_leaves_the_rest_unmeasured(tmp_path):
     """results.json is rewritten after every row (a run stopped part-way keeps what finished); once the budget is
     spent the remaining cells say so; row options reach the method; in-process CPU cells share one RSS mark."""
-    from tasks.speed import run_speed
+    from tasks.commands.speed import run_speed
 
     out = tmp_path / "speed"
     seen = []
@@ -289,7 +289,7 @@ def test_rows_are_written_as_they_come_and_a_time_budget_leaves_the_rest_unmeasu
 
 
 def test_full_size_backbones_run_without_divergence_checks_and_flair_has_an_absolute_target():
-    from tasks.speed import check_targets, cell_options
+    from tasks.commands.speed import check_targets, cell_options
 
     settings = Settings("cuda", "bfloat16", options={"flair": {"data_steps": 5}})
     assert cell_options(Cell("sd3.5-medium", "dps", 768, 28), settings) == {"check_divergence": False}

@@ -6,10 +6,10 @@ import json
 import torch
 
 from guidance import load_model
-from guidance.calibration import resolve_crw
+from guidance.features.calibration import resolve_crw
 from guidance.methods import get_method
 from guidance.backbones.default import check_default_model
-from tasks.train_default import HELD_OUT, TRAIN_PHOTOS, CropSampler, held_out_images, main
+from tasks.default_model.train import HELD_OUT, TRAIN_PHOTOS, CropSampler, held_out_images, main
 
 
 def test_held_out_photos_are_never_trained_on():

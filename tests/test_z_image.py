@@ -7,7 +7,7 @@ from tiny_models import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, NEGATIVE, PROMPT
 
 from guidance.backbones.z_image import ZImageCondition, ZImageModel
 from guidance.sampler import sample
-from tasks.random_z_image import tiny_z_image_pipeline
+from tasks.random_models.z_image import tiny_z_image_pipeline
 
 ATOL = 1e-5
 SIZE = 64  # 8x8 latents, 16 patches

@@ -1,5 +1,5 @@
-"""Test helpers over the random-weight backbones, whose builders live in ``tasks.random_backbones``
-(re-exported here, so tests and demos import them from one place)."""
+"""Test helpers over the random-weight backbones, whose builders live in ``tasks.random_models`` (the SD3 and
+FLUX.1 ones and what the families share re-exported here, so tests import them from one place)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,23 @@ import contextlib
 
 import torch
 
-from tasks.random_backbones import *  # noqa: F401,F403
-from tasks.random_backbones import (  # noqa: F401  (the names tests and demos import)
+from tasks.random_models.common import *  # noqa: F401,F403
+from tasks.random_models.flux import *  # noqa: F401,F403
+from tasks.random_models.sd3 import *  # noqa: F401,F403
+from tasks.random_models.common import (  # noqa: F401  (the names tests and demos import)
     FLUX_VAE_SCALE,
     FLUX_VAE_SHIFT,
     NEGATIVE,
     PROMPT,
     SD3_VAE_SCALE,
     SD3_VAE_SHIFT,
-    flux_components,
-    flux_pipeline,
-    sd3_components,
-    sd3_pipeline,
     tiny_taesd,
     tiny_unet,
     tiny_vae,
     word_tokenizer,
 )
+from tasks.random_models.flux import flux_components, flux_pipeline  # noqa: F401
+from tasks.random_models.sd3 import sd3_components, sd3_pipeline  # noqa: F401
 
 
 @contextlib.contextmanager

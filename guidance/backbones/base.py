@@ -22,8 +22,9 @@ def check_num_steps(num_steps) -> int:
 
 def to_arguments(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:
     """(device, dtype) of a ``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or ``to(device=..., dtype=...)``
-    call, None where not given, checked as everywhere (:func:`guidance.devices.check_device`, ``check_dtype``)."""
-    from ..devices import check_device, check_dtype
+    call, None where not given, checked as everywhere (:func:`guidance.loading.devices.check_device`,
+    ``check_dtype``)."""
+    from ..loading.devices import check_device, check_dtype
 
     unknown = sorted(set(kwargs) - {"device", "dtype"})
     if unknown:
@@ -84,7 +85,7 @@ class FlowModel:
         operator_options: options its authors recommend for one operator (by registry name) and method, over
             ``method_options`` (``{"sr": {"flowchef": {"step_size": 16.0}}}``); None: none.
         restore_options: restoration settings its authors recommend (``{"consistency_steps": 20}``, see
-            :func:`tasks.restore.restore`), applied when the user sets none; None: the task's defaults.
+            :func:`tasks.commands.restore.restore`), applied when the user sets none; None: the task's defaults.
         takes_text: whether :meth:`condition` takes a prompt (SD3, Flux); text-free models refuse one.
         working_size: the longest image side the model is meant to work at (``--resize`` fits larger images to it;
             None: ``max_size``, or no limit).

@@ -7,7 +7,7 @@ The folder ``guidance/default_model`` is an ordinary diffusers-format folder (``
 text-free models; it also holds FLAIR's calibration table (``calibration/``), two image classifiers
 (``classifier/`` to guide with, ``judge/`` to evaluate with), the model card and ``manifest.json`` with the
 SHA-256 of every weight file, checked on load so a damaged file is named rather than silently used. It was
-trained by ``python -m tasks.train_default`` (see the model card).
+trained by ``python -m tasks.default_model.train`` (see the model card).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..manifest import MANIFEST, DamagedModelError, verify_manifest, write_manifest
+from ..loading.manifest import MANIFEST, DamagedModelError, verify_manifest, write_manifest
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 #: Files that must be present for load_model("default").
@@ -38,7 +38,7 @@ def default_model_dir() -> Path:
 
 def _restore_hint(folder: Path) -> str:
     return (f"Reinstall flowsteer (`pip install --force-reinstall flowsteer`, or `git checkout -- {folder}` in a "
-            f"source checkout) or retrain it with `python -m tasks.train_default --out {folder}`.")
+            f"source checkout) or retrain it with `python -m tasks.default_model.train --out {folder}`.")
 
 
 def check_default_model(folder: str | os.PathLike | None = None, verify: bool = True) -> Path:

@@ -6,7 +6,9 @@ to pick the diffusers pipeline class that loads it, and to wrap a pipeline objec
 of its own, by the class of its transformer). Pipelines that hold a family's components but need inputs a flow
 model does not take (a reference image, a mask, a control image) are in :data:`REFUSED` with the reason, and
 load_model refuses them in one line. ``flowsteer models`` lists the families with their defaults and the known
-checkpoints. Adding a backbone is one adapter file in this folder plus one entry in :data:`BACKBONES`.
+checkpoints. Adding a backbone family is one adapter file in this folder plus one entry in :data:`BACKBONES`,
+one builder file of its random-weight models in ``tasks/random_models/`` (named as the adapter, with its row in
+``TINY_PIPELINES``) and one test file.
 
 Nothing here imports diffusers or an adapter: classes are named by strings and imported on first use.
 """

@@ -206,9 +206,7 @@ class SanaSprintModel(SanaModel):
         by the SCM scheduler's re-noising x_{s'} = (1 - s') x0_hat + s' n, n ~ N(0, I) from ``generator`` (float32,
         drawn like ``randn_tensor``). Pass the generator that draws the initial noise to reproduce the pipeline:
         ``sample(model, cond, generator=g, **model.consistency_sampling(g))``."""
-        from operators.checks import check_generator
-
-        from ..sampler import initial_noise
+        from ..noise import check_generator, initial_noise
 
         check_generator(generator)
         seen: dict[str, Any] = {}

@@ -4,10 +4,11 @@
            callback=None, progress=True, batch_size=None, latents=None, decode=True,
            callback_on_step_end=None, **options) -> MethodResult
 
-Registered by name: :func:`list_methods`, :func:`get_method`. Adding a method is one file plus one line in
-``REGISTRY``. The function :func:`get_method` returns also takes diffusers' names (:data:`ALIASES`):
-``num_inference_steps`` for ``num_steps``, ``num_images_per_prompt`` (the batch: images per prompt of ``cond``),
-and ``output_type`` ("pil", "np" or "pt") for the result's ``images``; a list of generators sets the batch.
+Registered by name: :func:`list_methods`, :func:`get_method`. Adding a method is one file in this folder (its algorithm
+box in the docstring), one line in ``REGISTRY`` and one test file. The function :func:`get_method` returns also takes
+diffusers' names (:data:`ALIASES`): ``num_inference_steps`` for ``num_steps``, ``num_images_per_prompt`` (the batch:
+images per prompt of ``cond``), and ``output_type`` ("pil", "np" or "pt") for the result's ``images``; a list of
+generators sets the batch.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def list_methods() -> list[str]:
 def get_method(name: str, **options) -> Callable[..., MethodResult]:
     """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones. The
     returned function takes the common arguments and diffusers' :data:`ALIASES`."""
-    from ..images import check_output_type
+    from ..loading.images import check_output_type
     from ..sampler import check_model
 
     function = _load(name)

@@ -11,7 +11,7 @@ import torch
 from operators.base import operator_gain
 from operators.checks import MAX_ITERATIONS, check_flag, check_int, check_number  # noqa: F401 (check_flag: the methods')
 
-from ..images import ImageOutput
+from ..loading.images import ImageOutput
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from operators.base import operator_gain
 from operators.checks import MAX_STEPS, check_work
 
-from ..calibration import CRWTable, resolve_crw
+from ..features.calibration import CRWTable, resolve_crw
 from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
 from ..sampler import initial_noise, start_state, step_end
@@ -152,11 +152,11 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
         data_lr: learning rate of the data steps (each step is data_lr · w · ∇L). None: :func:`default_data_lr`
             — the paper's 0.1 / ‖A‖² for latent models (0.1 for inpainting and deblurring, 0.1·f² for SR×f),
             0.9 / (w_max ‖A‖²) for pixel-space models. The presets carry the paper's exact values.
-        crw: the regularization weights: a :class:`~guidance.calibration.CRWTable`, the name of an official
+        crw: the regularization weights: a :class:`~guidance.features.calibration.CRWTable`, the name of an official
             table ("sd3.5-medium", "sd3.5-large"), a path to a saved one, a constant weight, or None: the model's
-            cached calibration (:func:`guidance.calibration.load_crw`), else the official table for SD3.5-medium
-            or -large at CFG scale 2, else :data:`~guidance.calibration.DEFAULT_CRW` with a warning that
-            calibration is advised (:func:`guidance.calibration.resolve_crw`).
+            cached calibration (:func:`guidance.features.calibration.load_crw`), else the official table for
+            SD3.5-medium or -large at CFG scale 2, else :data:`~guidance.features.calibration.DEFAULT_CRW` with a
+            warning that calibration is advised (:func:`guidance.features.calibration.resolve_crw`).
         dta: deterministic trajectory adjustment (a = 1 − s); False draws fresh noise each step (a = 0).
         check_divergence: stop with a DivergenceError naming the step and mu's scale when mu becomes NaN or
             infinite or a sample's RMS exceeds ``DIVERGENCE_FACTOR`` (100) times its reference scale, the larger of

@@ -271,9 +271,10 @@ def flowchef(
 # (specs the setting was published for, or None), source (the paper and the official files); some add resolution,
 # guidance_scale (the CFG scale, or Flux's distilled guidance, for model.condition) and alternatives (other official
 # values of the options, each with its origin). quirks names what the official code does that flowsteer does not
-# (name -> description); parity holds what reproduces them (guidance.presets.get_preset(name, official_quirks=True)):
-# "options" to merge into the method's options, "objective" into the MeasurementFidelity arguments (with
-# official_quirks=True it also needs unmasked_image, the complete image) and "operators", the official operators.
+# (name -> description); parity holds what reproduces them
+# (guidance.features.presets.get_preset(name, official_quirks=True)): "options" to merge into the method's
+# options, "objective" into the MeasurementFidelity arguments (with official_quirks=True it also needs
+# unmasked_image, the complete image) and "operators", the official operators.
 OFFICIAL_COMMIT = "9b705fc"
 _PAPER = "Patel et al., Steering Rectified Flow Models in the Vector Field, ICCV 2025"
 

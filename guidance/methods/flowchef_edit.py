@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from operators.checks import MAX_STEPS, check_work
 
 from ..flow import euler_step, x0_from_velocity
-from ..images import image_tensor
+from ..loading.images import image_tensor
 from ..objectives import Objective, objective_gradient, official_latent_mask, unshifted_latent
 from ..sampler import start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps,

@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from operators.checks import check_generator
-
 from ..flow import x0_from_velocity
+from ..noise import check_generator
 from ..objectives import Objective, objective_gradient
 from ..sampler import start_state, step_end
 from ..sde import check_noise_scale, sde_step, simplex_step
@@ -154,8 +153,8 @@ def particles(
         resampler: "systematic" (default, lower variance) or "multinomial".
         noise_scale: η >= 0 of the SDE (:mod:`guidance.sde`; for sequences: re-noisings per position). Resampled
             copies of one particle only part ways through this noise; η = 0 leaves them identical. The default 4
-            is measured on ``python -m tasks.particle_benchmark`` (K 8, 20 steps, resampling every step): η 1, 2,
-            4, 8 put 0.70, 0.75, 0.84, 0.93 of the mixture's outputs in the rewarded region and give 0.18, 0.24,
+            is measured on ``python -m tasks.studies.particle_benchmark`` (K 8, 20 steps, resampling every step): η 1,
+            2, 4, 8 put 0.70, 0.75, 0.84, 0.93 of the mixture's outputs in the rewarded region and give 0.18, 0.24,
             0.34, 0.40 of the sequences the motif (best-of-8: 0.50 and 0.08). Larger η needs more steps: the
             Euler-Maruyama step leaves the SDE's marginals once η (s - s') nears 1.
         select: "best" keeps each output's particle of highest final reward; "sample" draws one by the final

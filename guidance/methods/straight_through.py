@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from operators.checks import MAX_STEPS, check_work
 
-from ..hard_inputs import straight_through as through
+from ..features.hard_inputs import straight_through as through
 from ..sequences.simplex import SimplexFlow, check_no_image_size, tangent_projection
 from ..objectives import Objective
 from ..sampler import step_end
@@ -144,7 +144,7 @@ def straight_through(
         source: ``"endpoint"`` draws from the predicted p(x_1 | x), ``"state"`` from the current state x. The
             endpoint is the default: early in the flow x is nearly uniform, so draws from it are close to random
             sequences, while p is already informative. Measured on the exact 12 x 4 prior of
-            ``python -m tasks.sequence_benchmark`` (512 sequences, gamma 2, a class that 5 % of prior samples
+            ``python -m tasks.studies.sequence_benchmark`` (512 sequences, gamma 2, a class that 5 % of prior samples
             have): endpoint draws lift the classifier's mean probability from 0.09 to 0.96 at a prior
             log-probability 1.3 nats below unguided samples; state draws reach 1.00 but 6.2 nats below (they
             leave the prior's support). For a 3-letter motif count (``flowsteer design --score motif:GAT``,
@@ -160,7 +160,7 @@ def straight_through(
     if not isinstance(model, SimplexFlow):
         raise ValueError(f"straight_through runs on simplex flows over sequences, got {type(model).__name__}; for "
                          f"images whose objective needs a hard input use flowchef with a "
-                         f"guidance.hard_inputs.HardInputObjective")
+                         f"guidance.features.hard_inputs.HardInputObjective")
     check_no_image_size(height, width, "straight_through")
     check_nonnegative(gamma, "gamma")
     check_count(samples, "samples (M)", minimum=1)

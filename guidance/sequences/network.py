@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..files import write_atomic, write_text_atomic
+from operators.checks import MAX_ITERATIONS, check_int
+
+from ..loading.files import write_atomic, write_text_atomic
 from .simplex import GumbelSoftmaxPath, SimplexFlow, check_length_and_vocabulary
 
 __all__ = ["EndpointNetwork", "NetworkSimplexFlow", "check_tokens", "train_simplex_flow"]
@@ -57,10 +59,8 @@ def check_tokens(tokens: Any, vocab_size: int, name: str = "sequences") -> torch
 
 
 def check_positive_int(name: str, value) -> int:
-    """An integer >= 1 (not a bool), or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    """An integer in 1 .. 100000 (:func:`operators.checks.check_int`), or a ValueError naming ``name``."""
+    return check_int(value, name, 1, 10 * MAX_ITERATIONS)
 
 
 def seed_from(generator: torch.Generator | None) -> int:

@@ -1,0 +1,456 @@
+"""Build a flow model from a hub id, a local folder or an already-built diffusers pipeline.
+
+    load_model("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16, device="cuda")
+    load_model("/data/flux1-dev")                   # a folder written by save_pretrained / hf download
+    load_model(pipe)                                # reuse a FluxPipeline, Flux2KleinPipeline, ... as it is
+
+The kind of model is read from the ``_class_name`` of the folder's ``model_index.json`` (or the class of a
+pipeline object): each family of :mod:`guidance.backbones.registry` (SD3 / 3.5, FLUX.1, FLUX.2, Qwen-Image,
+Z-Image, SANA, SANA-Sprint, Lumina 2, Chroma) lists the pipeline classes its adapter wraps, pipelines that need
+inputs a flow model does not take (Kontext, Fill, the Qwen-Image edit pipelines, ...) are refused with the
+reason, and a folder whose index lists a ``unet`` or ``transformer`` (plus optional ``vae`` and ``scheduler``)
+without text encoders gives a :class:`~guidance.backbones.generic.GenericFlowModel`. Only safetensors weights are
+loaded and no remote code is ever run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import warnings
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .devices import check_device, check_dtype
+from .manifest import DamagedModelError, verify_manifest
+from ..backbones.base import FlowModel
+from ..backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
+                                 supported_pipelines)
+
+__all__ = ["DamagedModelError", "ModelNotFoundError", "check_finite_weights", "hub_offline", "load_decoder",
+           "load_model", "quiet_loading"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelNotFoundError(OSError, ValueError):
+    """The requested weights are not on this machine (or not reachable); the message says how to get them."""
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True):
+    """Switch transformers' and diffusers' weight-loading progress bars off and their logging to errors only
+    (flowsteer's own tqdm bars stay); the previous settings come back afterwards."""
+    saved = []
+    if enabled:
+        for name in ("transformers", "diffusers"):
+            try:
+                logging = import_module(f"{name}.utils.logging")
+            except ImportError:
+                continue
+            saved.append((logging, logging.is_progress_bar_enabled(), logging.get_verbosity()))
+            logging.disable_progress_bar()
+            logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for logging, bar, verbosity in saved:
+            if bar:
+                logging.enable_progress_bar()
+            logging.set_verbosity(verbosity)
+
+
+def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """The weights-dtype keyword of ``from_pretrained``: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
+    if dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    try:
+        from diffusers.utils import deprecation_utils
+
+        renamed = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:  # pragma: no cover
+        renamed = False
+    renamed = renamed or Version(diffusers.__version__).major >= 1
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub must not be reached (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _not_found(name: str, error: BaseException | None, offline: bool) -> ModelNotFoundError:
+    reason = ""
+    if error is not None and not isinstance(error, FileNotFoundError):  # e.g. 404, gated, invalid id
+        first = str(error).strip().splitlines()
+        reason = f" ({type(error).__name__}: {first[0] if first else ''})"
+    where = "in the local Hugging Face cache (offline mode)" if offline else "locally or on the Hugging Face hub"
+    extra = ""
+    if type(error).__name__ == "GatedRepoError":
+        extra = " The repository is gated: accept its licence on the hub and log in with `hf auth login` first."
+    return ModelNotFoundError(
+        f"could not load {name!r}: it was not found {where}{reason}.{extra} Download it with "
+        f"`hf download {name}` (or `huggingface-cli download {name}`) on a machine with network access, "
+        f"or pass the path of a local folder holding the model (written by save_pretrained)."
+    )
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from huggingface_hub.errors import HFValidationError
+
+        errors.append(HFValidationError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _classify(index: dict) -> tuple[str, str | None]:
+    """(backbone family, pipeline class that loads it) of a folder's index (a name in
+    :data:`~guidance.backbones.registry.BACKBONES`; no pipeline class for generic folders)."""
+    found = family_for_index(index)
+    if found is not None:
+        return found[0].name, found[1]
+    name = str(index.get("_class_name", ""))
+    refused = refusal(name)
+    if refused:
+        raise ValueError(refused)
+    has_text = any(key.startswith("text_encoder") for key in index)
+    if not has_text and ("unet" in index or "transformer" in index):
+        return "generic", None
+    raise ValueError(
+        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads the pipelines "
+        f"{', '.join(supported_pipelines())}, or text-free folders with a 'unet' or 'transformer' (plus optional "
+        "'vae' and 'scheduler'); wrap other networks with GenericFlowModel"
+    )
+
+
+#: ``_class_name``s of text-free folders that flowsteer writes itself (the default model); the generic adapter loads
+#: them without a word, as it does any folder whose index has a ``"flowsteer"`` entry (its adapter settings)
+GENERIC_PIPELINES = ("FlowsteerDefaultPipeline",)
+
+
+def _warn_generic(source: str, index: dict) -> None:
+    """An index whose ``_class_name`` flowsteer does not know, loaded by the generic adapter: say so, once."""
+    name = index.get("_class_name")
+    if "flowsteer" in index or name in GENERIC_PIPELINES:
+        return
+    network = "transformer" if "transformer" in index else "unet"
+    warnings.warn(f"the pipeline class {str(name) if name else '(no _class_name)'!r} of {source!r} is not one "
+                  f"flowsteer knows; its {network}, vae and scheduler are loaded with the generic adapter "
+                  f"(GenericFlowModel); to make that explicit (and silence this), add \"flowsteer\": {{}} to its "
+                  f"model_index.json", UserWarning, stacklevel=3)
+
+
+def _read_index(source: str, local_files_only: bool) -> dict:
+    """model_index.json of a local folder or hub repository."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = path / "model_index.json"
+        if not file.is_file():
+            raise ValueError(
+                f"{str(path)!r} has no model_index.json; it is not a diffusers pipeline folder (save one with "
+                "pipeline.save_pretrained(folder), or wrap a single network with GenericFlowModel)"
+            )
+        try:
+            index = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise DamagedModelError(f"the model folder {path} is damaged: model_index.json is not valid JSON "
+                                    f"({error})") from None
+        if not isinstance(index, dict):
+            raise DamagedModelError(f"the model folder {path} is damaged: model_index.json holds "
+                                    f"{type(index).__name__}, not an object")
+        return index
+    from huggingface_hub import hf_hub_download
+
+    offline = local_files_only or hub_offline()
+    try:
+        file = hf_hub_download(repo_id=source, filename="model_index.json", local_files_only=offline)
+    except _hub_errors() as error:
+        raise _not_found(source, error, offline) from None
+    return json.loads(Path(file).read_text())
+
+
+def _from_pretrained(cls, source: str, local_files_only: bool, **kwargs):
+    """``cls.from_pretrained`` with safetensors only; missing weights become a ModelNotFoundError, and a local
+    folder that fails to load a DamagedModelError naming the folder and the part."""
+    offline = local_files_only or hub_offline()
+    try:
+        return cls.from_pretrained(source, local_files_only=offline, **kwargs)
+    except Exception as error:
+        if Path(source).is_dir():
+            raise _damaged(source, kwargs.get("subfolder"), error) from None
+        if isinstance(error, _hub_errors()):
+            raise _not_found(source, error, offline) from None
+        raise
+
+
+def _damaged(folder: str, subfolder: str | None, error: BaseException) -> DamagedModelError:
+    """A local folder whose files do not load: name the folder, the component and the loader's own first line."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    part = f" (component {subfolder!r})" if subfolder else ""
+    return DamagedModelError(f"the model folder {folder}{part} is damaged or incomplete: {type(error).__name__}: "
+                             f"{first}; restore the folder (save_pretrained or `hf download ID --local-dir "
+                             f"{folder}`)")
+
+
+def _weights_file(source: str, component: str | None, parameter: str) -> str:
+    """The safetensors file of ``component`` in the folder ``source`` that holds ``parameter`` (by the shards'
+    index when there are several), else the component's folder."""
+    folder = Path(source, component) if component else Path(source)
+    if not folder.is_dir():
+        return f"{source}/{component}" if component else str(source)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shard = json.loads(index.read_text()).get("weight_map", {}).get(parameter)
+        except (OSError, ValueError, AttributeError):
+            shard = None
+        if shard:
+            return str(folder / shard)
+    files = sorted(folder.glob("*.safetensors"))
+    return str(files[0]) if len(files) == 1 else str(folder)
+
+
+def check_finite_weights(modules: dict[str, Any], source: str) -> None:
+    """One pass over the parameters and persistent buffers of the loaded ``modules`` ({component: module}): a
+    weight file with NaN or infinite values (damaged on disk, with no manifest.json to catch it) is refused in one
+    line naming the component and the file, instead of diverging at the first step."""
+    for component, module in modules.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        named = [(n, t) for n, t in module.state_dict(keep_vars=True).items()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" and t.numel()]
+        if not named:
+            continue
+        flags = [torch.isfinite(t).all() for _, t in named]
+        finite = torch.stack([f.to(flags[0].device) for f in flags])
+        if bool(finite.all()):  # one synchronisation per component
+            continue
+        parameter = named[int((~finite).nonzero()[0, 0])][0]
+        subfolder = component if component and Path(source, component).is_dir() else None
+        file = _weights_file(source, subfolder, parameter)
+        raise DamagedModelError(f"the weights of component {component!r} are damaged: {file} holds NaN or infinite "
+                                f"values (in {parameter}); restore the file (copy it again, or `hf download ID "
+                                f"--local-dir FOLDER`)")
+
+
+def load_decoder(decoder, *, dtype: torch.dtype | None = None, device=None, local_files_only: bool = False):
+    """A cheap autoencoder (diffusers ``AutoencoderTiny``, e.g. 'madebyollin/taesd3') from an id, folder or object,
+    used to decode (``decoder=``) or encode (``encoder=``)."""
+    if decoder is None:
+        return None
+    if isinstance(decoder, (str, os.PathLike)):
+        from diffusers import AutoencoderTiny
+
+        source = str(decoder)
+        decoder = _from_pretrained(AutoencoderTiny, source, local_files_only, use_safetensors=True,
+                                   **_dtype_kwargs(dtype))
+        check_finite_weights({"decoder": decoder}, source)
+    elif not (hasattr(decoder, "decode") and hasattr(decoder, "config")):
+        raise ValueError(
+            f"decoder must be a hub id, a folder or a diffusers autoencoder, got {type(decoder).__name__}"
+        )
+    if device is not None or dtype is not None:
+        decoder = decoder.to(device=device, dtype=dtype)
+    return decoder
+
+
+def _autoencoders(decoder, encoder, **kwargs) -> tuple[Any, Any]:
+    """(decoder, encoder) loaded by :func:`load_decoder`; the same id or folder for both loads one module. Weights
+    that are not on this machine give a ModelNotFoundError that says how to go without them."""
+    def load(module, role):
+        try:
+            return load_decoder(module, **kwargs)
+        except ModelNotFoundError as error:
+            raise ModelNotFoundError(f"{error} It was asked for as the {role} (TAESD3 is FLAIR's official "
+                                     f"{role}); to use the model's own VAE instead, pass {role}=None "
+                                     f"(--{role} none).") from None
+
+    loaded = load(decoder, "decoder")
+    if encoder is None:
+        return loaded, None
+    if isinstance(encoder, (str, os.PathLike)) and isinstance(decoder, (str, os.PathLike)) \
+            and os.fspath(encoder) == os.fspath(decoder):
+        return loaded, loaded
+    return loaded, load(encoder, "encoder")
+
+
+def _adapter_for_pipeline(pipe, decoder, encoder=None) -> FlowModel:
+    """The adapter of the pipeline's family (by its class, else by its transformer's class)."""
+    refused = refusal(type(pipe).__name__)
+    if refused:
+        raise ValueError(refused)
+    family = family_for_pipeline(pipe)
+    if family is None:
+        families = pipeline_families()
+        raise ValueError(
+            f"unsupported pipeline {type(pipe).__name__}: pass one of {', '.join(supported_pipelines())} (or a "
+            f"pipeline with a {' / '.join(b.transformer for b in families)}), or wrap the network with "
+            "GenericFlowModel"
+        )
+    return family.adapter_class()(pipe, decoder=decoder, encoder=encoder)
+
+
+def _load_generic(source: str, index: dict, dtype, local_files_only: bool):
+    """(network, vae or None, scheduler or None) of a text-free folder; diffusers classes only."""
+    import diffusers
+
+    def component(name: str, is_model: bool):
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            return None
+        library, class_name = entry[0], entry[1]
+        if library != "diffusers" or not hasattr(diffusers, class_name):
+            raise ValueError(
+                f"component {name!r} of {source!r} is {library}.{class_name}; only diffusers classes are loaded "
+                "(no remote code)"
+            )
+        cls = getattr(diffusers, class_name)
+        if is_model:
+            return _from_pretrained(cls, source, local_files_only, subfolder=name, use_safetensors=True,
+                                    **_dtype_kwargs(dtype))
+        return _from_pretrained(cls, source, local_files_only, subfolder=name)
+
+    network = component("transformer" if "transformer" in index else "unet", True).eval()
+    vae = component("vae", True)
+    return network, (vae.eval() if vae is not None else None), component("scheduler", False)
+
+
+def load_model(
+    source: Any,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    local_files_only: bool = False,
+    decoder: Any = None,
+    encoder: Any = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **options,
+) -> FlowModel:
+    """Build a :class:`~guidance.backbones.base.FlowModel`.
+
+    Args:
+        source: a hub id ("stabilityai/stable-diffusion-3.5-medium"), a local folder with a
+            ``model_index.json``, a diffusers pipeline object of a supported family (``FluxPipeline``,
+            ``QwenImagePipeline``, ...; its components are reused, nothing is reloaded), or a FlowModel (returned
+            as is).
+        dtype: weights dtype when loading (e.g. ``torch.bfloat16``, or a name: ``"bf16"``); for a pipeline object, a
+            cast. ``torch_dtype`` is accepted for it, as diffusers names it.
+        device: where to put the model; for a pipeline object left alone when None (keeps its offloading).
+        local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
+        decoder: None (the full VAE decodes) or a tiny autoencoder (``AutoencoderTiny``: id, folder or object)
+            used by ``decode``, e.g. "madebyollin/taesd3" for SD3.
+        encoder: the same for ``encode`` (None: the full VAE encodes). FLAIR's official code decodes and encodes
+            with TAESD3: ``decoder="madebyollin/taesd3", encoder="madebyollin/taesd3"`` (loaded once).
+        options: for pipeline sources (SD3, Flux, ...), passed to the pipeline's ``from_pretrained`` (e.g.
+            ``variant="fp16"``, or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic
+            folders, passed to :class:`~guidance.backbones.generic.GenericFlowModel` (``timestep_scale``, ``shift``,
+            ...).
+
+    Raises:
+        ModelNotFoundError: the weights are not on this machine (the message says how to get them).
+        ValueError: the source is of an unknown kind or an unsupported pipeline.
+    """
+    from diffusers import DiffusionPipeline
+
+    if torch_dtype is not None:
+        if dtype is not None and check_dtype(dtype) != check_dtype(torch_dtype):
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
+        dtype = torch_dtype
+    dtype, device = check_dtype(dtype), check_device(device)
+    if isinstance(source, str) and not source.strip():
+        raise ValueError("the model source is empty: give a hub id, a local folder or 'default'")
+    if isinstance(source, FlowModel):
+        if decoder is not None or encoder is not None or options:
+            raise ValueError("a FlowModel is returned as it is; decoder, encoder and options apply only when loading")
+        return source
+
+    if isinstance(source, DiffusionPipeline):
+        if options:
+            raise ValueError(f"options {sorted(options)} apply only when loading from an id or folder")
+        if device is not None or dtype is not None:
+            source = source.to(device=device, dtype=dtype)
+        decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or source._execution_device,
+                                         local_files_only=local_files_only)
+        return _adapter_for_pipeline(source, decoder, encoder)
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"unknown model source of type {type(source).__name__}: pass a hub id, a local folder, "
+            f"a diffusers pipeline ({', '.join(supported_pipelines())}), or a FlowModel"
+        )
+    source = os.fspath(source)
+    if source == "default":
+        from ..backbones.default import DefaultModelError, _restore_hint, check_default_model
+
+        folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
+        try:
+            model = load_model(str(folder), dtype=dtype, device=device, local_files_only=True, decoder=decoder,
+                               encoder=encoder, **options)
+        except DamagedModelError as error:
+            raise DefaultModelError(f"the default model: {error}. " + _restore_hint(folder)) from None
+        model.name_or_path = "default"
+        return model
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise ValueError(
+            f"{source!r} is a file; single-file checkpoints are not loaded here: build a pipeline with "
+            "StableDiffusion3Pipeline.from_single_file / FluxPipeline.from_single_file and pass that object"
+        )
+    if not path.is_dir():
+        looks_like_path = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1 \
+            or (len(path.parts) > 1 and path.parent.is_dir())  # "out/model" where out/ is a folder here
+        if looks_like_path or "\\" in source or not _HUB_ID.match(source):
+            raise ModelNotFoundError(
+                f"no such folder: {source!r}; pass an existing model folder (written by save_pretrained or "
+                "`hf download ID --local-dir FOLDER`) or a hub id like 'stabilityai/stable-diffusion-3.5-medium'"
+            )
+    else:
+        source = str(path)
+        verify_manifest(path)  # a folder with a manifest.json has its weights checked before they load
+
+    index = _read_index(source, local_files_only)
+    kind, pipeline_class = _classify(index)
+    if kind == "generic":
+        _warn_generic(source, index)
+        network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)
+        if device is not None:
+            network = network.to(device)
+            vae = vae.to(device) if vae is not None else None
+        check_finite_weights({"transformer" if "transformer" in index else "unet": network, "vae": vae}, source)
+        model_device = next(network.parameters()).device
+        decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or model_device,
+                                         local_files_only=local_files_only)
+        options.setdefault("scheduler", scheduler)
+        for key, value in (index.get("flowsteer") or {}).items():  # the folder's own adapter settings
+            options.setdefault(key, value)
+        model = get_backbone(kind).adapter_class()(network, vae, decoder=decoder, encoder=encoder, **options)
+        model.name_or_path = source
+        if Path(source, "calibration").is_dir():
+            model.calibration_dir = Path(source, "calibration")
+        return model
+
+    pipe = _from_pretrained(get_backbone(kind).pipeline_class(pipeline_class), source, local_files_only,
+                            use_safetensors=True, **_dtype_kwargs(dtype), **options)
+    if device is not None:
+        pipe = pipe.to(device)
+    check_finite_weights(pipe.components, source)  # on the device: one cheap pass
+    decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or pipe._execution_device,
+                                     local_files_only=local_files_only)
+    return _adapter_for_pipeline(pipe, decoder, encoder)

@@ -1,0 +1,21 @@
+"""``flowsteer speed`` and :func:`run_speed` (``tasks.speed``): wall time per image, peak memory and NFE of every
+guidance method beside unguided sampling, per backbone x size x steps. One concern per file:
+
+* ``run.py``: :func:`run_speed`, step by step: the settings and cells checked, each backbone's cells measured (in
+  this process, or one fresh process per cell on the CPU), the results rewritten after every row;
+* ``settings.py``: the run's settings, and ``CellSkipped``;
+* ``backbones.py``: the backbones (``BACKBONES``), opened with the run's decoder, compilation and tiling;
+* ``cells.py``: the rows (``METHODS``) and one cell's measurement;
+* ``report.py``: ratios to unguided, the scaling with the steps, the targets, table.md and results.json;
+* ``arguments.py``: the command line.
+"""
+
+from .arguments import add_parser
+from .backbones import BACKBONES, FULL_SIZE, open_backbone
+from .cells import METHODS, Cell, cell_options, measure_cell
+from .report import TARGETS, check_targets, markdown
+from .run import run_speed
+from .settings import CellSkipped, Settings
+
+__all__ = ["BACKBONES", "FULL_SIZE", "METHODS", "TARGETS", "Cell", "CellSkipped", "Settings", "add_parser",
+           "cell_options", "check_targets", "markdown", "measure_cell", "open_backbone", "run_speed"]

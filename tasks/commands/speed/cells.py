@@ -1,0 +1,127 @@
+"""One cell of the speed table (backbone x size x steps x method): its settings, its objective (an SR x4 measurement
+of a smooth random image) and its measurement: a warm-up run of ``WARMUP_STEPS`` steps, then ``repeats`` timed
+runs; on CUDA the peak is the allocator's over the timed runs, on the CPU the process's RSS high-water mark."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..restore import max_rss_gib
+from .backbones import FULL_SIZE
+from .settings import CellSkipped, Settings, _first_line
+
+__all__ = ["METHODS", "OPERATOR", "Cell", "cell_options", "measure_cell"]
+
+#: name -> (registered method, objective space or None, what the row measures)
+METHODS = {
+    "unguided": ("unguided", None, "plain Euler sampling (the reference of every ratio)"),
+    "flowchef-latent": ("flowchef", "latent",
+                        "FlowChef, latent loss ‖M ⊙ (z − E(A⁺y))‖², no decoder in the loop"),
+    "flowchef-pixel": ("flowchef", "pixel", "FlowChef, pixel loss ‖A(D(z)) − y‖² through the decoder"),
+    "flair": ("flair", "pixel", "FLAIR, pixel loss through the decoder, ≤ 15 data steps per step"),
+    "pnp_flow": ("pnp_flow", "pixel", "PnP-Flow, pixel loss through the decoder, 2 noise draws per step"),
+    "dps": ("dps", "pixel", "DPS, backpropagates through the transformer every step (the contrast)"),
+}
+
+OPERATOR = "sr:factor=4"
+WARMUP_STEPS = 2          # steps of each cell's warm-up run (at most the cell's own)
+
+
+@dataclass(frozen=True)
+class Cell:
+    backbone: str
+    method: str
+    size: int
+    steps: int
+
+
+def _objective(space: str | None, model, size: int, seed: int):
+    """SR x4 measurement of a smooth random image, as the row's objective (None for unguided)."""
+    if space is None:
+        return None
+    from guidance import MeasurementFidelity
+    from operators import make_operator
+
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, model.image_channels, max(1, size // 16), max(1, size // 16), generator=generator)
+    clean = torch.nn.functional.interpolate(coarse * 1.6 - 0.8, size=(size, size), mode="bicubic").clamp(-1, 1)
+    operator = make_operator(OPERATOR)
+    y = operator.measure(clean, generator)
+    device = torch.device(model.device)
+    return MeasurementFidelity(operator.to(device), y.to(device), space=space)
+
+
+def cell_options(cell: Cell, settings: Settings) -> dict:
+    """The options a cell's method runs with: FLAIR gets the default CRW table (no calibration lookup, no
+    warning), the full-size random-weight backbones run without divergence checks, then the row's own
+    ``settings.options[cell.method]`` (``--option ROW.KEY=VALUE``) on top."""
+    from guidance.methods import method_options
+
+    method = METHODS[cell.method][0]
+    options = {}
+    if method == "flair":
+        from guidance.features.calibration import DEFAULT_CRW
+
+        options["crw"] = DEFAULT_CRW
+    if cell.backbone in FULL_SIZE and "check_divergence" in method_options(method):
+        options["check_divergence"] = False
+    return {**options, **settings.options.get(cell.method, {})}
+
+
+def _run_once(model, cond, cell: Cell, settings: Settings, objective, num_steps: int | None = None):
+    from guidance import get_method
+
+    solver = get_method(METHODS[cell.method][0], **cell_options(cell, settings))
+    seeds = range(settings.seed, settings.seed + settings.batch_size)
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
+    return solver(model, objective, num_steps=num_steps or cell.steps, cond=cond, height=cell.size,
+                  width=cell.size, generator=generator, batch_size=settings.batch_size, progress=False)
+
+
+def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
+    """Time one cell: a warm-up run of ``WARMUP_STEPS`` steps, then ``repeats`` timed runs (the NFE is the first
+    timed run's). On CUDA the peak is the allocator's over the timed runs; on the CPU the process's RSS high-water
+    mark (meaningful per cell in a fresh process only)."""
+    try:
+        model.check_size(cell.size, cell.size)
+    except ValueError as error:
+        raise CellSkipped(f"size too large for the backbone: {_first_line(error)}", "size") from None
+    objective = _objective(METHODS[cell.method][1], model, cell.size, settings.seed + 1000)
+    device = torch.device(model.device)
+    cuda = device.type == "cuda"
+    baseline = max_rss_gib()
+    begin = time.perf_counter()
+    _run_once(model, cond, cell, settings, objective, min(cell.steps, WARMUP_STEPS))  # result dropped at once
+    warmup = time.perf_counter() - begin
+    if cuda:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device) / 2**30
+    seconds, nfe = [], None
+    for _ in range(settings.repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        result = _run_once(model, cond, cell, settings, objective)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - begin)
+        nfe = int(result.nfe) if nfe is None else nfe
+        del result
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else max_rss_gib()
+    return {**asdict(cell), "status": "measured", "batch_size": settings.batch_size, "seconds": seconds,
+            "seconds_per_image": statistics.median(seconds) / settings.batch_size, "warmup_seconds": warmup,
+            "warmup_steps": min(cell.steps, WARMUP_STEPS),
+            "nfe": nfe, "peak_memory_gib": peak, "memory_above_load_gib": max(0.0, peak - baseline),
+            "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process RSS high-water mark"}
+
+
+def _not_measured(cell: Cell, reason: str) -> dict:
+    return {**asdict(cell), "status": "not measured", "reason": reason}
