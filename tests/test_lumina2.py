@@ -122,14 +122,14 @@ def test_guidance_switches(model):
     cut = model.condition(PROMPT, NEGATIVE, 4.0, cfg_normalization=False, cfg_trunc_ratio=0.5, num_steps=4,
                           max_sequence_length=SEQ)
     assert cut.cfg_sigma_floor == float(sigmas[1])
-    both = model.velocity(torch.cat([x, x]), torch.stack([sigmas[1], sigmas[2]]), cut)
-    torch.testing.assert_close(both[:1], model.velocity(x, sigmas[1], raw), rtol=0, atol=1e-6)
+    both = model.velocity(torch.cat([x, x]), torch.stack([sigmas[1], sigmas[2]]), cut)  # batched: float32 rounding
+    torch.testing.assert_close(both[:1], model.velocity(x, sigmas[1], raw), rtol=0, atol=1e-5)
     torch.testing.assert_close(both[1:], model.velocity(x, sigmas[2], model.condition(
-        PROMPT, guidance_scale=1.0, max_sequence_length=SEQ)), rtol=0, atol=1e-6)
+        PROMPT, guidance_scale=1.0, max_sequence_length=SEQ)), rtol=0, atol=1e-5)
     never = model.condition(PROMPT, NEGATIVE, 4.0, cfg_trunc_ratio=0.1, num_steps=4, max_sequence_length=SEQ)
     assert never.cfg_sigma_floor == math.inf
     torch.testing.assert_close(model.velocity(x, 1.0, never), model.velocity(x, 1.0, model.condition(
-        PROMPT, guidance_scale=1.0, max_sequence_length=SEQ)), rtol=0, atol=1e-6)
+        PROMPT, guidance_scale=1.0, max_sequence_length=SEQ)), rtol=0, atol=1e-5)
 
 
 def test_prompt_embeds_replace_the_prompt(model):

@@ -50,9 +50,9 @@ def copied_model(tmp_path):
 ])
 def test_a_meta_device_is_refused_by_every_command_before_anything_loads(cli, photo_32, tmp_path, monkeypatch,
                                                                          command):
-    import guidance.loading
+    import guidance.loading.models
 
-    monkeypatch.setattr(guidance.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(guidance.loading.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setenv("FLOWSTEER_CACHE", str(tmp_path / "cache"))
     folder = photo_32.parent
     command = [folder if a == "FOLDER" else photo_32 if a == "PHOTO" else a for a in command]
@@ -322,7 +322,7 @@ def test_edit_writes_its_set_whole_or_not_at_all(tmp_path, monkeypatch):
 
 def test_an_interrupted_set_leaves_nothing_and_replaces_nothing(tmp_path):
     from guidance.loading.files import write_text_atomic
-    from tasks.outputs import write_outputs
+    from tasks.outputs.folders import write_outputs
 
     def interrupt(path):
         raise KeyboardInterrupt
