@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -155,8 +156,13 @@ def mask_from_file(path: str | os.PathLike, invert: bool = False, threshold: flo
     if not os.path.isfile(path):
         raise ValueError(f"the mask file {path!r} does not exist; check the path")
     try:
-        with Image.open(path) as image:
-            gray = image.convert("L")
+        with warnings.catch_warnings():  # PIL warns, then decodes, up to twice its pixel limit: refuse at the limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                gray = image.convert("L")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"the mask file {path!r} is too large to open safely ({error}); give a mask of the image's "
+                         f"size") from None
     except UnidentifiedImageError as error:
         raise ValueError(f"the mask file {path!r} is not an image (Pillow cannot identify its format); give a PNG "
                          f"or JPEG mask, white = missing, black = kept") from error

@@ -120,6 +120,20 @@ def test_a_decompression_bomb_is_refused_with_the_file_the_pixel_count_and_a_fix
             load_image(large)
 
 
+def test_a_mask_file_bomb_is_refused_with_its_name(cli, photo_32, tmp_path):
+    from operators import make_operator
+
+    for side in (30000, 10000):  # above PIL's error limit, and between its warning and error limits
+        bomb = _png_header(tmp_path / f"mask{side}.png", side, side)
+        with pytest.raises(ValueError, match=rf"the mask file '.*mask{side}.png' is too large to open safely "
+                                             rf"\(Image size \({side * side} pixels\) exceeds limit"):
+            make_operator(f"inpaint_mask:path={bomb}")
+    out = tmp_path / "r"
+    code, _, stderr = cli("restore", photo_32, "--simulate", "--operator", f"inpaint_mask:path={bomb}", "--out", out)
+    line = one_line(stderr)
+    assert code == 2 and "mask10000.png" in line and "too large to open safely" in line and not out.exists(), line
+
+
 def test_a_benchmark_folder_with_a_bomb_names_it_before_any_work(cli, tmp_path):
     images = tmp_path / "photos"
     images.mkdir()
