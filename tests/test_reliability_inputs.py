@@ -251,20 +251,25 @@ def test_importing_the_console_entry_imports_no_heavy_library():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-def test_ctrl_c_while_torch_loads_at_start_up_prints_one_line_and_exits_130(tmp_path):
-    """A real SIGINT, sent by the process to itself the moment `flowsteer operators` starts importing torch."""
-    (tmp_path / "sitecustomize.py").write_text(
+def test_ctrl_c_while_torch_loads_at_start_up_prints_one_line_and_exits_130():
+    """A real SIGINT, sent by the process to itself the moment `flowsteer operators` starts importing its first
+    heavy module (torch, or flowsteer's own packages when something imported torch already), in a process that
+    runs the console entry as its script does."""
+    code = (
         "import os, signal, sys\n"
         "class Interrupt:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n"
+        "        if name in ('torch', 'operators', 'guidance'):\n"
         "            sys.meta_path.remove(self)\n"
+        "            signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
         "            os.kill(os.getpid(), signal.SIGINT)\n"
         "        return None\n"
-        "sys.meta_path.insert(0, Interrupt())\n")
-    entry = shutil.which("flowsteer") or pytest.skip("the flowsteer console entry is not installed")
-    environment = {**_environment(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([entry, "operators"], capture_output=True, text=True, env=environment, timeout=120)
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['flowsteer', 'operators']\n"
+        "from tasks.commands.cli import main\n"
+        "sys.exit(main())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_environment(),
+                          timeout=120)
     assert done.returncode == 130, (done.returncode, done.stderr)
     assert one_line(done.stderr).startswith("flowsteer: interrupted") and done.stdout == ""
     assert done.returncode != -signal.SIGINT
