@@ -22,7 +22,7 @@ from operators.noise import randn_like
 
 __all__ = [
     "Objective", "MeasurementFidelity", "ClassifierObjective", "RewardObjective", "CallableObjective",
-    "ResampledNoiseFidelity", "check_reward_finite", "class_names", "objective_gradient", "official_latent_mask",
+    "ResampledNoiseFidelity", "check_reward_finite", "class_names", "count_classes", "objective_gradient", "official_latent_mask",
     "resolve_labels", "reward_values", "transformers_preprocess", "unshifted_latent",
 ]
 
@@ -386,17 +386,13 @@ class ClassifierObjective(Objective):
         of this size is classified to count them (a classifier that fails on it is left to the run to report)."""
         if self.num_classes is not None:
             return
-        try:
-            shape = ((1, model.image_channels, height, width) if self.space == "pixel"
-                     else (1, *model.latent_shape(height, width)))
-            probe = torch.zeros(shape, device=model.device)
-            with torch.no_grad():
-                logits = _logits(self.classifier(self.preprocess(probe) if self.preprocess else probe))
-        except Exception:  # noqa: BLE001 - a probe only; the run's first call says what is wrong
-            return
-        if isinstance(logits, torch.Tensor) and logits.ndim == 2:
-            self._check_label(logits.shape[1])
-            self.num_classes = logits.shape[1]
+        shape = ((1, model.image_channels, height, width) if self.space == "pixel"
+                 else (1, *model.latent_shape(height, width)))
+        count = count_classes(lambda x: self.classifier(self.preprocess(x) if self.preprocess else x), shape,
+                              model.device)
+        if count is not None:
+            self._check_label(count)
+            self.num_classes = count
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         inputs = self.preprocess(x) if self.preprocess else x
@@ -411,6 +407,17 @@ class ClassifierObjective(Objective):
             self.num_classes = logits.shape[1]
         label = self.label.to(logits.device).expand(x.shape[0])
         return -self.weight * torch.log_softmax(logits.float(), dim=1).gather(1, label[:, None])[:, 0]
+
+
+def count_classes(classifier: Callable, shape: tuple[int, ...], device: Any = None) -> int | None:
+    """How many classes ``classifier`` returns logits for, from one blank input of ``shape``; None when it cannot
+    say (it fails on that input, or returns no (1, classes) logits: the run then reports what is wrong)."""
+    try:
+        with torch.no_grad():
+            logits = _logits(classifier(torch.zeros(shape, device=device)))
+    except Exception:  # noqa: BLE001 - a probe only
+        return None
+    return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
 
 
 def _returned(value: Any) -> str:
@@ -480,10 +487,8 @@ class RewardObjective(Objective):
         return values
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.scores(x, check_finite=False)
-        if not self._checked or values.device.type == "cpu":
-            check_reward_finite(values, self.name, self._item)
-            self._checked = True
+        values = self.scores(x, check_finite=not self._checked or x.device.type == "cpu")
+        self._checked = True
         return -self.weight * values
 
 

@@ -253,9 +253,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")[-80:] or "model"
 
 
-def _prefix(model, cond) -> str:
+def _model_stem(model) -> str:
+    """``<name>-<fingerprint>``: the part of every cache key that names the model."""
     identity = model_identity(model)
-    return f"{_slug(identity['name'])}-{identity['fingerprint']}-g{_guidance(cond)}"
+    return f"{_slug(identity['name'])}-{identity['fingerprint']}"
+
+
+def _prefix(model, cond) -> str:
+    return f"{_model_stem(model)}-g{_guidance(cond)}"
 
 
 def crw_key(model, cond=None, height: int = 0, width: int = 0) -> str:
@@ -333,10 +338,8 @@ def clear_crw(model, cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Delete the tables :func:`calibrate` cached for ``model`` (every guidance setting and size) in ``cache_dir``
     (default :func:`crw_cache_dir`) and return the files removed; FLAIR then falls back to the official, shipped
     or default table (:func:`resolve_crw`). ``flowsteer calibrate --clear --model MODEL`` runs it."""
-    identity = model_identity(model)
-    stem = f"{_slug(identity['name'])}-{identity['fingerprint']}-g"
     removed = []
-    for path in sorted(crw_cache_dir(cache_dir).glob(f"{_glob_escape(stem)}*.json")):
+    for path in sorted(crw_cache_dir(cache_dir).glob(f"{_glob_escape(_model_stem(model))}-g*.json")):
         path.unlink()
         removed.append(path)
     return removed

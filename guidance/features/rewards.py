@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..loading.models import ModelNotFoundError, hub_offline
-from ..objectives import ClassifierObjective, Objective, RewardObjective, class_index, transformers_preprocess
+from ..objectives import (ClassifierObjective, Objective, RewardObjective, class_index, count_classes,
+                          transformers_preprocess)
 
 __all__ = ["BUNDLED_CLASSIFIERS", "DEFAULT_CLIP", "bundled_classifier_dir", "classifier_source", "Classifier", "Guide", "clip_reward", "import_callable", "load_classifier",
            "load_reward", "make_guide", "resolve_label"]
@@ -220,18 +221,6 @@ def resolve_label(label: int | str, names: list[str] | None = None, num_classes:
     return index
 
 
-def _count_classes(classifier: Classifier, device: Any = None) -> int | None:
-    """How many classes a classifier without class names returns, from one blank 64x64 image; None when it
-    cannot say (it fails on that image: the run reports it)."""
-    try:
-        with torch.no_grad():
-            logits = classifier.logits(torch.zeros(1, 3, 64, 64, device=device))
-        logits = logits.logits if hasattr(logits, "logits") else logits
-    except Exception:  # noqa: BLE001 - a probe only
-        return None
-    return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
-
-
 #: The classifiers shipped with the default model: name -> (its folder in the default model, what it is).
 BUNDLED_CLASSIFIERS = {
     "default": ("classifier", "a small ConvNeXt image classifier trained with the default model, to guide with"),
@@ -302,7 +291,7 @@ def make_guide(*, reward: str | Callable | None = None, classifier: str | Callab
     if label is None:
         raise ValueError("a classifier needs --label, the class to steer toward (an index or a class name)")
     model = load_classifier(classifier_source(classifier), device)  # a bundled name -> its folder
-    count = model.num_classes or _count_classes(model, device)  # checked now, before any model loads or runs
+    count = model.num_classes or count_classes(model.logits, (1, 3, 64, 64), device)  # before any model loads
     index = resolve_label(label, model.names, count)
 
     def log_probability(images: torch.Tensor) -> torch.Tensor:
