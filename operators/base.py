@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .checks import check_generator, check_noise_std
+from .conjugate_gradient import conjugate_gradient
 from .noise import poisson, randn_like
 
 _MISSING = object()
@@ -196,26 +197,7 @@ class LinearOperator(Operator):
         """
         if rtol is None:
             rtol = 1e-10 if y.dtype == torch.float64 else 1e-6
-        dims = tuple(range(1, y.ndim))
-
-        def dot(a, b):
-            return (a * b).sum(dim=dims, keepdim=True)
-
-        u = torch.zeros_like(y)
-        r = y.clone()
-        p = r.clone()
-        rr = dot(r, r)
-        stop = (rtol**2) * rr
-        for _ in range(max_iters):
-            Ap = self.A(self.A_adjoint(p))
-            alpha = rr / dot(p, Ap).clamp_min(torch.finfo(y.dtype).tiny)
-            u = u + alpha * p
-            r = r - alpha * Ap
-            rr_new = dot(r, r)
-            if bool((rr_new <= stop).all()):
-                break
-            p = r + (rr_new / rr.clamp_min(torch.finfo(y.dtype).tiny)) * p
-            rr = rr_new
+        u, _ = conjugate_gradient(lambda p: self.A(self.A_adjoint(p)), y, max_iters=max_iters, rtol=rtol)
         return self.A_adjoint(u)
 
 

@@ -43,7 +43,7 @@ PACKAGES = ("diffusers", "kornia", "kornia_rs", "lpips", "torch", "transformers"
 FLOWSTEER_PACKAGES = ("guidance", "operators", "tasks", "tasks.commands.cli", "tasks.commands.speed",
                       "guidance.backbones.sd3", "guidance.backbones.flux", "guidance.backbones.flux2",
                       "guidance.backbones.qwen_image", "tasks.random_models.sd3", "tasks.random_models.flux",
-                      "tasks.random_models.flux2", "tasks.random_models.qwen_image")
+                      "tasks.random_models.flux2", "tasks.random_models.qwen_image", "tasks.random_models.generic")
 METHODS = ("flowchef-latent", "flowchef-pixel", "flair", "pnp_flow", "dps")
 OPTIONS = {"flair": {"data_steps": 5}}
 #: (what, run_speed arguments) on the GPU, in the order they run.
@@ -56,6 +56,10 @@ GPU_RUNS = (
     ("regional compile: unguided and FlowChef (latent loss) at 1024",
      dict(backbones=["sd3.5-medium", "flux-dev"], methods=["flowchef-latent"], sizes=[1024], steps=[28],
           compile="regional")),
+    ("FlowDPS on SD3.5-medium at 768 and 1024, 28 steps",
+     dict(backbones=["sd3.5-medium"], methods=["flowdps"], sizes=[768, 1024], steps=[28])),
+    ("OT-ODE and Flower on the PnP-Flow network (pixel space) at 128 and 256, 100 steps",
+     dict(backbones=["pnp-flow-unet"], methods=["ot_ode", "flower"], sizes=[128, 256], steps=[100])),
 )
 #: The same runs in miniature for the dry run on the CPU.
 DRY_RUNS = (
@@ -67,6 +71,9 @@ DRY_RUNS = (
     ("regional compile (eager backend): unguided and FlowChef (latent loss)",
      dict(backbones=["tiny-sd3", "tiny-flux"], methods=["flowchef-latent"], sizes=[32], steps=[2],
           compile="regional", compile_backend="eager")),
+    ("FlowDPS in miniature", dict(backbones=["tiny-sd3"], methods=["flowdps"], sizes=[32], steps=[2])),
+    ("OT-ODE and Flower on the pixel miniature", dict(backbones=["tiny-pixel"], methods=["ot_ode", "flower"],
+                                                      sizes=[16], steps=[2])),
 )
 MARGIN = 15.0  # seconds kept for the last writes
 

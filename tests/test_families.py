@@ -4,8 +4,9 @@ For each family of :mod:`guidance.backbones.registry` (tiny random components bu
 
 * ``load_model`` recognises the pipeline object, a folder written by ``save_pretrained`` (its
   ``model_index.json``) and the family's hub id (from an offline cache), and gives the family's adapter;
-* FlowChef (latent and pixel loss), FLAIR, DPS and PnP-Flow each end with a smaller measurement residual (the
-  objective's own loss) than unguided sampling from the same seed;
+* FlowChef (latent and pixel loss), FLAIR, DPS, PnP-Flow, FlowDPS, PSLD and D-Flow each end with a smaller
+  measurement residual (the objective's own loss) than unguided sampling from the same seed; the pixel-space
+  solvers (OT-ODE, ICTM, Flower) refuse every latent family in one line;
 * FlowChef editing keeps the preserved region closer to the source than unguided sampling does;
 * FLAIR calibration runs, and FLAIR then reads the calibrated table.
 """
@@ -96,7 +97,12 @@ METHODS = {
     "flair": ("flair", {}, "pixel", STEPS),
     "dps": ("dps", {}, "pixel", STEPS),
     "pnp_flow": ("pnp_flow", {"step_size": 0.1, "time_grid": "uniform", "step_exponent": 1.0}, "pixel", 12),
+    "flowdps": ("flowdps", {"step_size": 3.0, "data_steps": 10}, "pixel", STEPS),
+    "psld": ("psld", {"step_size": 0.6}, "pixel", STEPS),
+    "d_flow": ("d_flow", {"max_iter": 1, "lbfgs_iter": 3, "inversion": "midpoint"}, "pixel", STEPS),
 }
+#: the solvers defined on images only (they apply A and Aᵀ to the state): refused on every latent family
+PIXEL_ONLY = ("ot_ode", "ictm", "flower")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -117,6 +123,17 @@ def test_every_method_reduces_the_residual_on_every_family(case, method):
         after = float(objective(model, out.x).sum())
     assert torch.isfinite(out.x).all()
     assert after < 0.9 * before, (case, method, before, after)
+
+
+@pytest.mark.parametrize("method", PIXEL_ONLY)
+@pytest.mark.parametrize("case", FAMILIES)
+def test_the_pixel_space_solvers_refuse_every_latent_family_in_one_line(case, method):
+    model, cond, side = setting(case)
+    operator, y = make_operator("sr:factor=2"), torch.zeros(1, model.image_channels, side // 2, side // 2)
+    with pytest.raises(ValueError, match=f"^{method} works on pixel-space models only .* is a latent model; use "
+                                         f"flowdps, psld, d_flow, flowchef or flair on latent models$"):
+        get_method(method)(model, MeasurementFidelity(operator, y), cond=cond, num_steps=STEPS, height=side,
+                           width=side, progress=False)
 
 
 @pytest.mark.parametrize("case", FAMILIES)
@@ -223,3 +240,27 @@ def test_load_model_takes_the_hub_id_of_every_family(case, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_model(repo)
     assert type(model) is family.adapter_class() and type(model.pipeline).__name__ in family.pipelines
+
+
+#: every restoration solver on a pixel-space network (a random UNet2DModel without autoencoder, the setting of the
+#: PnP-Flow and Flower papers): name -> options
+PIXEL_NETWORK_METHODS = {"ot_ode": {}, "ictm": {}, "flower": {}, "flowdps": {}, "psld": {}, "pnp_flow": {},
+                         "d_flow": {"max_iter": 1, "lbfgs_iter": 3, "inversion": "midpoint"}}
+
+
+@pytest.mark.parametrize("method", PIXEL_NETWORK_METHODS)
+def test_every_solver_reduces_the_residual_on_a_pixel_network(method):
+    from tasks.random_models.generic import pixel_flow_model, tiny_pixel_unet
+
+    model = pixel_flow_model(tiny_pixel_unet(16))
+    common = dict(num_steps=6, height=16, width=16, progress=False)
+    reference = guidance.sample(model, generator=_gen(7), **common).image
+    operator = make_operator("sr:factor=2", noise_std=0.05)
+    objective = MeasurementFidelity(operator, operator.measure(reference, _gen(8)))
+    unguided = guidance.sample(model, generator=_gen(1), **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = get_method(method, **PIXEL_NETWORK_METHODS[method])(model, objective, generator=_gen(1), **common)
+    objective.bind(model, 16, 16)
+    assert torch.isfinite(out.x).all()
+    assert float(objective(model, out.x).sum()) < 0.9 * float(objective(model, unguided.x).sum())

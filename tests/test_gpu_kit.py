@@ -69,7 +69,7 @@ def test_dry_run_runs_every_phase_and_writes_every_row(dry_run):
             assert f"| {r['method']} | {r['size']} | {r['steps']} |" in table
     flair = [r for r in report["speed"][0]["results"]["rows"] if r["method"] == "flair"]
     assert report["speed"][0]["results"]["settings"]["options"] == {"flair": {"data_steps": 5}} and flair
-    compiled = report["speed"][-1]["results"]["backbones"]
+    compiled = report["speed"][2]["results"]["backbones"]
     assert all("regional" in info["compile"] for info in compiled.values())
     assert "all measured, tests passed" in done.stdout
 
@@ -77,8 +77,11 @@ def test_dry_run_runs_every_phase_and_writes_every_row(dry_run):
 def test_the_gpu_runs_are_the_dry_runs_at_full_size():
     """What the GPU run measures: the full-size backbones at 512, 768 and 1024 pixels and 28 steps, every method,
     today's models (FLUX.2 klein, Qwen-Image) at 1024, then the regional compile of the watched pair at 1024; the
-    dry run has the same methods and switches."""
-    full, today, compiled = (run[1] for run in gpu_check.GPU_RUNS)
+    dry run has the same methods and switches. Then the flow solvers at full size: FlowDPS on SD3.5-medium, OT-ODE and
+    Flower on the pixel-space network of their papers."""
+    full, today, compiled, flowdps, pixel = (run[1] for run in gpu_check.GPU_RUNS)
+    assert flowdps == dict(backbones=["sd3.5-medium"], methods=["flowdps"], sizes=[768, 1024], steps=[28])
+    assert pixel == dict(backbones=["pnp-flow-unet"], methods=["ot_ode", "flower"], sizes=[128, 256], steps=[100])
     assert today["backbones"] == ["flux2-klein-4b", "qwen-image"] and today["sizes"] == [1024]
     assert full["backbones"] == ["sd3.5-medium", "flux-dev"] and full["sizes"] == [512, 768, 1024]
     assert full["steps"] == [28] and set(full["methods"]) == {"flowchef-latent", "flowchef-pixel", "flair",

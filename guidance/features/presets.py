@@ -15,7 +15,9 @@ import copy
 import difflib
 from importlib import import_module
 
-_SOURCES = ("guidance.methods.flowchef", "guidance.methods.flair", "guidance.methods.pnp_flow")
+_SOURCES = ("guidance.methods.flowchef", "guidance.methods.flair", "guidance.methods.pnp_flow",
+            "guidance.methods.flowdps", "guidance.methods.psld", "guidance.methods.ot_ode", "guidance.methods.d_flow",
+            "guidance.methods.ictm", "guidance.methods.flower")
 
 
 def _all() -> dict[str, dict]:

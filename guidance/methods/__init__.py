@@ -34,6 +34,12 @@ REGISTRY: dict[str, str] = {
     "straight_through": "guidance.methods.straight_through:straight_through",
     "best_of_n": "guidance.methods.best_of_n:best_of_n",
     "particles": "guidance.methods.particles:particles",
+    "flowdps": "guidance.methods.flowdps:flowdps",
+    "psld": "guidance.methods.psld:psld",
+    "ot_ode": "guidance.methods.ot_ode:ot_ode",
+    "d_flow": "guidance.methods.d_flow:d_flow",
+    "ictm": "guidance.methods.ictm:ictm",
+    "flower": "guidance.methods.flower:flower",
 }
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",

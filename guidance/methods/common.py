@@ -154,6 +154,39 @@ class DivergenceMonitor:
         return DivergenceError(f"{self.method} diverged: {what} at step {step}; {self.hint}")
 
 
+def is_pixel_model(model) -> bool:
+    """True for a model whose state is the image itself (no autoencoder between them): the analytic priors and
+    pixel-space networks. Latent models (every diffusers family, the default model) are False."""
+    return getattr(model, "spatial_factor", 1) == 1 and getattr(model, "codec", None) is None
+
+
+#: The solvers that serve latent models, named when a pixel-space method refuses one.
+LATENT_SOLVERS = "flowdps, psld, d_flow, flowchef or flair"
+
+
+def require_pixel_model(model, method: str, why: str, instead: str = LATENT_SOLVERS) -> None:
+    """Refuse a latent model, in one line, for a method defined on images only: ``why`` says what the method
+    needs in image space, ``instead`` which methods serve latent models."""
+    if not is_pixel_model(model):
+        raise ValueError(f"{method} works on pixel-space models only ({why}), and {type(model).__name__} is a latent "
+                         f"model; use {instead} on latent models")
+
+
+def require_linear_measurement(objective, method: str, why: str):
+    """The objective of a method that applies the operator itself to images (its adjoint, linear solves with it):
+    a pixel-space :class:`MeasurementFidelity` with a linear operator; anything else is refused in one line that
+    says ``why`` the method needs it."""
+    from ..objectives import MeasurementFidelity
+
+    if isinstance(objective, MeasurementFidelity) and objective.space == "pixel" and objective.operator.is_linear:
+        return objective
+    what = type(objective).__name__ if not isinstance(objective, MeasurementFidelity) else (
+        f"a {objective.space}-space fidelity" if objective.space != "pixel"
+        else f"a fidelity with the nonlinear {type(objective.operator).__name__}")
+    raise ValueError(f"{method} needs a pixel-space MeasurementFidelity with a linear operator ({why}), got {what}; "
+                     f"build MeasurementFidelity(linear_operator, y, space='pixel')")
+
+
 def check_nonnegative(value, name: str) -> float:
     """A finite number >= 0 (:func:`operators.checks.check_number`)."""
     return check_number(value, name, minimum=0)

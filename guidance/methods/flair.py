@@ -35,7 +35,7 @@ from ..flow import eps_from_velocity, x0_from_velocity
 from ..objectives import MeasurementFidelity
 from ..sampler import initial_noise, start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
-                     initial_image, reference_scale)
+                     initial_image, is_pixel_model, reference_scale)
 
 __all__ = ["flair", "flair_grid", "dta_noise", "regularizer_step", "data_consistency", "initial_image",
            "default_data_lr", "operator_gain", "sr_data_lr", "PRESETS"]
@@ -210,8 +210,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     grid = flair_grid(num_steps, float(sigma_min))
     weights = [table(s) for s in grid.tolist()]
     if data_lr is None:
-        pixel_space = model.spatial_factor == 1 and getattr(model, "codec", None) is None
-        data_lr = default_data_lr(operator, image_shape, pixel_space, max(weights), device)
+        data_lr = default_data_lr(operator, image_shape, is_pixel_model(model), max(weights), device)
     threshold = objective.noise_std ** 2 * y[0].numel()
 
     counted = CountingModel(model)

@@ -59,16 +59,21 @@ CLASSES = {"retina": ("retina",), "hubble": ("hubble_deep_field",), "tissue": ("
 #: inpainting and deblurring (‖A‖² = 1): PnP-Flow's step is therefore divided by ‖A‖² (``normalize_step``), 0.125
 #: at gain 1 being 2 for SR x4. FLAIR with 2 / 3 / 4 data steps: SR x4 of astronaut 20.4 / 21.2 / 21.6 dB before
 #: consistency, in 105 / 39 / 52 s (3 keeps the README's command within a minute).
+#: FlowDPS and PSLD (28 steps, astronaut 256x256, SR x4, raw / consistent PSNR): FlowDPS step 4 (its analytic-prior
+#: default) 11.77 / 23.40, the official 15 22.33 / 23.43; PSLD 1 / 15: 10.34 / 23.36, 22.42 / 23.26, but box inpainting
+#: 12.97 / 16.56 at 1 against 11.67 / 11.84 at 15 (its step is divided by nothing: masks want a gentler one).
 RECOMMENDED_OPTIONS: dict[str, dict] = {"flair": {"data_steps": 3}, "flowchef": {"step_size": 0.03},
                                         "pnp_flow": {"step_size": 0.125, "normalize_step": True},
-                                        "dps": {"step_size": 3.0}}
+                                        "dps": {"step_size": 3.0}, "flowdps": {"step_size": 15.0},
+                                        "psld": {"step_size": 15.0}}
 #: Options for one operator, over the above. FlowChef, consistent mean of 4 samples: SR x4 step 0.03 everywhere
 #: 26.07, 16 on the steps above noise level 0.75 only 26.36 (8 / 32 up to 0.5: 26.34 / 26.31); deblurring 0.03
 #: everywhere 27.65, 1.0 / ‖A‖² above 0.75 27.74; but box inpainting 22.32 against 15.5-15.8 for 0.25-1.0 / ‖A‖²
 #: above 0.75: strong early guidance suits blurs and downsamplers, not masks.
 _EARLY_FLOWCHEF = {"step_size": 1.0, "normalize_step": True, "stop_sigma": 0.75}
 OPERATOR_OPTIONS: dict[str, dict[str, dict]] = {"sr": {"flowchef": _EARLY_FLOWCHEF},
-                                                "gaussian_blur": {"flowchef": _EARLY_FLOWCHEF}}
+                                                "gaussian_blur": {"flowchef": _EARLY_FLOWCHEF},
+                                                "inpaint_box": {"psld": {"step_size": 1.0}}}
 #: Restoration settings recommended for this model: its autoencoder (about 28 dB) loses detail the measurement
 #: still holds, so the result is made consistent with y in pixel space (the discrepancy principle stops it).
 RESTORE_OPTIONS: dict = {"consistency_steps": 100}

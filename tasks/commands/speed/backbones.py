@@ -18,6 +18,9 @@ BACKBONES = {
     "tiny-flux2-klein": "random-weight FLUX.2 [klein] miniature (step-distilled, no CFG)",
     "tiny-qwen-image": "random-weight Qwen-Image miniature (true CFG 4 as one batched call)",
     "default": "flowsteer's embedded default model (trained weights, no text)",
+    "tiny-pixel": "random-weight pixel-space UNet miniature (no autoencoder: the pixel-space solvers' setting)",
+    "pnp-flow-unet": "the pixel-space network of PnP-Flow's and Flower's experiments (UNet, 34.5M parameters, "
+                     "random weights, no autoencoder)",
     "sd3.5-medium": "SD3.5-medium architecture, random weights, CFG w = 7 as one batched call (GPU only)",
     "flux-dev": "FLUX.1-dev architecture, random weights, guidance embedding 3.5 (GPU only)",
     "flux2-klein-4b": "FLUX.2 [klein] 4B architecture (step-distilled, no CFG), random weights, full VAE (GPU only)",
@@ -26,7 +29,8 @@ BACKBONES = {
 }
 FULL_SIZE = ("sd3.5-medium", "flux-dev", "flux2-klein-4b", "flux2-klein-9b", "qwen-image")
 #: image sides each backbone takes are multiples of these (the latent factor times the transformer's patch)
-SIZE_MULTIPLES = {"tiny-sd3": 8, "tiny-flux": 16, "default": 16, "sd3.5-medium": 16, "flux-dev": 16,
+SIZE_MULTIPLES = {"tiny-sd3": 8, "tiny-flux": 16, "default": 16, "tiny-pixel": 2, "pnp-flow-unet": 8,
+                  "sd3.5-medium": 16, "flux-dev": 16,
                   "tiny-flux2-klein": 16, "flux2-klein-4b": 16, "flux2-klein-9b": 16, "tiny-qwen-image": 16, "qwen-image": 16}
 
 
@@ -121,6 +125,14 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         model = QwenImageModel.from_components(**components)
         cond = model.condition(random_common.PROMPT, random_common.NEGATIVE, true_cfg_scale=4.0)
         condition = "prompt and negative prompt encoded once; true CFG 4 as one batched call; the full VAE decodes"
+    elif name in ("tiny-pixel", "pnp-flow-unet"):
+        from tasks.random_models.generic import pixel_flow_model, pnp_flow_unet, tiny_pixel_unet
+
+        network = _placed({"unet": tiny_pixel_unet()}, device, dtype)["unet"] if name == "tiny-pixel" \
+            else pnp_flow_unet(128, device, dtype)
+        model = pixel_flow_model(network)
+        cond = None
+        condition = "no text (unconditional); pixel space, no decoder"
     elif name == "default":
         from guidance import load_model
         from guidance.backbones.autoencoder import LatentCodec, autoencoder_scale_shift

@@ -26,9 +26,16 @@ METHODS = {
     "flair": ("flair", "pixel", "FLAIR, pixel loss through the decoder, ≤ 15 data steps per step"),
     "pnp_flow": ("pnp_flow", "pixel", "PnP-Flow, pixel loss through the decoder, 2 noise draws per step"),
     "dps": ("dps", "pixel", "DPS, backpropagates through the transformer every step (the contrast)"),
+    "flowdps": ("flowdps", "pixel", "FlowDPS, data steps on the clean estimate through the decoder, then re-noising"),
+    "psld": ("psld", "pixel", "PSLD (flow port), backpropagates through the transformer and the autoencoder"),
+    "d_flow": ("d_flow", "pixel", "D-Flow, L-BFGS on the source noise through the whole ODE (checkpointed steps)"),
+    "ot_ode": ("ot_ode", "pixel", "OT-ODE, one vector-Jacobian product through the network per step (pixel models)"),
+    "ictm": ("ictm", "pixel", "ICTM, Adam on each step's state with a Hutchinson trace (pixel models)"),
+    "flower": ("flower", "pixel", "Flower, a conjugate-gradient projection per step (pixel models)"),
 }
 
 OPERATOR = "sr:factor=4"
+FLOWER_NOISE_STD = 0.01   # the σ Flower's rows assume (the measurement itself is noiseless, as for every row)
 WARMUP_STEPS = 2          # steps of each cell's warm-up run (at most the cell's own)
 
 
@@ -58,7 +65,8 @@ def _objective(space: str | None, model, size: int, seed: int):
 
 def cell_options(cell: Cell, settings: Settings) -> dict:
     """The options a cell's method runs with: FLAIR gets the default CRW table (no calibration lookup, no
-    warning), the full-size random-weight backbones run without divergence checks, then the row's own
+    warning), Flower the noise level :data:`FLOWER_NOISE_STD` (its refinement weighs the data by 1 / σ², and the
+    row's measurement is noiseless), the full-size random-weight backbones run without divergence checks, then the row's own
     ``settings.options[cell.method]`` (``--option ROW.KEY=VALUE``) on top."""
     from guidance.methods import method_options
 
@@ -68,6 +76,8 @@ def cell_options(cell: Cell, settings: Settings) -> dict:
         from guidance.features.calibration import DEFAULT_CRW
 
         options["crw"] = DEFAULT_CRW
+    if method == "flower":
+        options["noise_std"] = FLOWER_NOISE_STD
     if cell.backbone in FULL_SIZE and "check_divergence" in method_options(method):
         options["check_divergence"] = False
     return {**options, **settings.options.get(cell.method, {})}
