@@ -87,3 +87,13 @@ def cli(capsys, offline_cache):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of thousands of tiny ops (the parity tests): the thread pool's synchronisation
+    would cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ from guidance.features.presets import get_preset, list_presets
 from guidance.methods.flowdps import PRESETS, flowdps, resolve_back_projection, shifted_sigmas
 from operators import make_operator
 from tasks.studies.analytic_benchmark import smooth_image_prior
+from official_problems import gen as _gen
 
 FLOW = smooth_image_prior(shape=(3, 4, 4), components=3)
 BATCH = 2
@@ -39,17 +40,7 @@ PROBLEMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are tiny: one thread spares the thread pool's synchronisation on every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class UpsampledFlow(AnalyticGMMFlow):

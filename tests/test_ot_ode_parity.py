@@ -19,8 +19,8 @@ from guidance.methods import get_method
 from guidance.methods.ot_ode import PRESETS, first_step, ot_ode
 from operators.conjugate_gradient import conjugate_gradient
 from operators import make_operator
-from operators.function import FunctionOperator
 from tasks.studies.analytic_benchmark import smooth_image_prior
+from official_problems import OPERATORS, gen as _gen
 
 FLOW = smooth_image_prior(shape=(3, 4, 4), components=3)
 BATCH = 2
@@ -46,38 +46,9 @@ PRESET_OF = {"denoising": "ot_ode_celeba_denoise", "gaussian_deblurring_FFT": "o
              "random_inpainting": "ot_ode_celeba_inpaint_random"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are tiny: one thread spares the thread pool's synchronisation on every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def decimation():
-    """The official SR operator (pnpflow/utils.py ``downsample`` / ``upsample``): keep the top-left pixel of each
-    2x2 block; its adjoint puts the pixels back and zeros elsewhere."""
-    def adjoint(y):
-        x = y.new_zeros(*y.shape[:-2], 2 * y.shape[-2], 2 * y.shape[-1])
-        x[..., ::2, ::2] = y
-        return x
-    return FunctionOperator(lambda x: x[..., ::2, ::2], linear=True, adjoint=adjoint)
-
-
-# the official problems on 4x4 images: the operator of each problem at this size (paintbrush inpainting is the
-# inpainting branch with another mask)
-OPERATORS = {
-    "denoising": lambda: make_operator("denoise"),
-    "gaussian_deblurring_FFT": lambda: make_operator("gaussian_blur:kernel_size=3,sigma=1.0,padding=circular"),
-    "superresolution": decimation,
-    "inpainting": lambda: make_operator("inpaint_box:size=2"),
-    "random_inpainting": lambda: make_operator("inpaint_random:fraction=0.7"),
-}
 
 
 def official_ot_ode(velocity_to_data, H, H_adj, solve, y, setting, randn, shift=0, jacobian_sign=1.0):

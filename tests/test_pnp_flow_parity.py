@@ -20,8 +20,8 @@ from guidance.methods.pnp_flow import PRESETS, pnp_flow, uniform_grid
 from guidance.features.presets import get_preset, list_presets
 from operators import make_operator
 from operators.base import operator_gain
-from operators.function import FunctionOperator
 from tasks.studies.analytic_benchmark import smooth_image_prior
+from official_problems import OPERATORS, decimation, gen as _gen
 
 FLOW = smooth_image_prior(shape=(3, 4, 4), components=3)  # a small colour prior keeps 100 x 5 evaluations cheap
 BATCH = 2
@@ -45,37 +45,9 @@ PRESET_OF = {"denoising": "pnp_flow_celeba_denoise", "gaussian_deblurring_FFT": 
              "random_inpainting": "pnp_flow_celeba_inpaint_random"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are tiny: one thread spares the thread pool's synchronisation on every one of 1000 small ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def decimation():
-    """The official SR operator (pnpflow/utils.py ``downsample`` / ``upsample``): keep the top-left pixel of
-    each 2x2 block; its adjoint puts the pixels back and zeros elsewhere."""
-    def adjoint(y):
-        x = y.new_zeros(*y.shape[:-2], 2 * y.shape[-2], 2 * y.shape[-1])
-        x[..., ::2, ::2] = y
-        return x
-    return FunctionOperator(lambda x: x[..., ::2, ::2], linear=True, adjoint=adjoint)
-
-
-# the official problems on 4x4 images: the operator of each problem at this size
-OPERATORS = {
-    "denoising": lambda: make_operator("denoise"),
-    "gaussian_deblurring_FFT": lambda: make_operator("gaussian_blur:kernel_size=3,sigma=1.0,padding=circular"),
-    "superresolution": decimation,
-    "inpainting": lambda: make_operator("inpaint_box:size=2"),
-    "random_inpainting": lambda: make_operator("inpaint_random:fraction=0.7"),
-}
 
 
 def official_pnp_flow(velocity_to_data, H, H_adj, y, setting, randn, times=None):

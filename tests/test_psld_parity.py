@@ -22,6 +22,7 @@ from guidance.methods.flowdps import shifted_sigmas
 from guidance.methods.psld import PRESETS, psld
 from operators import make_operator
 from tasks.studies.analytic_benchmark import smooth_image_prior
+from official_problems import gen as _gen
 
 FLOW = smooth_image_prior(shape=(3, 4, 4), components=3)
 BATCH = 2
@@ -31,17 +32,7 @@ TOLERANCE = 2e-6  # float32 state against the float64 transcription (measured: a
 COMMIT = "83618433cece8cbcd056344cf11c021c37f5e186"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are tiny: one thread spares the thread pool's synchronisation on every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_psld(velocity, A, B, D, E, y, z, sigmas, step_size, weights=(1.0, 0.1), squared=False,
