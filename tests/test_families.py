@@ -99,7 +99,7 @@ METHODS = {
     "pnp_flow": ("pnp_flow", {"step_size": 0.1, "time_grid": "uniform", "step_exponent": 1.0}, "pixel", 12),
     "flowdps": ("flowdps", {"step_size": 3.0, "data_steps": 10}, "pixel", STEPS),
     "psld": ("psld", {"step_size": 0.6}, "pixel", STEPS),
-    "d_flow": ("d_flow", {"max_iter": 1, "lbfgs_iter": 3, "inversion": "midpoint"}, "pixel", STEPS),
+    "d_flow": ("d_flow", {"max_iter": 1, "lbfgs_iter": 6, "inversion": "midpoint"}, "pixel", STEPS),
 }
 #: the solvers defined on images only (they apply A and Aᵀ to the state): refused on every latent family
 PIXEL_ONLY = ("ot_ode", "ictm", "flower")
