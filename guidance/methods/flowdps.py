@@ -79,7 +79,7 @@ from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count
                      measurement_batch_size, reference_scale)
 
 __all__ = ["BACK_PROJECTIONS", "DEFAULT_STEP_SIZE", "PRESETS", "back_projected_loss", "flowdps",
-           "resolve_back_projection", "shifted_sigmas"]
+           "resolve_back_projection", "shifted_sigmas", "start_shifted"]
 
 BACK_PROJECTIONS = ("auto", "adjoint", "pseudo_inverse", "none")
 # η of the data step. The gradient of a residual norm has length at most ‖B A‖ ‖D'‖ whatever the residual's size,
@@ -115,6 +115,19 @@ def shifted_sigmas(model, num_steps: int, height: int, width: int, shift: float)
         return (shift * s / (1 + (shift - 1) * s)).float()
     raise ValueError(f"shift={shift:g} re-shifts a diffusers flow-matching scheduler or an analytic flow's linear "
                      f"schedule, and {type(model).__name__} has neither; leave shift=None to use its own schedule")
+
+
+def start_shifted(counted, objective: Objective, cond, num_steps: int, height, width, generator, batch_size, latents,
+                  shift: float | None):
+    """The start of FlowDPS and PSLD: :func:`~guidance.sampler.start_state` (one restoration per measurement by
+    default), the schedule (re-shifted by :func:`shifted_sigmas` when ``shift`` is given) and the objective bound to
+    the image size. Returns (state, sigmas)."""
+    batch_size = measurement_batch_size(objective, batch_size, latents)
+    state = start_state(counted, cond, num_steps, height, width, generator, batch_size, latents)
+    sigmas = state.sigmas if shift is None else shifted_sigmas(counted.model, num_steps, state.height, state.width,
+                                                               shift).to(state.x.device)
+    objective.bind(counted.model, state.height, state.width)
+    return state, sigmas
 
 
 def resolve_back_projection(objective: Objective, back_projection: str, image_shape: tuple[int, ...],
@@ -216,13 +229,10 @@ def flowdps(model, objective: Objective, *, num_steps: int = 28, cond=None, heig
     if check_flag(official_quirks, "official_quirks") and not use_norm:
         raise ValueError("official_quirks=True takes the residual norm over the whole batch, and use_norm=False "
                          "takes no norm; drop one of them")
-    batch_size = measurement_batch_size(objective, batch_size, latents)
     counted = CountingModel(model)
-    state = start_state(counted, cond, num_steps, height, width, generator, batch_size, latents)
+    state, sigmas = start_shifted(counted, objective, cond, num_steps, height, width, generator, batch_size, latents,
+                                  shift)
     x, cond = state.x, state.cond
-    sigmas = state.sigmas if shift is None else shifted_sigmas(model, num_steps, state.height, state.width,
-                                                               shift).to(x.device)
-    objective.bind(model, state.height, state.width)
     back_projection = resolve_back_projection(objective, back_projection,
                                               (model.image_channels, state.height, state.width), "flowdps")
     # a general objective's loss may be negative, where its square root is undefined: recorded on the device

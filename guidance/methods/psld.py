@@ -57,12 +57,12 @@ from operators.checks import MAX_STEPS, check_number
 
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective
-from ..sampler import start_state, step_end
+from ..sampler import step_end
 from .common import (CountingModel, DivergenceError, DivergenceMonitor, MethodResult, check_count, check_flag,
-                     check_nonnegative, is_pixel_model, measurement_batch_size, reference_scale)
+                     check_nonnegative, is_pixel_model, reference_scale)
 from .dps import activation_checkpointing
 from .flowdps import (COMMON_NOTE, NOISE_STD, OFFICIAL_SOURCE, SD3_MEDIUM, TASKS, resolve_back_projection,
-                      shifted_sigmas)
+                      start_shifted)
 
 __all__ = ["DEFAULT_STEP_SIZE", "PRESETS", "psld"]
 
@@ -143,13 +143,10 @@ def psld(model, objective: Objective, *, num_steps: int = 28, cond=None, height=
         if generator is None:
             raise ValueError("posterior_sample=True draws the encoder's posterior sample from the generator: pass "
                              "generator=torch.Generator().manual_seed(0)")
-    batch_size = measurement_batch_size(objective, batch_size, latents)
     counted = CountingModel(model)
-    state = start_state(counted, cond, num_steps, height, width, generator, batch_size, latents)
+    state, sigmas = start_shifted(counted, objective, cond, num_steps, height, width, generator, batch_size, latents,
+                                  shift)
     x, cond = state.x, state.cond
-    sigmas = state.sigmas if shift is None else shifted_sigmas(model, num_steps, state.height, state.width,
-                                                               shift).to(x.device)
-    objective.bind(model, state.height, state.width)
     image_shape = (model.image_channels, state.height, state.width)
     back_projection = resolve_back_projection(objective, back_projection, image_shape, "psld")
     if back_projection == "none" and tuple(objective.y.shape[1:]) != image_shape:
