@@ -20,6 +20,7 @@ from .sequences import (EndpointNetwork, GumbelSoftmaxPath, NetworkSimplexFlow, 
                         check_simplex, sample_sequences, train_simplex_flow)
 from .backbones.registry import BACKBONES as _BACKBONES
 from .sampler import SampleResult, initial_noise, sample, start_state
+from .inversion import InversionResult, invert
 from .sequences.classifier import SequenceClassifier, train_sequence_classifier
 
 #: names imported on first use: every backbone adapter of the registry (SD3Model, FluxModel, Flux2Model,
@@ -34,7 +35,7 @@ _LAZY = {
 __all__ = [
     "AnalyticGMMFlow", "CRWTable", "CallableObjective", "calibrate", "load_crw", "ClassifierObjective", "DivergenceError", "FlowModel",
     "GaussianMixture", "MeasurementFidelity", "MethodResult", "ModelNotFoundError", "Objective",
-    "RewardObjective", "SampleResult", "flow", "get_method", "image_patches", "initial_noise", "list_methods",
+    "InversionResult", "RewardObjective", "SampleResult", "invert", "flow", "get_method", "image_patches", "initial_noise", "list_methods",
     "load_decoder", "load_model", "objective_gradient", "sample", "start_state",
     "HARD_FUNCTIONS", "DecisionObjective", "HardInputObjective", "argmax_decision", "get_hard_function",
     "hard_function", "quantize", "threshold",

@@ -21,14 +21,15 @@ from tqdm.auto import tqdm
 
 from operators.checks import MAX_BATCH, check_generator, check_int
 
-from .flow import euler_step, x0_from_velocity
+from .flow import x0_from_velocity
 from .loading.images import ImageOutput
 from .memory import check_memory
 from .noise import initial_noise  # noqa: F401  (re-exported: guidance.sampler.initial_noise)
 from .sde import check_noise_scale, sde_step
+from .solvers import check_solver, integrate
 from .backbones.base import FlowModel, check_num_steps
 
-__all__ = ["SampleResult", "StartState", "check_model", "initial_noise", "sample", "start_state", "step_end"]
+__all__ = ["SampleResult", "StartState", "check_model", "initial_noise", "sample", "start_state", "start_step", "step_end"]
 
 
 @dataclass
@@ -59,6 +60,17 @@ def step_end(callback_on_step_end: Callable | None, step: int, sigma, state: dic
         raise ValueError(f"callback_on_step_end returned an 'x' of shape "
                          f"{tuple(getattr(new, 'shape', ()))}; the state has shape {tuple(x.shape)}")
     return new.to(device=x.device, dtype=x.dtype)
+
+
+def start_step(num_steps: int, strength: Any) -> int:
+    """The first step that a run of ``strength`` (in (0, 1], the fraction of the schedule run) takes, counted as
+    diffusers' SD3 and FLUX image-to-image pipelines count it (``get_timesteps``):
+    ``int(num_steps - num_steps * strength)``."""
+    check_num_steps(num_steps)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1] (the fraction of the schedule to run; 1: all of "
+                         f"it), got {strength!r}")
+    return int(max(num_steps - num_steps * strength, 0))  # below num_steps: every strength > 0 runs a step
 
 
 def _condition_batch(cond: Any) -> int:
@@ -161,6 +173,8 @@ def sample(
     callback_on_step_end: Callable | None = None,
     stochastic: bool = False,
     noise_scale: float = 1.0,
+    solver: str = "euler",
+    strength: float = 1.0,
 ) -> SampleResult:
     """Generate with the Euler sampler (or, with ``stochastic=True``, the flow's SDE).
 
@@ -184,22 +198,43 @@ def sample(
             x_{s'} = x_s + (s' - s)(v + η eps_hat) + sqrt(2 η s (s - s')) z), the last step onto s = 0
             deterministic; needs an explicit ``generator``, which then also draws the noise of every step.
         noise_scale: η >= 0, the SDE's diffusion g(s)² = 2 η s (0: the ODE); used with ``stochastic=True``.
+        solver: the ODE solver of :mod:`guidance.solvers`: "euler" (the pipelines' own step), "rf_solver" (second
+            order, two evaluations per step) or "fireflow" (second order, one evaluation per step after the first);
+            :func:`guidance.invert` with the same solver inverts what this integrates.
+        strength: the fraction of the ``num_steps`` schedule to run, as diffusers' image-to-image pipelines count
+            it: the last ``int(num_steps * strength)`` steps, from ``latents`` at that noise level (those of
+            :func:`guidance.invert` with the same ``strength``). 1 runs the whole schedule.
     """
     if not isinstance(stochastic, bool):
         raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
     check_noise_scale(noise_scale)
+    check_solver(solver)
+    if stochastic and solver != "euler":
+        raise ValueError(f"stochastic sampling takes Euler-Maruyama steps; solver={solver!r} integrates the ODE: "
+                         f"drop stochastic=True or use solver='euler'")
+    start = start_step(num_steps, strength)
+    if start and latents is None:
+        raise ValueError(f"strength={strength} starts {start} steps into the schedule, from a partly noised latent: "
+                         f"pass latents (e.g. guidance.invert(model, image, strength={strength}).noise)")
     if stochastic and generator is None:
         raise ValueError("stochastic sampling draws fresh noise at every step: pass an explicit generator, e.g. "
                          "generator=torch.Generator().manual_seed(0)")
     state = start_state(model, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond, sigmas = state.x, state.cond, state.sigmas
-    for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = model.velocity(x, sigma, cond)
-        if callback is not None:
-            callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_from_velocity(x, v, sigma)})
-        x = sde_step(x, v, sigma, sigma_next, noise_scale, generator) if stochastic else \
-            euler_step(x, v, sigma, sigma_next)
-        x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
+    if stochastic:
+        for i in tqdm(range(start, num_steps), disable=not progress, desc="sampling"):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            v = model.velocity(x, sigma, cond)
+            if callback is not None:
+                callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_from_velocity(x, v, sigma)})
+            x = sde_step(x, v, sigma, sigma_next, noise_scale, generator)
+            x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
+    else:
+        def offset(function):  # the callbacks count steps in the whole schedule
+            return None if function is None else lambda state: function({**state, "step": state["step"] + start})
+
+        x = integrate(lambda x, s: model.velocity(x, s, cond), x, sigmas[start:], solver, progress=progress,
+                      callback=offset(callback),
+                      step_end=lambda i, s, x: step_end(callback_on_step_end, i + start, s, {"x": x}))
     image = model.decode(x) if decode else None
     return SampleResult(x=x, image=image, sigmas=sigmas)

@@ -32,7 +32,8 @@ def test_guided_pipeline_demo(tiny_sd3_folder, tmp_path, capsys):
 def test_edit_demo(tiny_sd3_folder, tmp_path):
     run_demo("edit_image", ["--model", str(tiny_sd3_folder), *TINY, "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["nfe"] == 6 and metrics["settings"]["height"] == 32
+    assert metrics["settings"]["method"] == "flowedit" and metrics["settings"]["height"] == 32
+    assert metrics["nfe"] == 4  # n_max = round(3 * 33 / 50) = 2 FlowEdit steps, two velocities each
     assert (tmp_path / "edited.png").is_file() and (tmp_path / "grid.png").is_file()
 
 

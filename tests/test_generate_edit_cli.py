@@ -150,8 +150,8 @@ def test_edit_writes_outputs_and_keeps_the_unmasked_region(tiny_sd3_folder, phot
     from guidance.loading.models import load_model
 
     out = tmp_path / "edited"
-    code = main(["edit", str(photo_32), "--mask", str(half_mask), "--source-prompt", "a photo of a cat",
-                 "--edit-prompt", "a photo of a dog", "--model", str(tiny_sd3_folder), "--steps", "3",
+    code = main(["edit", str(photo_32), "--method", "flowchef_edit", "--mask", str(half_mask), "--source-prompt",
+                 "a photo of a cat", "--edit-prompt", "a photo of a dog", "--model", str(tiny_sd3_folder), "--steps", "3",
                  "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert {p.name for p in out.iterdir()} == {"edited.png", "grid.png", "metrics.json"}

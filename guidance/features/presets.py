@@ -17,7 +17,8 @@ from importlib import import_module
 
 _SOURCES = ("guidance.methods.flowchef", "guidance.methods.flair", "guidance.methods.pnp_flow",
             "guidance.methods.flowdps", "guidance.methods.psld", "guidance.methods.ot_ode", "guidance.methods.d_flow",
-            "guidance.methods.ictm", "guidance.methods.flower")
+            "guidance.methods.ictm", "guidance.methods.flower", "guidance.methods.flowedit",
+            "guidance.methods.rf_inversion", "guidance.methods.rf_solver_edit")
 
 
 def _all() -> dict[str, dict]:

@@ -40,6 +40,10 @@ REGISTRY: dict[str, str] = {
     "d_flow": "guidance.methods.d_flow:d_flow",
     "ictm": "guidance.methods.ictm:ictm",
     "flower": "guidance.methods.flower:flower",
+    "flowedit": "guidance.methods.flowedit:flowedit",
+    "inversion_edit": "guidance.methods.inversion_edit:inversion_edit",
+    "rf_inversion": "guidance.methods.rf_inversion:rf_inversion",
+    "rf_solver_edit": "guidance.methods.rf_solver_edit:rf_solver_edit",
 }
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from operators.checks import MAX_STEPS, check_work
 
 from ..flow import euler_step, x0_from_velocity
-from ..loading.images import image_tensor
 from ..objectives import Objective, objective_gradient, official_latent_mask, unshifted_latent
 from ..sampler import start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps,
                      reference_scale)
+from .editing import as_pixel_mask, check_source_image, latent_edit_mask, same_batch, text_condition
 from .flowchef import InnerOptimizer, check_optimizer, loss_history
 
 __all__ = ["OFFICIAL_EDIT_QUIRKS", "SourcePull", "flowchef_edit", "instaflow_edit_mask", "latent_edit_mask"]
@@ -69,30 +69,6 @@ class SourcePull(Objective):
         return self.weight * squared.flatten(1).mean(1)
 
 
-def _as_mask(mask: Any, height: int, width: int) -> torch.Tensor:
-    """A pixel mask (H, W), (1, H, W) or (B, 1, H, W) in [0, 1] as a float (B, 1, H, W) tensor."""
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor (H, W) or (B, 1, H, W) with 1 = edit, got {type(mask).__name__}")
-    m = mask.float()
-    if m.ndim == 2:
-        m = m[None, None]
-    elif m.ndim == 3:
-        m = m[:, None]
-    if m.ndim != 4 or m.shape[1] != 1:
-        raise ValueError(f"mask must have shape (H, W), (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
-    if tuple(m.shape[-2:]) != (height, width):
-        raise ValueError(f"the mask is {m.shape[-2]}x{m.shape[-1]} but the source image is {height}x{width}; "
-                         f"resize the mask to the image size")
-    if not bool(torch.isfinite(m).all()) or m.min() < 0 or m.max() > 1:
-        raise ValueError("mask values must lie in [0, 1] (1 = region to edit, 0 = region to keep)")
-    return m
-
-
-def latent_edit_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """The pixel edit mask (B, 1, H, W) averaged over each latent cell: the fraction of edited pixels, (B, 1, h, w)."""
-    return F.interpolate(mask, size=latent_hw, mode="area").clamp(0, 1)
-
-
 def instaflow_edit_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """The official InstaFlow editing mask (1 = edit): bilinear downsampling (align_corners=False, no
     antialiasing) of the pixel mask, a cell edited unless its value is exactly 0
@@ -113,34 +89,6 @@ def _check_quirks(official_quirks) -> str | None:
         return official_quirks
     raise ValueError(f"official_quirks must be False, True (= 'flux') or one of {tuple(OFFICIAL_EDIT_QUIRKS)}, got "
                      f"{official_quirks!r}")
-
-
-def _is_text(prompt) -> bool:
-    return isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))
-
-
-def _text_conditions(model, source_prompt, edit_prompt, guidance_scale):
-    """The source and edit conditions: prompts are encoded once (cached by the model); conditions made with
-    ``model.condition(...)`` are used as they are."""
-    if source_prompt is None or edit_prompt is None:
-        raise ValueError("flowchef_edit needs source_prompt (describing the source image) and edit_prompt "
-                         "(describing the edited image)")
-    if guidance_scale is None:  # guidance-distilled models keep their embedded default; others run without CFG
-        kwargs = {} if getattr(model, "has_guidance_embedding", False) else {"guidance_scale": 1.0}
-    else:
-        kwargs = {"guidance_scale": float(guidance_scale)}
-    name = type(model.model if isinstance(model, CountingModel) else model).__name__
-    conds = []
-    for prompt in (source_prompt, edit_prompt):
-        cond = model.condition(prompt, **kwargs) if _is_text(prompt) else prompt
-        if cond is None:
-            raise ValueError(f"flowchef_edit needs a text-conditioned model (a pipeline family: SD3, FLUX.1, "
-                             f"FLUX.2, Qwen-Image, ...); {name} takes no prompt")
-        conds.append(cond)
-    n_src, n_edit = (getattr(c, "batch_size", 1) for c in conds)
-    if n_src != n_edit:
-        raise ValueError(f"source_prompt has {n_src} entries but edit_prompt has {n_edit}; give one of each per image")
-    return conds
 
 
 @torch.no_grad()
@@ -224,21 +172,11 @@ def flowchef_edit(
         raise ValueError("flowchef_edit takes its conditions from source_prompt and edit_prompt; leave cond=None")
     if objective is not None and not isinstance(objective, Objective):
         raise ValueError(f"objective must be None or an Objective, got {type(objective).__name__}")
-    if source_image is None:
-        raise ValueError("flowchef_edit needs source_image, the image to edit (a tensor in [-1, 1], a PIL image or "
-                         "a NumPy array)")
-    if not isinstance(source_image, torch.Tensor):  # PIL or NumPy, as images are taken everywhere
-        source_image = image_tensor(source_image)
-    if source_image.ndim != 4:
-        raise ValueError(f"flowchef_edit needs source_image, a (B, C, H, W) tensor in [-1, 1]; got "
-                         f"{tuple(source_image.shape)}")
+    source_image = check_source_image(source_image, "flowchef_edit", height, width)
     image_h, image_w = int(source_image.shape[-2]), int(source_image.shape[-1])
-    if (height is not None and height != image_h) or (width is not None and width != image_w):
-        raise ValueError(f"height x width = {height}x{width} differs from the source image's {image_h}x{image_w}; "
-                         f"leave them unset or resize the image")
     if mask is None:
         raise ValueError("flowchef_edit needs mask, the region to edit (H, W) in [0, 1] with 1 = edit")
-    pixel_mask = _as_mask(mask, image_h, image_w)
+    pixel_mask = as_pixel_mask(mask, image_h, image_w)
     check_nonnegative(step_size, "step_size")
     check_count(inner_steps, "inner_steps", minimum=1, fix="inner_steps=0 edits nothing: the result would be plain "
                 "sampling from the edit prompt")
@@ -252,7 +190,9 @@ def flowchef_edit(
     quirks = _check_quirks(official_quirks)
 
     model = CountingModel(model)
-    cond_src, cond_edit = _text_conditions(model, source_prompt, edit_prompt, guidance_scale)
+    cond_src = text_condition(model, "flowchef_edit", source_prompt, guidance_scale, "source_prompt")
+    cond_edit = text_condition(model, "flowchef_edit", edit_prompt, guidance_scale, "edit_prompt")
+    same_batch("flowchef_edit", source_prompt=cond_src, edit_prompt=cond_edit)
     if batch_size is None and latents is None:
         batch_size = max(source_image.shape[0], pixel_mask.shape[0], getattr(cond_edit, "batch_size", 1))
     state = start_state(model, cond_edit, num_steps, image_h, image_w, generator, batch_size, latents)
