@@ -14,11 +14,25 @@ def test_ci_runs_the_readme_test_command():
     assert "python3 -m venv" in ci and "mktemp -d" in ci
 
 
-def api_snippets() -> list[str]:
-    """The Python blocks of the README's "Python API: diffusers' conventions" section, in order."""
+def api_snippets(title: str = "Python API: diffusers' conventions") -> list[str]:
+    """The Python blocks of the README's section ``title``, in order."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Python API: diffusers' conventions", 1)[1].split("\n## ", 1)[0]
+    section = readme.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_the_editing_snippets_run_as_written(tmp_path, monkeypatch, capsys):
+    """The Python blocks of "Editing real images", in one namespace, from a copy of the root's layout."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "demos").symlink_to(ROOT / "demos")
+    monkeypatch.chdir(tmp_path)
+    snippets = api_snippets("Editing real images")
+    assert len(snippets) == 2
+    namespace: dict = {}
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "edited.png").is_file()
+    assert capsys.readouterr().out.split() == ["40", "(64,", "64)", "8", "(32,", "32)"]
 
 
 def test_the_python_api_snippets_run_as_written(tmp_path, monkeypatch):

@@ -104,6 +104,40 @@ def test_default_backbone_gets_a_tiny_decoder_of_its_own_factor(offline_cache, t
     assert row["status"] == "measured" and row["nfe"] == 2
 
 
+
+def test_editors_are_timed_on_text_models_and_refused_on_text_free_ones(sd3, tmp_path):
+    """FlowEdit, RF-Inversion and RF-Solver editing in a miniature run (tiny SD3, 32 px, 2 steps): each edits the
+    smooth random image between the two prompts, its NFE ratio to unguided that of its loop (FlowEdit 2 per edited
+    step over its default n_max of the N steps, RF-Inversion 2N, RF-Solver editing 4N); a backbone without text
+    gives the row its reason. A batch of two images runs too (RF-Solver editing takes no generator)."""
+    from guidance.methods.flowedit import default_n_max
+    from tasks.commands.speed import EDIT_PROMPTS, run_speed
+
+    editors = ["flowedit", "rf_inversion", "rf_solver_edit"]
+    results = run_speed(["tiny-sd3", "tiny-pixel"], editors, [32], [2], repeats=1, out=tmp_path / "speed",
+                        progress=False, isolate=False)
+    rows = {(r["backbone"], r["method"]): r for r in results["rows"]}
+    assert all(rows["tiny-sd3", m]["status"] == "measured" for m in ["unguided", *editors])
+    n_max = default_n_max(sd3, 2)
+    assert n_max == 1  # 33/50 of the 2 steps, rounded half up (the CFG family's published share)
+    nfe = {m: rows["tiny-sd3", m]["nfe"] for m in ["unguided", *editors]}
+    assert nfe == {"unguided": 2, "flowedit": 2 * n_max, "rf_inversion": 2 * 2, "rf_solver_edit": 4 * 2}
+    assert [rows["tiny-sd3", m]["ratios"]["nfe"] for m in editors] == [n_max, 2.0, 4.0]
+    assert rows["tiny-pixel", "unguided"]["status"] == "measured"
+    for method in editors:
+        row = rows["tiny-pixel", method]
+        assert row["status"] == "not measured"
+        assert row["reason"].startswith("needs a text-conditioned model") and "tiny-pixel takes no text" in row["reason"]
+    table = (tmp_path / "speed" / "table.md").read_text()
+    assert "| flowedit | 32 | 2 | not measured: needs a text-conditioned model" in table
+    assert repr(EDIT_PROMPTS[0]) in table and repr(EDIT_PROMPTS[1]) in table
+
+    settings = Settings("cpu", "float32", batch_size=2, repeats=1)
+    for method in editors:
+        row = measure_cell(sd3, None, Cell("tiny-sd3", method, 32, 2), settings)
+        assert row["status"] == "measured" and row["nfe"] == nfe[method]
+
+
 # -- fast paths equal plain paths ----------------------------------------------------------------------------
 def test_cached_embeddings_are_reused_and_equal_fresh_ones(sd3):
     cond = sd3.condition(PROMPT, NEGATIVE, 5.0)

@@ -16,7 +16,7 @@ import torch
 
 from guidance.loading.files import write_text_atomic
 
-from .cells import METHODS, OPERATOR, WARMUP_STEPS, Cell, cell_options
+from .cells import EDIT_PROMPTS, METHODS, OPERATOR, WARMUP_STEPS, Cell, cell_options
 from .settings import Settings
 
 __all__ = ["FORMAT", "OUTPUT_NAMES", "TARGETS", "Results", "add_ratios", "check_targets", "markdown", "steps_scaling"]
@@ -195,7 +195,9 @@ def _notes(settings: Settings) -> list[str]:
         f"Peak memory: {memory}.",
         f"Measurement: {OPERATOR} of a smooth random image; pixel losses go through the "
         f"{'tiny (TAESD-style) decoder' if settings.decoder == 'tiny' else 'full VAE'}, which also decodes the "
-        "final latent. Method settings are each method's defaults; FLAIR uses the default CRW table"
+        f"final latent. The editors edit that image (encoded by the full VAE) from {EDIT_PROMPTS[0]!r} to "
+        f"{EDIT_PROMPTS[1]!r}, on text-conditioned backbones only. Method settings are each method's defaults; "
+        "FLAIR uses the default CRW table"
         + "".join(f"; {row}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
                   for row, values in settings.options.items()) + ".",
         "Full-size backbones (sd3.5-medium, flux-dev) have random bf16 weights: their times and memory are real, "

@@ -8,18 +8,23 @@ Backbones: ``tiny-sd3`` and ``tiny-flux`` (the tests' random-weight miniatures),
 model) and, on a CUDA GPU only, ``sd3.5-medium`` and ``flux-dev``: the full-size architectures with random bf16
 weights (the cost of a forward pass does not depend on the weights; see :mod:`tasks.random_models`).
 
-Rows (``METHODS``), all on the SR x4 measurement y of a smooth random image:
+Rows (``METHODS``), on the SR x4 measurement y of a smooth random image (the editors: on that image):
 
 * ``unguided``: plain Euler sampling, the reference of every ratio;
 * ``flowchef-latent``: FlowChef with the latent-space loss ‖M ⊙ (z − E(A⁺y))‖² (no decoder in the loop);
 * ``flowchef-pixel``, ``flair``, ``pnp_flow``: the pixel-space loss ‖A(D(z)) − y‖² through the decoder (``tiny``:
   a TAESD-style AutoencoderTiny, ``full``: the model's VAE);
-* ``dps``: the contrast, which backpropagates through the transformer at every step.
+* ``dps``: the contrast, which backpropagates through the transformer at every step;
+* the flow solvers (``flowdps``, ``psld``, ``d_flow``, ``ot_ode``, ``ictm``, ``flower``) on the same measurement;
+* the editors ``flowedit``, ``rf_inversion`` and ``rf_solver_edit``: that smooth random image edited from "a photo
+  of a cat" to "a photo of a dog" with each editor's defaults, on text-conditioned backbones only (elsewhere the
+  row says "not measured: needs a text-conditioned model").
 
 Protocol. Every cell (backbone x size x steps x method) runs once as a warm-up of ``WARMUP_STEPS`` steps (the same
 shapes and kernels as the timed runs: compilation, allocator, caches), then ``repeats`` timed runs; the time per
 image is the median run time over the batch. Text embeddings are
-computed once per prompt before any timing and reused (the adapters cache them). On CUDA the timed region is
+computed once per prompt before any timing (the editors' prompts in their warm-up run) and reused (the adapters
+cache them). On CUDA the timed region is
 bracketed by ``torch.cuda.synchronize`` and the peak is ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on the CPU each cell runs in a fresh process (multiprocessing spawn), so that the
 resident-set high-water mark (``ru_maxrss``) is that cell's peak (``isolate=False`` measures CPU cells in this
