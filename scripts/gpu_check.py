@@ -10,8 +10,10 @@ In order, each phase within what is left of ``--budget`` seconds, every result w
 3. ``flowsteer speed`` on the full-size SD3.5-medium and FLUX.1-dev architectures (random bf16 weights) at 512,
    768 and 1024 pixels, 28 steps, every method (FLAIR with 5 data steps), then today's models (FLUX.2 [klein] 4B
    and Qwen-Image 20B) at 1024 with unguided, FlowChef (latent loss) and FLAIR, then ``--compile regional`` for the
-   pair the targets watch most closely (unguided and FlowChef with a latent loss) at 1024 (``table.md``,
-   ``results.json``, rewritten after every row).
+   pair the targets watch most closely (unguided and FlowChef with a latent loss) at 1024, then the flow solvers
+   (FlowDPS on SD3.5-medium, OT-ODE and Flower on PnP-Flow's pixel network), then the editors FlowEdit and
+   RF-Inversion on SD3.5-medium and FLUX.1-dev at 1024 (``table.md``, ``results.json``, rewritten after every row).
+   Each run starts only if time is left: the runs are in order of priority, the last ones first to go.
 
 ``--dry-run`` runs the same phases on the CPU with the tests' tiny backbones, 32 pixels and 2 steps, the CUDA
 tests on the CPU and torch.compile's eager backend: the kit is known to work before a GPU is ever lent.
@@ -60,6 +62,8 @@ GPU_RUNS = (
      dict(backbones=["sd3.5-medium"], methods=["flowdps"], sizes=[768, 1024], steps=[28])),
     ("OT-ODE and Flower on the PnP-Flow network (pixel space) at 128 and 256, 100 steps",
      dict(backbones=["pnp-flow-unet"], methods=["ot_ode", "flower"], sizes=[128, 256], steps=[100])),
+    ("FlowEdit and RF-Inversion on SD3.5-medium and FLUX.1-dev at 1024, 28 steps",
+     dict(backbones=["sd3.5-medium", "flux-dev"], methods=["flowedit", "rf_inversion"], sizes=[1024], steps=[28])),
 )
 #: The same runs in miniature for the dry run on the CPU.
 DRY_RUNS = (
@@ -74,6 +78,8 @@ DRY_RUNS = (
     ("FlowDPS in miniature", dict(backbones=["tiny-sd3"], methods=["flowdps"], sizes=[32], steps=[2])),
     ("OT-ODE and Flower on the pixel miniature", dict(backbones=["tiny-pixel"], methods=["ot_ode", "flower"],
                                                       sizes=[16], steps=[2])),
+    ("FlowEdit and RF-Inversion in miniature",
+     dict(backbones=["tiny-sd3", "tiny-flux"], methods=["flowedit", "rf_inversion"], sizes=[32], steps=[2])),
 )
 MARGIN = 15.0  # seconds kept for the last writes
 

@@ -71,6 +71,9 @@ def test_dry_run_runs_every_phase_and_writes_every_row(dry_run):
     assert report["speed"][0]["results"]["settings"]["options"] == {"flair": {"data_steps": 5}} and flair
     compiled = report["speed"][2]["results"]["backbones"]
     assert all("regional" in info["compile"] for info in compiled.values())
+    edits = {(r["backbone"], r["method"]): r["nfe"] for r in report["speed"][5]["results"]["rows"]}
+    assert edits == {("tiny-sd3", "unguided"): 2, ("tiny-sd3", "flowedit"): 2, ("tiny-sd3", "rf_inversion"): 4,
+                     ("tiny-flux", "unguided"): 2, ("tiny-flux", "flowedit"): 4, ("tiny-flux", "rf_inversion"): 4}
     assert "all measured, tests passed" in done.stdout
 
 
@@ -78,9 +81,15 @@ def test_the_gpu_runs_are_the_dry_runs_at_full_size():
     """What the GPU run measures: the full-size backbones at 512, 768 and 1024 pixels and 28 steps, every method,
     today's models (FLUX.2 klein, Qwen-Image) at 1024, then the regional compile of the watched pair at 1024; the
     dry run has the same methods and switches. Then the flow solvers at full size: FlowDPS on SD3.5-medium, OT-ODE and
-    Flower on the pixel-space network of their papers."""
-    full, today, compiled, flowdps, pixel = (run[1] for run in gpu_check.GPU_RUNS)
+    Flower on the pixel-space network of their papers; last the editors FlowEdit and RF-Inversion on the backbones
+    the speed table names sd3.5-medium and flux-dev, at 1024 and 28 steps (the tiny ones at 32 and 2 in the dry
+    run)."""
+    full, today, compiled, flowdps, pixel, edits = (run[1] for run in gpu_check.GPU_RUNS)
     assert flowdps == dict(backbones=["sd3.5-medium"], methods=["flowdps"], sizes=[768, 1024], steps=[28])
+    assert edits == dict(backbones=["sd3.5-medium", "flux-dev"], methods=["flowedit", "rf_inversion"], sizes=[1024],
+                         steps=[28])
+    assert gpu_check.DRY_RUNS[-1][1] == dict(backbones=["tiny-sd3", "tiny-flux"], methods=edits["methods"],
+                                             sizes=[32], steps=[2])
     assert pixel == dict(backbones=["pnp-flow-unet"], methods=["ot_ode", "flower"], sizes=[128, 256], steps=[100])
     assert today["backbones"] == ["flux2-klein-4b", "qwen-image"] and today["sizes"] == [1024]
     assert full["backbones"] == ["sd3.5-medium", "flux-dev"] and full["sizes"] == [512, 768, 1024]
@@ -88,8 +97,13 @@ def test_the_gpu_runs_are_the_dry_runs_at_full_size():
                                                                "pnp_flow", "dps"}
     assert compiled["compile"] == "regional" and compiled["sizes"] == [1024] and "compile" not in full
     assert gpu_check.OPTIONS == {"flair": {"data_steps": 5}}
+    from tasks.commands.speed import BACKBONES, FULL_SIZE
+
+    assert len(gpu_check.GPU_RUNS) == len(gpu_check.DRY_RUNS)
     for (_, gpu), (_, dry) in zip(gpu_check.GPU_RUNS, gpu_check.DRY_RUNS):
         assert gpu["methods"] == dry["methods"] and gpu.get("compile") == dry.get("compile")
+        assert set(gpu["backbones"]) <= set(FULL_SIZE) | {"pnp-flow-unet"}  # names the speed table knows
+        assert set(dry["backbones"]) <= set(BACKBONES) - set(FULL_SIZE)
 
 
 def _uncovered(device: set[str], wheels: set[str]) -> list[str]:

@@ -5,17 +5,17 @@ guidance method beside unguided sampling, per backbone x size x steps. One conce
   this process, or one fresh process per cell on the CPU), the results rewritten after every row;
 * ``settings.py``: the run's settings, and ``CellSkipped``;
 * ``backbones.py``: the backbones (``BACKBONES``), opened with the run's decoder, compilation and tiling;
-* ``cells.py``: the rows (``METHODS``) and one cell's measurement;
+* ``cells.py``: the rows (``METHODS``), what each row's method is given, and one cell's measurement;
 * ``report.py``: ratios to unguided, the scaling with the steps, the targets, table.md and results.json;
 * ``arguments.py``: the command line.
 """
 
 from .arguments import add_parser
 from .backbones import BACKBONES, FULL_SIZE, open_backbone
-from .cells import METHODS, Cell, cell_options, measure_cell
+from .cells import EDIT_PROMPTS, METHODS, Cell, cell_options, measure_cell
 from .report import TARGETS, check_targets, markdown
 from .run import run_speed
 from .settings import CellSkipped, Settings
 
-__all__ = ["BACKBONES", "FULL_SIZE", "METHODS", "TARGETS", "Cell", "CellSkipped", "Settings", "add_parser",
-           "cell_options", "check_targets", "markdown", "measure_cell", "open_backbone", "run_speed"]
+__all__ = ["BACKBONES", "EDIT_PROMPTS", "FULL_SIZE", "METHODS", "TARGETS", "Cell", "CellSkipped", "Settings",
+           "add_parser", "cell_options", "check_targets", "markdown", "measure_cell", "open_backbone", "run_speed"]
