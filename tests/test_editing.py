@@ -17,11 +17,9 @@ import math
 
 import pytest
 import torch
-from tiny_models import sd3_pipeline
 
 import guidance
 from guidance import CallableObjective
-from guidance.backbones.sd3 import SD3Model
 from guidance.features.rewards import make_guide
 from guidance.methods.inversion_edit import inversion_edit
 from guidance.methods.rf_solver_edit import rf_solver_edit
@@ -188,18 +186,22 @@ def test_rf_solver_edit_matches_the_official_loops(request, family, kind):
     assert out.nfe == (4 * n if kind == "rf_solver" else 2 * n + 2)
     assert out.info["start_step"] == 0 and out.info["solver"] == kind and out.image.shape == image.shape
 
-    # mutations: inverting under the edit prompt, the other solver (Euler for RF-Solver, RF-Solver for FireFlow)
-    swapped = dict(conds)
+    # mutations: inverting under the edit prompt, or with the edit's guidance; the other solver (Euler for
+    # RF-Solver, RF-Solver for FireFlow)
     if family == "flux":
-        swapped["source_prompt"] = model.condition(EDIT, guidance_scale=1.0, max_sequence_length=SEQ)
+        wrong_prompt = {"source_prompt": model.condition(EDIT, guidance_scale=1.0, max_sequence_length=SEQ)}
+        wrong_guidance = {"source_prompt": model.condition(SOURCE, guidance_scale=FLUX_GUIDANCE,
+                                                           max_sequence_length=SEQ)}
     else:
-        swapped["source_prompt"] = EDIT
-    wrong_prompt = rf_solver_edit(model, source_image=image, num_steps=n, solver=kind, progress=False, **swapped)
+        wrong_prompt, wrong_guidance = {"source_prompt": EDIT}, {"source_guidance_scale": SD3_GUIDANCE}
+    mutated = [rf_solver_edit(model, source_image=image, num_steps=n, solver=kind, progress=False,
+                              **{**conds, **change}) for change in (wrong_prompt, wrong_guidance)]
     other = "euler" if kind == "rf_solver" else "rf_solver"
-    wrong_solver = inversion_edit(model, source_image=image, num_steps=n, solver=other, strength=1.0,
-                                  source_guidance_scale=1.0, progress=False, **conds)
-    for mutated in (wrong_prompt, wrong_solver):
-        assert (mutated.x.double() - reference).abs().max() > 100 * TOLERANCE
+    scale = {"source_guidance_scale": 1.0} if family == "sd3" else {}  # a condition carries its own guidance
+    mutated.append(inversion_edit(model, source_image=image, num_steps=n, solver=other, strength=1.0,
+                                  progress=False, **scale, **conds))
+    for result in mutated:
+        assert (result.x.double() - reference).abs().max() > 100 * TOLERANCE
 
 
 # -- inversion_edit --------------------------------------------------------------------------------------------
@@ -217,15 +219,32 @@ def _half_mask(size: int, dim: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("solver, strength", [("fireflow", 1.0), ("euler", 0.5), ("rf_solver", 0.7)])
-def test_a_masked_text_edit_ends_on_the_source_latent_outside_the_mask(sd3, solver, strength):
-    image = _image(32)
+def test_a_masked_text_edit_follows_the_inversion_outside_the_mask(sd3, solver, strength):
+    """Outside the mask every regenerated state is the inverted trajectory at the same level, ending on z_0 exactly;
+    inside, the edit prompt moves the state."""
+    image, n = _image(32), 4
+    states, levels, seen = [], [], []
+
+    def keep_state(step, sigma, state):
+        states.append(state["x"].clone())
+        return state
+
     out = inversion_edit(sd3, source_image=image, source_prompt=SOURCE, edit_prompt=EDIT, guidance_scale=SD3_GUIDANCE,
-                         mask=_half_mask(32, -1), num_steps=4, solver=solver, strength=strength, progress=False)
-    z0, M = out.info["source_latent"], out.info["edit_mask"]
+                         mask=_half_mask(32, -1), num_steps=n, solver=solver, strength=strength, progress=False,
+                         callback=lambda d: (seen.append(d["step"]), levels.append(float(d["sigma"]))),
+                         callback_on_step_end=keep_state)
+    z0, M, start = out.info["source_latent"], out.info["edit_mask"], out.info["start_step"]
     keep = z0.shape[-1] // 2
     assert torch.equal(M[..., :keep], torch.ones_like(M[..., :keep])) and not M[..., keep:].any()
     assert torch.equal(out.x[..., keep:], z0[..., keep:])  # exactly: the inverted trajectory ends on z_0
     assert (out.x[..., :keep] - z0[..., :keep]).abs().max() > 1e-2
+
+    inverted = guidance.invert(sd3, image, sd3.condition(SOURCE, guidance_scale=1.0), num_steps=n, solver=solver,
+                               strength=strength, return_trajectory=True, progress=False)
+    torch.testing.assert_close(inverted.noise, out.info["inverted"], rtol=0, atol=0)
+    assert seen == list(range(start, n)) and levels == out.sigmas[start:n].tolist()
+    for i, state in zip(range(start, n), states):  # after step i: the level s_{i+1}, trajectory index N - 1 - i
+        torch.testing.assert_close(state[..., keep:], inverted.trajectory[n - 1 - i][..., keep:], rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -280,28 +299,28 @@ REFUSALS = [
     (dict(step_size=-1.0), r"^step_size must be a number >= 0, got -1"),
     (dict(objective="tissue"), r"^objective must be None or an Objective, got str$"),
     (dict(solver="heun"), r"^solver must be one of 'euler', 'rf_solver', 'fireflow', got 'heun'$"),
-    (dict(num_steps=0), r"num_steps"),
+    (dict(num_steps=0), r"^num_steps must be an integer >= 1, got 0$"),
     (dict(strength=0), r"^strength must be a number in \(0, 1\] .* got 0$"),
     (dict(strength=1.5), r"^strength must be a number in \(0, 1\] .* got 1.5$"),
     (dict(strength=True), r"^strength must be a number in \(0, 1\] .* got True$"),
     (dict(strength="0.5"), r"^strength must be a number in \(0, 1\] .* got '0.5'$"),
     (dict(source_prompt=SOURCE), r"^inversion_edit: source_prompt describes the source for an edit_prompt; give "
                                  r"the edit_prompt too$"),
-    (dict(objective=None, guidance_scale=2.0, edit_prompt=None),
-     r"neither an objective nor an edit_prompt"),
+    (dict(guidance_scale=2.0), r"^inversion_edit: guidance scales act on the prompts; give source_prompt and "
+                               r"edit_prompt or drop the guidance scales$"),
     (dict(height=64), r"^height x width = 64xNone differs from the source image's 32x32"),
     (dict(mask=torch.ones(16, 16)), r"^the mask is 16x16 but the source image is 32x32; resize the mask"),
     (dict(mask=torch.full((32, 32), 2.0)), r"^mask values must lie in \[0, 1\]"),
     (dict(batch_size=2), r"^batch_size=2 differs from the 1 image\(s\) that source_image, the prompts and the mask "
                          r"give; leave it unset$"),
-    (dict(source_image=torch.zeros(2, 3, 32, 32), edit_prompt=[EDIT] * 3),
+    (dict(source_image=torch.zeros(2, 3, 32, 32), source_prompt=[SOURCE] * 3, edit_prompt=[EDIT] * 3),
      r"^source_image has batch 2 but 3 images are edited; give 1 or 3$"),
-    (dict(source_image=torch.zeros(3, 3, 32, 32), edit_prompt=[EDIT] * 2),
+    (dict(source_image=torch.zeros(3, 3, 32, 32), source_prompt=[SOURCE] * 2, edit_prompt=[EDIT] * 2),
      r"^the prompts give 2 conditions but 3 images are edited; give 1 or 3$"),
     (dict(source_image=torch.zeros(3, 3, 32, 32), mask=torch.ones(2, 1, 32, 32)),
      r"^mask has batch 2 but 3 images are edited; give 1 or 3$"),
     (dict(source_prompt=[SOURCE] * 2, edit_prompt=[EDIT] * 3),
-     r"^inversion_edit: source_prompt has 2, edit_prompt has 3 entries; give one of each per image$"),
+     r"^inversion_edit: source_prompt has 2, edit_prompt has 3 entries; give one of each per image \(or one for all\)$"),
 ]
 
 
@@ -319,6 +338,13 @@ def test_rf_solver_edit_needs_an_edit_prompt(sd3):
         rf_solver_edit(sd3, source_image=_image(32), source_prompt=SOURCE, num_steps=2, progress=False)
 
 
+@pytest.mark.parametrize("name", ["inversion_edit", "rf_solver_edit"])
+def test_one_source_prompt_with_several_edit_prompts_edits_once_per_edit_prompt(sd3, name):
+    out = guidance.get_method(name)(sd3, source_image=_image(32), source_prompt=SOURCE, edit_prompt=[EDIT, "a fox"],
+                                    num_steps=2, decode=False, progress=False)
+    assert out.x.shape[0] == 2
+
+
 EDITORS = {"flowedit": {"generator": _gen()}, "rf_inversion": {"generator": _gen()}, "rf_solver_edit": {},
            "inversion_edit": {}}
 
@@ -331,11 +357,20 @@ def test_prompts_on_the_default_model_are_refused_in_one_line(default_model, nam
     assert "\n" not in str(error.value) and "default" in str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="editing.text_condition calls model.condition(prompt, guidance_scale=...) "
-                                       "before checking model.takes_text, so the generic adapter's message about "
-                                       "--prompt / --guidance-scale flags comes first")
 @pytest.mark.parametrize("name", EDITORS)
 def test_prompts_on_the_default_model_name_the_text_conditioned_families(default_model, name):
     with pytest.raises(ValueError, match=r"needs a text-conditioned model \(a pipeline family: SD3, FLUX.1"):
         guidance.get_method(name)(default_model, source_image=_image(32), source_prompt=SOURCE, edit_prompt=EDIT,
                                   num_steps=2, progress=False, **EDITORS[name])
+
+
+def test_a_guidance_scale_for_a_condition_is_refused(sd3):
+    """A condition carries its own guidance: a scale given beside it would be silently ignored."""
+    cond = sd3.condition(EDIT, guidance_scale=1.0)
+    with pytest.raises(ValueError, match=r"^inversion_edit: a guidance scale for edit_prompt has no effect on a "
+                                         r"condition"):
+        inversion_edit(sd3, source_image=_image(32), edit_prompt=cond, guidance_scale=3.0, num_steps=2,
+                       progress=False)
+    out = rf_solver_edit(sd3, source_image=_image(32), source_prompt=sd3.condition(SOURCE, guidance_scale=1.0),
+                         edit_prompt=cond, num_steps=2, decode=False, progress=False)  # no scale: none refused
+    assert out.nfe == 8

@@ -264,3 +264,21 @@ def test_every_solver_reduces_the_residual_on_a_pixel_network(method):
     objective.bind(model, 16, 16)
     assert torch.isfinite(out.x).all()
     assert float(objective(model, out.x).sum()) < 0.9 * float(objective(model, unguided.x).sum())
+
+
+#: the editors by prompt (RF-Solver editing without a generator: it is deterministic)
+TEXT_EDITORS = ("flowedit", "rf_inversion", "rf_solver_edit")
+
+
+@pytest.mark.parametrize("method", TEXT_EDITORS)
+@pytest.mark.parametrize("case", FAMILIES)
+def test_the_text_editors_run_on_every_family(case, method):
+    """FlowEdit, RF-Inversion and RF-Solver editing, 2 steps, the prompts as text (each family's condition with the
+    editors' guidance scales): an image of the source's shape from a finite latent."""
+    model, _, side = setting(case)
+    source = torch.rand(1, 3, side, side, generator=_gen(5)) * 2 - 1
+    noise = {} if method == "rf_solver_edit" else {"generator": _gen(1)}
+    out = get_method(method)(model, source_image=source, source_prompt=PROMPT, edit_prompt="a photo of a cat",
+                             num_steps=2, progress=False, **noise)
+    assert out.x.shape == (1, *model.latent_shape(side, side)) and torch.isfinite(out.x).all(), (case, method)
+    assert out.image.shape == source.shape, (case, method)

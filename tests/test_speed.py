@@ -127,7 +127,8 @@ def test_editors_are_timed_on_text_models_and_refused_on_text_free_ones(sd3, tmp
     for method in editors:
         row = rows["tiny-pixel", method]
         assert row["status"] == "not measured"
-        assert row["reason"].startswith("needs a text-conditioned model") and "tiny-pixel takes no text" in row["reason"]
+        assert row["reason"].startswith("needs a text-conditioned model")
+        assert "tiny-pixel takes no text" in row["reason"]
     table = (tmp_path / "speed" / "table.md").read_text()
     assert "| flowedit | 32 | 2 | not measured: needs a text-conditioned model" in table
     assert repr(EDIT_PROMPTS[0]) in table and repr(EDIT_PROMPTS[1]) in table

@@ -75,12 +75,17 @@ def text_condition(model, method: str, prompt, guidance_scale: float | None, rol
         raise ValueError(f"{method} needs {role}, a text (or a condition from model.condition(...))")
     if not is_text(prompt):
         return prompt
+    if not getattr(model, "takes_text", True):
+        inner = model.model if isinstance(model, CountingModel) else model
+        name = getattr(inner, "name_or_path", None) or type(inner).__name__
+        raise ValueError(f"{method} needs a text-conditioned model (a pipeline family: SD3, FLUX.1, FLUX.2, "
+                         f"Qwen-Image, ...); {name} takes no prompt")
     if guidance_scale is None:
         kwargs = {} if getattr(model, "has_guidance_embedding", False) else {"guidance_scale": 1.0}
     else:
         kwargs = {"guidance_scale": float(guidance_scale)}
     cond = model.condition(prompt, **kwargs)
-    if cond is None or not getattr(model, "takes_text", True):
+    if cond is None:
         name = type(model.model if isinstance(model, CountingModel) else model).__name__
         raise ValueError(f"{method} needs a text-conditioned model (a pipeline family: SD3, FLUX.1, FLUX.2, "
                          f"Qwen-Image, ...); {name} takes no prompt")
@@ -88,9 +93,10 @@ def text_condition(model, method: str, prompt, guidance_scale: float | None, rol
 
 
 def same_batch(method: str, **conds) -> int:
-    """The common batch of the conditions (named by their argument); a ValueError when they differ."""
+    """The common batch of the conditions (named by their argument; a batch of one is used for every image); a
+    ValueError when two batches of several differ."""
     sizes = {name: int(getattr(c, "batch_size", 1) or 1) for name, c in conds.items()}
-    if len(set(sizes.values())) > 1:
+    if len(set(sizes.values()) - {1}) > 1:
         listed = ", ".join(f"{name} has {n}" for name, n in sizes.items())
-        raise ValueError(f"{method}: {listed} entries; give one of each per image")
-    return next(iter(sizes.values()))
+        raise ValueError(f"{method}: {listed} entries; give one of each per image (or one for all)")
+    return max(sizes.values())

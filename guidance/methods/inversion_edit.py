@@ -37,7 +37,7 @@ from ..objectives import Objective, objective_gradient
 from ..sampler import step_end
 from ..solvers import SOLVERS, check_solver
 from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, reference_scale
-from .editing import as_pixel_mask, check_source_image, latent_edit_mask, same_batch, text_condition
+from .editing import as_pixel_mask, check_source_image, is_text, latent_edit_mask, same_batch, text_condition
 
 __all__ = ["inversion_edit", "run_inversion_edit"]
 
@@ -53,6 +53,11 @@ def _conditions(model, method: str, source_prompt, edit_prompt, source_guidance_
         return cond, cond
     if edit_prompt is None:
         raise ValueError(f"{method}: source_prompt describes the source for an edit_prompt; give the edit_prompt too")
+    for prompt, scale, name in ((source_prompt, source_guidance_scale, "source_prompt"),
+                                (edit_prompt, guidance_scale, "edit_prompt")):
+        if prompt is not None and not is_text(prompt) and scale is not None:
+            raise ValueError(f"{method}: a guidance scale for {name} has no effect on a condition, which carries its "
+                             f"own guidance; give the text, or drop the guidance scale")
     c_src = text_condition(model, method, "" if source_prompt is None else source_prompt, source_guidance_scale,
                            "source_prompt")
     c_edit = text_condition(model, method, edit_prompt, guidance_scale, "edit_prompt")

@@ -28,6 +28,7 @@ import torch
 
 from ..objectives import Objective
 from .common import MethodResult
+from .editing import is_text
 from .inversion_edit import run_inversion_edit
 
 __all__ = ["PRESETS", "rf_solver_edit"]
@@ -54,7 +55,7 @@ def rf_solver_edit(
     edit_prompt: str | list[str] | None = None,
     mask: torch.Tensor | None = None,
     solver: str = "rf_solver",
-    source_guidance_scale: float | None = 1.0,
+    source_guidance_scale: float | None = None,
     guidance_scale: float | None = None,
     check_divergence: bool = True,
 ) -> MethodResult:
@@ -69,8 +70,8 @@ def rf_solver_edit(
         source_image, source_prompt (default ""), edit_prompt, mask: as in
             :func:`~guidance.methods.inversion_edit.inversion_edit`; cond, latents, generator must be None.
         solver: "rf_solver" (the paper's), or "fireflow" for FireFlow's editing (one evaluation per step).
-        source_guidance_scale: guidance of the inversion: 1, as edit.py inverts (FLUX's embedded guidance 1; no
-            CFG on CFG families).
+        source_guidance_scale: guidance of the inversion; None: 1 for a text source prompt, as edit.py inverts
+            (FLUX's embedded guidance 1; no CFG on CFG families); a condition carries its own.
         guidance_scale: guidance of the regeneration; None keeps the embedded default of guidance-distilled models
             and turns CFG off elsewhere (the official scripts use 2 to 2.5 on FLUX.1-dev).
         check_divergence: as in the other methods.
@@ -78,6 +79,8 @@ def rf_solver_edit(
     if edit_prompt is None:
         raise ValueError("rf_solver_edit needs edit_prompt, the text of the edited image (for edits toward an "
                          "objective without text use inversion_edit)")
+    if source_guidance_scale is None and (source_prompt is None or is_text(source_prompt)):
+        source_guidance_scale = 1.0
     return run_inversion_edit(
         "rf_solver_edit", model, objective, num_steps=num_steps, cond=cond, height=height, width=width,
         generator=generator, callback=callback, progress=progress, batch_size=batch_size, latents=latents,

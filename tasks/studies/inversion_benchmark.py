@@ -1,6 +1,7 @@
 """Inversion and editing measured: the README's tables "Inversion round trip" and "Editing on the default model".
 
-    python -m tasks.studies.inversion_benchmark [--size 256] [--edit-size 128] [--json out.json]
+    python -m tasks.studies.inversion_benchmark [--size 256] [--edit-size 64] [--json out.json]
+        [--skip orders,round_trips,edits --previous earlier.json]
 
 1. Orders on an exact flow: a Gaussian data distribution N(mu, diag(var)) on 1x2x2, whose ODE maps x0 to the noise
    (x0 - mu) / sqrt(var) exactly; the max error of :func:`guidance.invert` at 8 to 64 steps per solver and the
@@ -9,7 +10,7 @@
    inverted and sampled back with each solver at equal NFE (28 and 10 network evaluations each way: Euler N steps,
    RF-Solver N/2, FireFlow N-1); PSNR of the round trip against the photo and against the autoencoder's own round
    trip D(E(x)) (the inversion's error alone), and the RMS error of the latent.
-3. Editing on the default model: the two held-out central squares, edited toward the classifier's "texture"
+3. Editing on the default model: the two held-out central squares (64x64 by default), edited toward the classifier's "texture"
    (weight 1) with inversion_edit, per solver and strength, with and without a mask (the band across the middle);
    scored by the independent judge classifier (its probability of "texture") and the mean absolute change to the
    photo outside and inside the band (the autoencoder's round trip is the floor of the change).
@@ -147,15 +148,23 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="inversion round trips and edits on the default model")
     parser.add_argument("--size", type=int, default=256, help="size of the round-trip images (default 256)")
-    parser.add_argument("--edit-size", type=int, default=128, help="size of the edited images (default 128)")
+    parser.add_argument("--edit-size", type=int, default=64,
+                        help="size of the edited images (default 64, the classifiers' training crops)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--previous", help="a JSON of an earlier run whose parts are kept where --skip skips them")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: orders,round_trips,edits")
     args = parser.parse_args(argv)
     from tasks.default_model.train import held_out_images
 
+    skip = {part for part in args.skip.split(",") if part}
+    results = json.loads(open(args.previous).read()) if args.previous else {}
     model = load_model("default")
-    results = {"orders": orders()}
-    results["round_trips"] = round_trips(model, held_out_images(args.size))
-    results["edits"] = edits(model, held_out_images(args.edit_size)[:2])
+    if "orders" not in skip:
+        results["orders"] = orders()
+    if "round_trips" not in skip:
+        results["round_trips"] = round_trips(model, held_out_images(args.size))
+    if "edits" not in skip:
+        results["edits"] = edits(model, held_out_images(args.edit_size)[:2])
     text = markdown(results)
     print(text)
     if args.json:
