@@ -11,7 +11,8 @@
    RF-Solver N/2, FireFlow N-1); PSNR of the round trip against the photo and against the autoencoder's own round
    trip D(E(x)) (the inversion's error alone), and the RMS error of the latent.
 3. Editing on the default model: the two held-out central squares (64x64 by default), edited toward the classifier's "texture"
-   (weight 1) with inversion_edit, per solver and strength, with and without a mask (the band across the middle);
+   (weight 1) with inversion_edit, per solver and strength at the default step size (and FireFlow at a 10x step),
+   with and without a mask (the band across the middle);
    scored by the independent judge classifier (its probability of "texture") and the mean absolute change to the
    photo outside and inside the band (the autoencoder's round trip is the floor of the change).
 """
@@ -34,6 +35,8 @@ from guidance.solvers import SOLVERS, evaluations
 SOLVER_NAMES = tuple(SOLVERS)
 LABEL = "texture"
 STRENGTHS = (0.4, 0.6, 0.8, 1.0)
+DEFAULT_STEP = 0.3   # inversion_edit's default step size (chosen on the held-in astronaut photo)
+STRONG_STEP = 3.0
 
 
 def _steps_for(solver: str, nfe: int) -> int:
@@ -100,10 +103,11 @@ def edits(model, images: torch.Tensor, num_steps: int = 28) -> list[dict]:
     rows = [{"method": "source", "solver": None, "strength": None, "mask": None,
              "judge_probability": judge.score(images).exp().mean().item(), "change_outside": 0.0,
              "change_inside": 0.0, "autoencoder_floor": floor}]
+    settings = [(solver, DEFAULT_STEP) for solver in SOLVER_NAMES] + [("fireflow", STRONG_STEP)]
     for masked in (False, True):
-        for solver in SOLVER_NAMES:
+        for solver, step_size in settings:
             for strength in STRENGTHS:
-                method = get_method("inversion_edit", solver=solver, strength=strength)
+                method = get_method("inversion_edit", solver=solver, strength=strength, step_size=step_size)
                 begin = time.perf_counter()
                 result = method(model, guide.objective, num_steps=num_steps, source_image=images,
                                 mask=mask if masked else None, progress=False)
@@ -111,7 +115,8 @@ def edits(model, images: torch.Tensor, num_steps: int = 28) -> list[dict]:
                 change = (edited - images).abs().mean(1, keepdim=True)
                 region = mask.expand_as(change)
                 rows.append({
-                    "method": "inversion_edit", "solver": solver, "strength": strength, "mask": masked,
+                    "method": "inversion_edit", "solver": solver, "step_size": step_size, "strength": strength,
+                    "mask": masked,
                     "judge_probability": judge.score(edited).exp().mean().item(),
                     "change_outside": float((change * (1 - region)).sum() / (1 - region).sum()),
                     "change_inside": float((change * region).sum() / region.sum()), "nfe": result.nfe,
@@ -136,10 +141,10 @@ def markdown(results: dict) -> str:
     lines += ["", f"Editing on the default model toward the classifier's {LABEL!r} (inversion_edit; judge probability of "
               f"{LABEL!r}: {source['judge_probability']:.3f} on the photos; autoencoder floor of the change "
               f"{source['autoencoder_floor']:.3f}):", "",
-              "| mask | solver | strength | judge p(texture) | change outside band | change inside band | NFE |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "| mask | solver | step size | strength | judge p(texture) | change outside band | change inside band | NFE |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results["edits"][1:]:
-        lines.append(f"| {'band' if row['mask'] else 'none'} | {row['solver']} | {row['strength']} | "
+        lines.append(f"| {'band' if row['mask'] else 'none'} | {row['solver']} | {row['step_size']} | {row['strength']} | "
                      f"{row['judge_probability']:.3f} | {row['change_outside']:.3f} | {row['change_inside']:.3f} | "
                      f"{row['nfe']} |")
     return "\n".join(lines) + "\n"
