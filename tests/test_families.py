@@ -33,6 +33,12 @@ STEPS = 3
 FAMILIES = {name: ({"max_sequence_length": 32} if name == "flux" else {}) for name in TINY_PIPELINES}
 
 
+#: the families that run every method in the default test run; the others run them under ``pytest -m slow``
+#: (each family's own test file and the cheap tests below still run for every family by default)
+CORE = ("sd3", "flux")
+GRID = [pytest.param(case, marks=() if case in CORE else pytest.mark.slow) for case in FAMILIES]
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -106,7 +112,7 @@ PIXEL_ONLY = ("ot_ode", "ictm", "flower")
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", GRID)
 def test_every_method_reduces_the_residual_on_every_family(case, method):
     name, options, space, steps = METHODS[method]
     model, cond, side = setting(case)
@@ -136,7 +142,7 @@ def test_the_pixel_space_solvers_refuse_every_latent_family_in_one_line(case, me
                            width=side, progress=False)
 
 
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", GRID)
 def test_flowchef_editing_keeps_the_preserved_region_on_every_family(case):
     model, cond, side = setting(case)
     source = guidance.sample(model, cond, num_steps=STEPS, height=side, width=side, generator=_gen(5),
@@ -160,7 +166,7 @@ def test_flowchef_editing_keeps_the_preserved_region_on_every_family(case):
     assert gap(out.x) < 0.5 * gap(unguided.x), (case, gap(out.x), gap(unguided.x))
 
 
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", GRID)
 def test_flair_calibration_runs_and_flair_reads_the_table_on_every_family(case, tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWSTEER_CACHE", str(tmp_path / "cache"))
     model, _, side = setting(case)
@@ -187,7 +193,7 @@ def test_flowsteer_models_lists_every_family_with_its_defaults(cli):
 
 
 @pytest.mark.parametrize("preset", ["flair_sr4", "flair_inpaint"])
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", GRID)
 def test_flair_presets_run_on_every_family(case, preset):
     """A FLAIR preset's options (data steps, data lr, DTA, its weight table; flowsteer presets) on every family, at 3
     steps and the tiny model's size: the measurement residual drops below unguided sampling's. (The FlowChef and
@@ -271,7 +277,7 @@ TEXT_EDITORS = ("flowedit", "rf_inversion", "rf_solver_edit")
 
 
 @pytest.mark.parametrize("method", TEXT_EDITORS)
-@pytest.mark.parametrize("case", FAMILIES)
+@pytest.mark.parametrize("case", GRID)
 def test_the_text_editors_run_on_every_family(case, method):
     """FlowEdit, RF-Inversion and RF-Solver editing, 2 steps, the prompts as text (each family's condition with the
     editors' guidance scales): an image of the source's shape from a finite latent."""

@@ -197,6 +197,7 @@ def _photos(folder: Path, count: int = 2) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_benchmark_preset_reproduces_the_official_x12_setting(hub_cache, tmp_path):
     from tasks.commands.benchmark import run_benchmark
 
@@ -244,6 +245,7 @@ def test_benchmark_preset_refuses_what_does_not_fit(hub_cache, tmp_path):
         run_benchmark(images, out=tmp_path / "c", preset="flair_sr13", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flair_inpaint", "flair_motion_deblur"])
 def test_benchmark_runs_the_other_flair_presets_as_published(hub_cache, tmp_path, name):
     from tasks.commands.benchmark import run_benchmark

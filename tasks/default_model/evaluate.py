@@ -265,6 +265,20 @@ def markdown(evaluation: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_options(items: list[str] | None) -> dict[str, dict]:
+    """``["d_flow:lbfgs_iter=3", ...]`` -> ``{"d_flow": {"lbfgs_iter": 3}}`` (values as ``flowsteer restore
+    --option`` reads them)."""
+    from tasks.commands.restore import parse_options
+
+    options: dict[str, dict] = {}
+    for item in items or ():
+        method, sep, setting = item.partition(":")
+        if not sep or not method.strip():
+            raise SystemExit(f"--option expects METHOD:KEY=VALUE (e.g. d_flow:lbfgs_iter=3), got {item!r}")
+        options.setdefault(method.strip(), {}).update(parse_options([setting]))
+    return options
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.default_model.evaluate",
                                      description=__doc__.split("\n")[0])
@@ -282,7 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight", type=float, default=GUIDANCE_WEIGHT, help="classifier guidance weight")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: restoration,guidance,samples")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
+                        help="a method option over the model's recommendation, e.g. d_flow:lbfgs_iter=3 "
+                             "(repeatable; recorded in evaluation.json)")
     args = parser.parse_args(argv)
+    options = method_options(args.option)
     torch.set_num_threads(args.threads)
     from guidance.loading.models import load_model
 
@@ -316,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         same = all(earlier.get(key) == value for key, value in {**settings, "num_steps": args.steps}.items())
         kept = [m for m in METHODS if m not in methods and m in measured] if same else []
         run = tuple(m for m in METHODS if m in methods or m in kept) + tuple(m for m in methods if m not in METHODS)
-        rows, grid = restoration_table(model, stacks, run, args.steps, samples=args.restore_samples,
+        evaluation["method_options"] = {**{m: o for m, o in earlier.get("method_options", {}).items()
+                                           if m not in methods}, **options}
+        rows, grid = restoration_table(model, stacks, run, args.steps, samples=args.restore_samples, options=options,
                                        grid_only=tuple(kept))
         if kept:
             rows = merge_rows(rows, earlier["restoration_rows"], methods)
