@@ -48,13 +48,14 @@ def main() -> None:
         model = Path(args.out) / ".tiny_sd3"
         if not (model / "model_index.json").is_file():
             tiny_model(model)
+    print(f"benchmarking into {args.out}: one line per finished item on stderr", flush=True)
     try:
         result = benchmark(args.images, args.operators, args.methods, model=model, out=args.out,
                            num_steps=args.steps or (4 if tiny else 28), size=args.size or (64 if tiny else None),
                            limit=args.limit, overwrite=args.overwrite)
     except ValueError as error:
         sys.exit(f"benchmark_folder: error: {error}")
-    print((result.out / "summary.md").read_text())
+    print((result.out / "summary.md").read_text(), flush=True)
 
 
 if __name__ == "__main__":

@@ -55,17 +55,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     classifier, label = (args.classifier, args.label) if args.classifier else (colour_logits, args.label or "blue")
+    print(f"generating {args.num} image(s) toward {label!r} with {args.method}, {args.steps} steps (and unguided)",
+          flush=True)  # flushed: a slow run shows where it is at once
     try:
         result = generate(args.prompt, model=args.model, method=args.method, classifier=classifier, label=label,
                           num=args.num, num_steps=args.steps, height=args.size, width=args.size,
                           options=parse_options(args.option), compare=True, out=args.out, overwrite=True,
-                          progress=False)
+                          progress=True)  # progress bars on stderr
     except (ModelNotFoundError, ValueError, OSError) as error:  # one line, no traceback
         sys.exit(f"classifier_guidance: error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}")
     m = result.metrics
     before = ", ".join(f"{math.exp(s):.3f}" for s in m["unguided_scores"])
     after = ", ".join(f"{p:.3f}" for p in m["probabilities"])
-    print(f"p({label}) unguided: {before}; {args.method}: {after}; wrote {args.out}/grid.png")
+    print(f"p({label}) unguided: {before}; {args.method}: {after}; wrote {args.out}/grid.png", flush=True)
 
 
 if __name__ == "__main__":

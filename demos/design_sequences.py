@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(args.seed)
 
     tokens, label = motif_data(4096, g)
-    flow, losses = train_simplex_flow(tokens, len(ALPHABET), steps=args.train_steps, generator=g, progress=False)
-    print(f"simplex flow: endpoint loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}")
+    print(f"training a simplex flow ({args.train_steps} steps) and two classifiers on 4096 sequences",
+          flush=True)  # flushed: a slow run shows where it is at once
+    flow, losses = train_simplex_flow(tokens, len(ALPHABET), steps=args.train_steps, generator=g, progress=True)
+    print(f"simplex flow: endpoint loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}", flush=True)
     guide, _ = train_sequence_classifier(tokens[:2048], label[:2048], len(ALPHABET), generator=g, progress=False)
     judge, _ = train_sequence_classifier(tokens[2048:], label[2048:], len(ALPHABET), width=32, generator=g,
                                          progress=False)  # independent: other data, other size, other seed
@@ -72,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
                   for name, t in (("unguided", plain.tokens), ("guided", guided.info["tokens"]))}
     for name, t in (("unguided", plain.tokens), ("guided", guided.info["tokens"])):
         print(f"{name:>9}: {carries(decode(t, ALPHABET), motif):6.1%} carry {motif}, "
-              f"{judged[name].item():6.1%} judged class {args.target} by the independent classifier")
+              f"{judged[name].item():6.1%} judged class {args.target} by the independent classifier", flush=True)
     curve = (-guided.info["loss"].mean(1)).exp()  # mean p(target | hard samples) per step
-    print("p(target) of the hard samples per step: " + " ".join(f"{v:.2f}" for v in curve[::5].tolist()))
+    print("p(target) of the hard samples per step: " + " ".join(f"{v:.2f}" for v in curve[::5].tolist()), flush=True)
     with torch.no_grad():
         confidence = guide(torch.nn.functional.one_hot(guided.info["tokens"], 4).float()).softmax(1)[:, args.target]
-    print("best designed sequences:")
+    print("best designed sequences:", flush=True)
     for index in confidence.argsort(descending=True)[:5].tolist():
-        print(f"  {decode(guided.info['tokens'][index:index + 1], ALPHABET)[0]}  p = {confidence[index]:.3f}")
+        print(f"  {decode(guided.info['tokens'][index:index + 1], ALPHABET)[0]}  p = {confidence[index]:.3f}",
+              flush=True)
     return 0
 
 

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="guided_pipeline.png", help="where to write the grid")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"loading {args.model} on {device}", flush=True)  # flushed: a slow run shows where it is at once
     try:
         model = load_model(args.model, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     except ModelNotFoundError as error:
@@ -43,13 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     y = operator.measure(clean, torch.Generator().manual_seed(0))                       # y = A(x) + n
     objective = MeasurementFidelity(operator, y)                                        # ||A(D(x0_hat)) - y||^2
     method = get_method("flowchef", step_size=0.5, inner_steps=1)                       # gradient skipping
+    print(f"deblurring {args.size}x{args.size} with flowchef, {args.steps} steps", flush=True)
     result = method(model, objective, num_steps=args.steps, height=args.size, width=args.size,
-                    generator=torch.Generator().manual_seed(0), progress=False)
+                    generator=torch.Generator().manual_seed(0))                          # a progress bar on stderr
 
     save_grid(args.out, [[y, result.image.clamp(-1, 1), clean]], [["blurred", "flowchef", "clean"]])
     with torch.no_grad():
         loss = float(objective(model, result.x)[0])
-    print(f"flowchef: {result.nfe} NFE, final loss {loss:.4g}; wrote {args.out}")
+    print(f"flowchef: {result.nfe} NFE, final loss {loss:.4g}; wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,19 +32,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="restore_demo.png", help="where to write the grid")
     args = parser.parse_args(argv)
 
+    print(f"loading {args.model}", flush=True)  # flushed: a slow run shows where it is at once
     try:
         model = open_model(args.model, progress=False)
     except ModelNotFoundError as error:
         sys.exit(f"error: {error}")
     photo = read_image(args.image)
     photo = resize_image(photo, allowed_size(model, args.size or photo.shape[-2], args.size or photo.shape[-1]))
-    result = restore(model, photo, args.operator, args.method, simulate=True, num_steps=args.steps, seed=args.seed,
-                     progress=False)
+    print(f"restoring {photo.shape[-2]}x{photo.shape[-1]} ({args.operator}) with {args.method}, {args.steps} steps",
+          flush=True)
+    result = restore(model, photo, args.operator, args.method, simulate=True, num_steps=args.steps, seed=args.seed)
     save_grid(args.out, [[result.measurement, result.restored, photo]], [["measured", args.method, "original"]])
     scores = ", ".join(f"{k.upper()} {v:.3g}" if isinstance(v, float) else f"{k.upper()} {v.split(':')[0]}"
                        for k, v in result.metrics.items() if k in ("psnr", "ssim", "lpips"))
-    print(f"{args.method} on {args.operator}: {result.metrics['nfe']} NFE, {result.metrics['seconds']:.1f} s; {scores}")
-    print(f"wrote {args.out}")
+    print(f"{args.method} on {args.operator}: {result.metrics['nfe']} NFE, {result.metrics['seconds']:.1f} s; {scores}",
+          flush=True)
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,19 +44,20 @@ def main(argv: list[str] | None = None) -> None:
         tiny_pipeline(args.family).save_pretrained(folder)  # stands in for `hf download ... --local-dir folder`
         model = load_model(folder, local_files_only=True)
         print(f"loaded {type(model).__name__}: latents {model.latent_shape(args.size, args.size)} "
-              f"for {args.size}x{args.size} images, sizes in multiples of {model.size_multiple}")
+              f"for {args.size}x{args.size} images, sizes in multiples of {model.size_multiple}", flush=True)
         cond = model.condition("a photo of a red fox in the snow")  # the family's own guidance default
-        print(f"sigmas: {[round(s, 4) for s in model.sigmas(args.steps, args.size, args.size).tolist()]}")
+        print(f"sigmas: {[round(s, 4) for s in model.sigmas(args.steps, args.size, args.size).tolist()]}", flush=True)
 
         def report(info: dict) -> None:
-            print(f"  step {info['step']}: sigma={float(info['sigma']):.4f} |x0_hat|={info['x0_hat'].abs().mean():.3f}")
+            print(f"  step {info['step']}: sigma={float(info['sigma']):.4f} |x0_hat|={info['x0_hat'].abs().mean():.3f}",
+                  flush=True)
 
         result = sample(model, cond, num_steps=args.steps, height=args.size, width=args.size,
                         generator=torch.Generator().manual_seed(args.seed), callback=report, progress=False)
     print(f"latent {tuple(result.x.shape)}, image {tuple(result.image.shape)} "
-          f"in [{result.image.min():.2f}, {result.image.max():.2f}]")
+          f"in [{result.image.min():.2f}, {result.image.max():.2f}]", flush=True)
     save_image(result.image[:1], args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,6 @@ class Composition(LinearOperator):
             y = op.adjoint(y)
         return y
 
-    def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def pseudo_inverse(self, y: torch.Tensor, regularization: float | str = "exact") -> torch.Tensor:
         self._require_linear()
-        return super().pseudo_inverse(y)
+        return super().pseudo_inverse(y, regularization)

@@ -1,7 +1,10 @@
-"""Batched conjugate gradients: one symmetric positive (semi-)definite system M u = b per sample.
+"""Batched conjugate gradients: one symmetric positive (semi-)definite system M u = b per sample, and conjugate
+gradients on the normal equations AᵀA x = Aᵀb stopped at the discrepancy (:func:`cgls`).
 
-The linear solver behind the pseudo-inverse of operators without a closed form (:meth:`LinearOperator.A_dagger_cg`:
-M = A Aᵀ) and the data steps of the solvers that need one (OT-ODE: M = r² A Aᵀ + σ² I; Flower: M = AᵀA / σ² + I / λ).
+The linear solvers behind the pseudo-inverse of operators without a closed form (:meth:`LinearOperator.A_dagger_cg`:
+M = A Aᵀ), its regularised forms for noisy measurements (:meth:`LinearOperator.A_dagger_tikhonov`: M = AᵀA + λI;
+:meth:`LinearOperator.A_dagger_discrepancy`: :func:`cgls`) and the data steps of the solvers that need one (OT-ODE:
+M = r² A Aᵀ + σ² I; Flower: M = AᵀA / σ² + I / λ).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["conjugate_gradient"]
+__all__ = ["cgls", "conjugate_gradient"]
 
 
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor | None = None,
@@ -52,4 +55,45 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
         p = torch.where(running, r + beta * p, p)
         rr = torch.where(running, rr_next, rr)
         ran += running.flatten()
+    return x, ran
+
+
+def cgls(apply: Callable[[torch.Tensor], torch.Tensor], apply_adjoint: Callable[[torch.Tensor], torch.Tensor],
+         b: torch.Tensor, threshold: torch.Tensor, *, max_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares min ‖A x − b‖² per sample from x = 0 by conjugate gradients on the normal equations (CGLS:
+    Hestenes & Stiefel 1952; Björck, "Numerical Methods for Least Squares Problems", 1996, sec. 7.4), stopped
+    for each sample once ‖b − A x‖² ≤ ``threshold`` (B,), the discrepancy principle (Morozov 1966; Hanke,
+    "Conjugate Gradient Type Methods for Ill-Posed Problems", 1995): the iterates fit the strong directions of A
+    first, so stopping at the noise level leaves out the weak ones where the noise dominates. A stopped sample is
+    frozen (its step is 0); the loop reads the device once per iteration to end when every sample has stopped.
+
+    ``apply`` is A, ``apply_adjoint`` Aᵀ. Returns x and the (B,) number of iterations each sample ran.
+    """
+    dims = tuple(range(1, b.ndim))
+
+    def shaped(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+    r = b
+    s = apply_adjoint(r)
+    x = torch.zeros_like(s)
+    p, gamma = s, s.square().sum(dim=tuple(range(1, s.ndim)))
+    ran = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+    for _ in range(max_iters):
+        running = (r.square().sum(dim=dims) > threshold) & (gamma > 0)
+        if not bool(running.any()):
+            break
+        q = apply(p)
+        qq = q.square().sum(dim=dims)
+        running = running & (qq > 0)
+        alpha = torch.where(running, gamma / torch.where(running, qq, torch.ones_like(qq)), torch.zeros_like(qq))
+        x = x + shaped(alpha, x) * p
+        r = r - shaped(alpha, r) * q
+        s = apply_adjoint(r)
+        gamma_next = s.square().sum(dim=tuple(range(1, s.ndim)))
+        beta = torch.where(running, gamma_next / torch.where(running, gamma, torch.ones_like(gamma)),
+                           torch.zeros_like(gamma))
+        p = torch.where(shaped(running, p), s + shaped(beta, p) * p, p)
+        gamma = torch.where(running, gamma_next, gamma)
+        ran += running.long()
     return x, ran

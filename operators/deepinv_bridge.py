@@ -292,6 +292,21 @@ class DeepinvOperator(LinearOperator):
             return self._physics_for(y).A_dagger(self._native(y))
         return self.A_dagger_cg(y)
 
+    def A_dagger_tikhonov(self, y: torch.Tensor, weight: float, max_iters: int = 300,
+                          rtol: float | None = None) -> torch.Tensor:
+        """(AᵀA + λI)⁻¹Aᵀy, the regularised pseudo-inverse (:meth:`LinearOperator.pseudo_inverse`): in closed form
+        through deepinv's SVD where the pseudo-inverse is deepinv's SVD-based one (``DecomposablePhysics.prox_l2``
+        at z = 0, γ = 1 / λ: V (s / (s² + λ)) Uᵀy, no singular value dropped), by conjugate gradients otherwise."""
+        if not self.is_linear:
+            raise ValueError(f"deepinv's {type(self.physics).__name__} is not a LinearPhysics: it has no "
+                             f"pseudo-inverse")
+        if self.uses_deepinv_dagger and isinstance(self.physics, _deepinv().physics.DecomposablePhysics):
+            if not weight > 0:
+                raise ValueError(f"the Tikhonov weight must be > 0 (0 is the exact pseudo-inverse A_dagger), got "
+                                 f"{weight!r}")
+            return self._physics_for(y).prox_l2(0, self._native(y), 1 / weight)
+        return super().A_dagger_tikhonov(y, weight, max_iters, rtol)
+
     def _bridged(self) -> bool:
         """Whether the physics is a flowsteer operator bridged by :func:`to_deepinv`."""
         return any(isinstance(self.physics, cls) for cls in _CLASSES.values())

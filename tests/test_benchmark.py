@@ -193,6 +193,15 @@ def test_argument_helpers():
         parse_method_options(["step_size=0.3"])
 
 
+def test_size_is_one_side_or_two_equal_numbers():
+    """--size as generate and calibrate read it (one number: a square; H W), on the benchmark's square crops."""
+    from tasks.commands.benchmark.arguments import square_side
+
+    assert square_side(None) is None and square_side([32]) == 32 and square_side([32, 32]) == 32
+    with pytest.raises(ValueError, match=r"to a square: give --size one side \(--size 48\), not 32 48"):
+        square_side([32, 48])
+
+
 def test_a_failed_process_stops_the_wait(tmp_path):
     item = benchmark._Item(1, "a", "sr:factor=2", "sr-factor-2", "dps", 0)
     (tmp_path / "shards").mkdir()
@@ -215,6 +224,8 @@ def test_bad_input(capsys, images, reference, tiny_sd3_folder, tmp_path):
     cli_error(capsys, [*argv, "--option", "flair.step_size=0.3"], "'flair'", "not among the methods")
     cli_error(capsys, [*argv, "--option", "flowchef.nope=1"], "nope")
     cli_error(capsys, [*argv, "--operators", "sr:factor=2"], "listed twice")
+    cli_error(capsys, arguments(images, tiny_sd3_folder, out, "--size", "32", "48"), "to a square", "--size 48")
+    cli_error(capsys, arguments(images, tiny_sd3_folder, out, "--size", "32", "32", "32"), "--size takes one number")
     assert not out.exists()  # nothing was written, the model was never loaded
     cli_error(capsys, [*arguments(images, tiny_sd3_folder, reference), "--steps", "3"],
               "other settings", "steps: 2 before, 3 now")

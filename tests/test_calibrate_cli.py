@@ -32,12 +32,27 @@ def test_calibrate_writes_a_table_that_restore_finds(tiny_sd3_folder, photo_32, 
     assert "calibrated regularization weights" not in err  # FLAIR found the table: no default-table warning
 
 
+def test_calibrate_takes_height_and_width(tiny_sd3_folder, photo_32, tmp_path, cli):
+    """--size H W: the images are resized to cover H x W and centre-cropped; the table is keyed by H x W."""
+    images = tmp_path / "images"
+    images.mkdir()
+    photo_32.rename(images / "a.png")
+    code, out, err = cli("calibrate", "--model", tiny_sd3_folder, "--images", images, "--size", 24, 40,
+                         "--points", 2, "--cache-dir", tmp_path / "crw", "--quiet", "--device", "cpu")
+    assert code == 0, err
+    assert "1 images at 24x40, 2 points" in out
+    model = load_model(tiny_sd3_folder)
+    assert load_crw(model, model.condition(), 24, 40, cache_dir=tmp_path / "crw").metadata["width"] == 40
+
+
 def test_calibrate_bad_folder_and_size(tiny_sd3_folder, tmp_path, cli):
     (tmp_path / "empty").mkdir()
     for args, needles in ((["--images", tmp_path / "empty", "--size", 32], ("holds no PNG or JPEG",)),
                           (["--images", tmp_path / "none"], ("does not exist", "--images")),
                           (["--images", tmp_path / "empty", "--size", 30], ("--size 30", "multiples of 8",
-                                                                             "use --size 32"))):
+                                                                             "use --size 32")),
+                          (["--images", tmp_path / "empty", "--size", 30, 40], ("--size 30 40", "use --size 32 40")),
+                          (["--images", tmp_path / "empty", "--size", 8, 8, 8], ("--size takes one number",))):
         code, _, err = cli("calibrate", "--model", tiny_sd3_folder, *args, "--quiet", "--device", "cpu")
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err

@@ -12,7 +12,7 @@ from tasks.commands.cli import main
 from tasks.outputs.image_io import load_image, save_image
 from guidance.features.rewards import load_classifier, load_reward, make_guide, resolve_label
 
-TINY = ["--size", "32", "32", "--steps", "3", "--quiet"]
+TINY = ["--size", "32", "--steps", "3", "--quiet"]  # one number: a square (--size 32 32 in test_front_end_names)
 
 
 def brightness(images: torch.Tensor) -> torch.Tensor:

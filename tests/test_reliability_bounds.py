@@ -72,7 +72,9 @@ def test_a_flag_option_takes_true_and_false_in_any_case(cli, photo, tmp_path):
 
 @pytest.mark.parametrize("extra, expected", [
     (("--num", "1000000000"), "the number of images (--num)=1000000000 is more than one run takes (at most 4096)"),
-    (("--size", "0", "0"), "the image height (--size H W) must be an integer >= 1, got 0"),
+    (("--size", "0", "0"), "the image height (--size, --height) must be an integer >= 1, got 0"),
+    (("--size", "0"), "the image height (--size, --height) must be an integer >= 1, got 0"),
+    (("--size", "32", "32", "32"), "--size takes one number (a square: --size 512) or two (height and width"),
     (("--size", "100000", "100000"), "a 100000x100000 generation needs about"),
     (("--steps", "1000000000"), "the number of steps (--steps)=1000000000 is more than one run takes"),
     (("--num", "4000", "--steps", "5000"), "generate would run num=4000 x num_steps=5000 = 20,000,000 iterations"),

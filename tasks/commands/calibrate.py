@@ -1,6 +1,7 @@
 """Calibrate FLAIR's regularization weights (CRW) for a model on a folder of clean images and cache the table.
 
     flowsteer calibrate --model stabilityai/stable-diffusion-3.5-medium --images photos/ --size 1024
+    flowsteer calibrate --model MODEL --images photos/ --size 768 1024      # height x width
 
 The table lands in the CRW cache (see :mod:`guidance.features.calibration`), keyed by the model, its CFG setting and the
 image size; ``flowsteer restore --method flair`` with the same model, prompt/CFG and size then finds it.
@@ -19,6 +20,7 @@ from guidance.features.calibration import CRW_POINTS, CRWTable, calibrate
 from guidance.memory import check_memory
 from operators.checks import MAX_BATCH, MAX_STEPS, check_int, check_seed
 
+from .generate import add_size_argument, parse_size
 from .restore import (
     allowed_size,
     make_condition,
@@ -33,17 +35,23 @@ __all__ = ["IMAGE_SUFFIXES", "calibrate_folder", "clear_tables", "load_folder"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (1, C, H, W) so its shorter side is ``size``, then crop the centre ``size`` x ``size``."""
-    height, width = image.shape[-2:]
-    scale = size / min(height, width)
-    image = resize_image(image, (max(size, round(height * scale)), max(size, round(width * scale))))
-    top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
-    return image[..., top:top + size, left:left + size]
+def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
-def load_folder(folder: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
-    """Every PNG / JPEG in ``folder`` (sorted by name), resized and centre-cropped to ``size``: (N, C, size, size)."""
+def center_crop(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize (1, C, H, W) by the smallest scale that covers ``size`` (a side, or (height, width)), then crop
+    its centre to that size."""
+    (height, width), (rows, cols) = image.shape[-2:], _height_width(size)
+    scale = max(rows / height, cols / width)
+    image = resize_image(image, (max(rows, round(height * scale)), max(cols, round(width * scale))))
+    top, left = (image.shape[-2] - rows) // 2, (image.shape[-1] - cols) // 2
+    return image[..., top:top + rows, left:left + cols]
+
+
+def load_folder(folder: str | os.PathLike, size: int | tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Every PNG / JPEG in ``folder`` (sorted by name), resized and centre-cropped to ``size`` (a side, or
+    (height, width)): (N, C, height, width)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"the image folder {str(folder)!r} does not exist (or is not a folder); check --images")
@@ -53,16 +61,20 @@ def load_folder(folder: str | os.PathLike, size: int, channels: int = 3) -> torc
     return torch.cat([center_crop(read_image(p, "calibration image", channels), size) for p in files])
 
 
-def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None = None, prompt: str | None = None,
+def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | tuple[int, int] | None = None,
+                     prompt: str | None = None,
                      guidance_scale: float | None = None, num_points: int = CRW_POINTS,
                      cache_dir: str | os.PathLike | None = None, seed: int = 0, batch_size: int = 8,
                      progress: bool = True, device: str | None = None, dtype: Any = None) -> CRWTable:
     """Measure and cache the CRW table of ``model`` (anything :func:`guidance.load_model` takes) on the images
-    of a folder at ``size`` x ``size`` pixels (default: the model's native size). Its path is
-    ``table.metadata["path"]``."""
+    of a folder, resized and centre-cropped to ``size``: a side N for N x N or (height, width) (default: the
+    model's native size). Its path is ``table.metadata["path"]``."""
     check_int(num_points, "the calibration points (--points)", 2, MAX_STEPS)
     if size is not None:
-        check_int(size, "the image side (--size)", 1, None)
+        if not isinstance(size, int) and not (isinstance(size, (tuple, list)) and len(size) == 2):
+            raise ValueError(f"the image size (--size) is a side N or (height, width), got {size!r}")
+        for side, value in zip(("height", "width"), _height_width(size)):
+            check_int(value, f"the image {side} (--size)", 1, None)
     check_int(batch_size, "the batch size", 1, MAX_BATCH)
     check_seed(seed, "the seed (--seed)")
     if not Path(images).is_dir():
@@ -78,14 +90,16 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | None 
     if size is None:
         if not getattr(net, "default_size", None):
             raise ValueError(f"{type(net).__name__} has no native size; pass --size")
-        size = int(net.default_size[0])
-    allowed = allowed_size(net, size, size)[0]
-    if allowed != size:
+        size = int(net.default_size[0]), int(net.default_size[1])
+    height, width = _height_width(size)
+    allowed = allowed_size(net, height, width)
+    if allowed != (height, width):
         largest = f", at most {net.max_size}" if getattr(net, "max_size", None) else ""
-        raise ValueError(f"--size {size} does not fit {type(net).__name__}: sides must be multiples of "
-                         f"{net.size_multiple}{largest}; use --size {allowed}")
-    check_memory(net, size, size, batch_size, "calibration batch")
-    batch = load_folder(images, size, net.image_channels)
+        given, fit = (height, allowed[0]) if height == width else (f"{height} {width}", " ".join(map(str, allowed)))
+        raise ValueError(f"--size {given} does not fit {type(net).__name__}: sides must be multiples of "
+                         f"{net.size_multiple}{largest}; use --size {fit}")
+    check_memory(net, height, width, batch_size, "calibration batch")
+    batch = load_folder(images, (height, width), net.image_channels)
     cond = make_condition(net, prompt, guidance_scale)
     return calibrate(net, batch, cond, num_points=num_points, generator=torch.Generator().manual_seed(seed),
                      batch_size=batch_size, cache_dir=cache_dir, progress=progress)
@@ -121,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--images DIR is required: a folder of clean images to calibrate on (or --clear to remove "
                          "the model's cached tables)")
     with cli_messages():
-        table = calibrate_folder(args.model, args.images, size=args.size, prompt=args.prompt,
+        table = calibrate_folder(args.model, args.images, size=parse_size(args.size), prompt=args.prompt,
                                  guidance_scale=args.guidance_scale, num_points=args.points,
                                  cache_dir=args.cache_dir, seed=args.seed, batch_size=args.batch_size,
                                  progress=not args.quiet, device=args.device, dtype=args.dtype)
@@ -148,8 +162,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--clear", action="store_true",
                         help="remove the tables cached for --model (every guidance setting and size) instead of "
                              "calibrating; later FLAIR runs then use the official, shipped or default table")
-    parser.add_argument("--size", type=int, metavar="N",
-                        help="resize and centre-crop the images to N x N (default: the model's native size)")
+    add_size_argument(parser, "the model's native size; the images are resized and centre-cropped to it")
     parser.add_argument("--prompt", help="the prompt used when restoring (default: none)")
     parser.add_argument("--guidance-scale", type=float, metavar="W", help="CFG scale used when restoring")
     parser.add_argument("--points", type=int, default=CRW_POINTS,

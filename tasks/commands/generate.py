@@ -38,7 +38,8 @@ from ..outputs.folders import prepare_output_dir, write_outputs
 from ..outputs.grid import save_grid
 from ..outputs.image_io import save_image
 
-__all__ = ["BUNDLED_CLASSIFIERS", "METHODS", "Generation", "classifier_source", "generate"]
+__all__ = ["BUNDLED_CLASSIFIERS", "METHODS", "Generation", "add_size_argument", "classifier_source", "generate",
+           "parse_size"]
 
 METHODS = ("flowchef", "best_of_n", "particles", "dps", "unguided")
 
@@ -60,6 +61,23 @@ class Generation(ImageOutput):
     @property
     def image(self) -> torch.Tensor:
         return torch.cat(self.samples)
+
+
+def add_size_argument(parser, default: str) -> None:
+    """``--size``, as ``generate``, ``benchmark`` and ``calibrate`` take it: one number for a square or two for
+    height and width (read with :func:`parse_size`); ``default`` says what no --size means."""
+    parser.add_argument("--size", type=int, nargs="+", metavar=("N", "W"),
+                        help=f"image size: N for N x N, or H W for height x width (default: {default})")
+
+
+def parse_size(values: list[int] | None) -> tuple[int, int] | None:
+    """``--size N`` -> (N, N), ``--size H W`` -> (H, W), no --size -> None."""
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise ValueError(f"--size takes one number (a square: --size 512) or two (height and width: --size 512 "
+                         f"768), got {len(values)}: {' '.join(map(str, values))}")
+    return values[0], values[-1]
 
 
 def output_names(num: int, compare: bool) -> list[str]:
@@ -94,7 +112,7 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     check_seed(seed, "the seed (--seed)")
     for side, value in (("height", height), ("width", width)):
         if value is not None:
-            check_int(value, f"the image {side} (--size H W)", 1, None)
+            check_int(value, f"the image {side} (--size, --{side})", 1, None)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ValueError(f"the guidance weight (--weight) must be a finite number, got {weight!r}")
     options = dict(options or {})
@@ -105,7 +123,7 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     guide = make_guide(reward=reward, classifier=classifier, label=label, clip=clip, weight=weight, device=device)
     net = open_model(model, device=device, dtype=dtype, progress=progress)
     if (height is None or width is None) and net.default_size is None:
-        raise ValueError(f"{type(net).__name__} has no default image size; give one with --size H W")
+        raise ValueError(f"{type(net).__name__} has no default image size; give one with --size (N or H W)")
     height = net.default_size[0] if height is None else height
     width = net.default_size[1] if width is None else width
     net.check_size(height, width)
@@ -191,9 +209,10 @@ def run(args) -> int:
     """Generate and write the images."""
     from .restore import cli_messages, parse_options
 
-    height, width = args.size if args.size else (args.height, args.width)
-    if args.size and (args.height or args.width):
-        raise ValueError("give the image size either as --size H W or as --height/--width, not both")
+    size = parse_size(args.size)
+    if size and (args.height or args.width):
+        raise ValueError("give the image size either as --size (N or H W) or as --height/--width, not both")
+    height, width = size or (args.height, args.width)
     with cli_messages():
         result = generate(
             args.prompt, model=args.model, method=args.method, reward=args.reward, classifier=args.classifier,
@@ -235,7 +254,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--num", type=int, default=1, help="images to generate, seeds SEED, SEED+1, ... (default 1)")
     parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the model's)")
+    add_size_argument(parser, "the model's")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, help="image width (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, metavar="W", help="CFG scale (default: the model's)")

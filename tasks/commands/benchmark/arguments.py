@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from ..generate import add_size_argument, parse_size
 from .run import parse_method_options, run_benchmark, split_methods, split_operators
+
+
+def square_side(values: list[int] | None) -> int | None:
+    """The side of --size (``N``, or ``H W`` with H = W): the benchmark restores centre-cropped squares."""
+    size = parse_size(values)
+    if size is None:
+        return None
+    if size[0] != size[1]:
+        raise ValueError(f"the benchmark centre-crops every image to a square: give --size one side (--size "
+                         f"{max(size)}), not {size[0]} {size[1]}")
+    return size[0]
 
 
 def run(args) -> int:
     """Run the benchmark and print the summary table."""
     from ..restore import cli_messages
 
+    size = square_side(args.size)
     with cli_messages():
         result = run_benchmark(
             args.images, split_operators(args.operators), split_methods(args.methods), out=args.out,
-            model=args.model, num_steps=args.steps, seed=args.seed, size=args.size, limit=args.limit,
+            model=args.model, num_steps=args.steps, seed=args.seed, size=size, limit=args.limit,
             options=parse_method_options(args.option), overwrite=args.overwrite, device=args.device,
             dtype=args.dtype, progress=not args.quiet, samples=args.samples,
             consistency_steps=args.consistency_steps, preset=args.preset, prompt=args.prompt,
@@ -67,8 +80,8 @@ def add_parser(commands) -> None:
                         help="an autoencoder (hub id or folder, e.g. madebyollin/taesd3) that decodes in place of "
                              "the model's VAE; 'none' keeps the VAE")
     parser.add_argument("--encoder", metavar="ID", help="the same for encoding; 'none' keeps the VAE")
-    parser.add_argument("--size", type=int, metavar="N",
-                        help="images are center-cropped and resized to N x N (default: the model's size, else 256)")
+    add_size_argument(parser, "the model's size, else 256; the images are centre-cropped to squares and resized, "
+                              "so H W needs H = W")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                         help="a method option, e.g. --option flowchef.step_size=0.3 (repeatable)")
