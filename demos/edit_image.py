@@ -1,6 +1,6 @@
 """Edit a photo. On a text-to-image model, FlowEdit turns the band across the cat's eyes toward the edit prompt
 (the rest stays the photo); on the default model, which takes no text, the photo is inverted and the band is
-regenerated toward a class of the model's classifier (``--label``, default "texture").
+regenerated toward a class of the model's classifier (the --label option, "texture" by default).
 
     python demos/edit_image.py                                           # the default model, 64x64
     python demos/edit_image.py --model stabilityai/stable-diffusion-3.5-medium --size 1024
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     score = f", classifier log p {m['score_source']:.2f} -> {m['score_edited']:.2f}" if "score_edited" in m else ""
     print(f"{result.settings['method']}: mean change inside the mask {m['change_inside_mask']:.3f}, outside "
           f"{m['change_outside_mask']:.3f} (autoencoder round trip {m['autoencoder_error']:.3f}){score}; wrote "
-          f"{args.out}/grid.png")
+          f"{args.out}/grid.png", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from operators import Operator, as_operator, check_image
+from operators.base import image_input, is_pil_or_array
 from operators.checks import check_image_range, check_noise_std
 from operators.noise import randn_like
 
@@ -78,7 +79,8 @@ class MeasurementFidelity(Objective):
     Args:
         operator: the forward model: an ``operators.Operator``, a spec string (``"sr:factor=4"``), or a callable
             ``fn(x) -> y`` / ``nn.Module`` (wrapped as a function operator, see :func:`operators.as_operator`).
-        y: the measurement, shaped like ``operator(x)``.
+        y: the measurement, shaped like ``operator(x)``: a tensor, or a PIL image / NumPy array as every image is
+            taken (:func:`_measurement_tensor`).
         noise_std: the measurement noise (default: the operator's own), used by methods that stop at the
             noise level (FLAIR's discrepancy principle).
         official_quirks: latent space only; True reproduces the target and mask of FlowChef's official Flux
@@ -99,6 +101,7 @@ class MeasurementFidelity(Objective):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         operator = as_operator(operator)  # an Operator, a spec string, a callable fn(x) -> y or an nn.Module
+        y = _measurement_tensor(operator, y)
         operator.check_measurement(y)  # an image batch, or what the operator measures (a function's (B, m), ...)
         if not bool(torch.isfinite(y).all()):
             raise ValueError("the measurement y contains NaN or infinite values")
@@ -171,6 +174,20 @@ class MeasurementFidelity(Objective):
         if self._mask is not None:
             diff = diff * self._mask
         return self.weight * _per_sample(diff**2, self.reduction)
+
+
+def _measurement_tensor(operator: Operator, y: Any) -> Any:
+    """A measurement given as a PIL image or NumPy array (diffusers' convention: uint8, or float in [0, 1]) as a
+    (B, C, H, W) float32 tensor in [-1, 1] with its own channels (a grey measurement, e.g. colorization's, stays
+    one channel), read as :func:`operators.base.image_input` reads images, on the operator's device; a NumPy
+    measurement of an operator that measures no image (a function's (B, m) values) as those values in float32.
+    Anything else is returned as it is (and checked by the operator)."""
+    if isinstance(y, torch.Tensor) or not is_pil_or_array(y):
+        return y
+    if type(y).__module__ == "numpy" and not operator.measures_image_range:
+        return torch.as_tensor(y, dtype=torch.float32)
+    where = next((t.device for t in (*operator.parameters(), *operator.buffers())), torch.device("cpu"))
+    return image_input(y).to(where)
 
 
 def unshifted_latent(model, image: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ of the marginal-preserving SDE instead (:mod:`guidance.sde`): the same marginals
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from operators.checks import MAX_BATCH, check_generator, check_int
 
+from .arguments import pipeline_arguments
 from .flow import x0_from_velocity
 from .loading.images import ImageOutput
 from .memory import check_memory
@@ -36,7 +38,7 @@ __all__ = ["SampleResult", "StartState", "check_model", "initial_noise", "sample
 class SampleResult(ImageOutput):
     """Output of :func:`sample`: the final latent ``x`` (float32), the decoded ``image`` (float32, about
     [-1, 1]; None when ``decode=False``) and the ``sigmas`` that were used; ``images`` as diffusers returns them
-    (``output_type``: "pil", "np" or "pt")."""
+    (``output_type``: "pil", "np", "pt", or "latent": ``x``)."""
 
     x: torch.Tensor
     image: torch.Tensor | None
@@ -157,11 +159,10 @@ def start_state(
     return StartState(x=x, cond=cond, sigmas=sigmas, height=height, width=width)
 
 
-@torch.no_grad()
 def sample(
     model: FlowModel,
     cond: Any = None,
-    num_steps: int = 28,
+    num_steps: int | None = None,
     height: int | None = None,
     width: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -169,20 +170,30 @@ def sample(
     progress: bool = True,
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
-    decode: bool = True,
+    decode: bool | None = None,
     callback_on_step_end: Callable | None = None,
     stochastic: bool = False,
     noise_scale: float = 1.0,
     solver: str = "euler",
     strength: float = 1.0,
-) -> SampleResult:
+    *,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | list[str] | None = None,
+    guidance_scale: float | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    num_inference_steps: int | None = None,
+    num_images_per_prompt: int | None = None,
+    output_type: str = "pil",
+    return_dict: bool = True,
+    **condition_options,
+) -> SampleResult | tuple:
     """Generate with the Euler sampler (or, with ``stochastic=True``, the flow's SDE).
 
     Args:
         model: a :class:`~guidance.backbones.base.FlowModel`.
         cond: conditioning from ``model.condition(...)``; None asks the model for its default (an empty prompt
             for text models, nothing for unconditional ones).
-        num_steps: number of Euler steps (network evaluations, doubled inside the model with CFG).
+        num_steps: number of Euler steps (network evaluations, doubled inside the model with CFG); default 28.
         height, width: image size in pixels; default from ``latents`` or the model's native size.
         generator: source of the initial noise (a list: one per sample).
         callback: called each step with ``{"step": i, "sigma": s_i, "x": x_{s_i}, "x0_hat": x0_hat_i}``,
@@ -191,7 +202,7 @@ def sample(
         batch_size: number of samples; default: the condition's batch (1 for a single prompt). It must be a
             multiple of that batch; each condition is used ``batch_size / cond_batch`` times in a row.
         latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
-        decode: also decode the final latent to an image.
+        decode: also decode the final latent to an image (default: True, False with ``output_type="latent"``).
         callback_on_step_end: ``(step, sigma, state) -> state`` after each step, which may change ``state["x"]``
             (see :func:`step_end`).
         stochastic: take Euler-Maruyama steps of the SDE with the ODE's marginals (:func:`guidance.sde.sde_step`:
@@ -204,7 +215,35 @@ def sample(
         strength: the fraction of the ``num_steps`` schedule to run, as diffusers' image-to-image pipelines count
             it: the last ``int(num_steps * strength)`` steps, from ``latents`` at that noise level (those of
             :func:`guidance.invert` with the same ``strength``). 1 runs the whole schedule.
+        prompt, negative_prompt, guidance_scale, prompt_embeds, condition_options: diffusers' prompt arguments,
+            instead of ``cond``: ``cond = model.condition(prompt, negative_prompt=..., guidance_scale=...,
+            prompt_embeds=..., **condition_options)`` (any keyword of the model's ``condition``, e.g.
+            ``pooled_prompt_embeds``, ``max_sequence_length``); a text-free model refuses them.
+        num_inference_steps, num_images_per_prompt, output_type, return_dict: diffusers' names
+            (:mod:`guidance.arguments`): the steps, the batch per prompt, the form of ``.images`` ("pil", "np",
+            "pt" or "latent") and, with ``return_dict=False``, the tuple ``(images,)`` instead of the result.
     """
+    arguments = {"cond": cond, "num_steps": num_steps, "height": height, "width": width, "generator": generator,
+                 "callback": callback, "progress": progress, "batch_size": batch_size, "latents": latents,
+                 "decode": decode, "callback_on_step_end": callback_on_step_end, "stochastic": stochastic,
+                 "noise_scale": noise_scale, "solver": solver, "strength": strength, "prompt": prompt,
+                 "negative_prompt": negative_prompt, "guidance_scale": guidance_scale, "prompt_embeds": prompt_embeds,
+                 "num_inference_steps": num_inference_steps, "num_images_per_prompt": num_images_per_prompt,
+                 "output_type": output_type, "return_dict": return_dict, **condition_options}
+    check_model(model)
+    call, finish = pipeline_arguments(model, {k: v for k, v in arguments.items() if v is not None},
+                                      _SAMPLE_ARGUMENTS, "sample")
+    return finish(_sample(model, **call))
+
+
+@torch.no_grad()
+def _sample(model: FlowModel, cond: Any = None, num_steps: int = 28, height: int | None = None,
+            width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+            callback: Callable[[dict], None] | None = None, progress: bool = True, batch_size: int | None = None,
+            latents: torch.Tensor | None = None, decode: bool = True, callback_on_step_end: Callable | None = None,
+            stochastic: bool = False, noise_scale: float = 1.0, solver: str = "euler",
+            strength: float = 1.0) -> SampleResult:
+    """:func:`sample` with flowsteer's own arguments only."""
     if not isinstance(stochastic, bool):
         raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
     check_noise_scale(noise_scale)
@@ -238,3 +277,7 @@ def sample(
                       step_end=lambda i, s, x: step_end(callback_on_step_end, i + start, s, {"x": x}))
     image = model.decode(x) if decode else None
     return SampleResult(x=x, image=image, sigmas=sigmas)
+
+
+_SAMPLE_ARGUMENTS = inspect.signature(_sample).parameters
+FlowModel.call_function = staticmethod(sample)  # model(...) is sample(model, ...), as a pipeline's call

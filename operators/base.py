@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checks import check_generator, check_noise_std
-from .conjugate_gradient import conjugate_gradient
+from .conjugate_gradient import cgls, conjugate_gradient
 from .noise import poisson, randn_like
 
 _MISSING = object()
@@ -41,6 +41,97 @@ def check_image(x: torch.Tensor, name: str = "x", channels: int | None = None) -
         raise ValueError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+
+
+def with_channels(unit: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] with ``channels`` channels (BT.601 luma of colour, or grey replicated; None: as it
+    is)."""
+    if unit.shape[1] == 3 and channels == 1:
+        return (unit * torch.tensor([0.299, 0.587, 0.114], device=unit.device).reshape(1, 3, 1, 1)).sum(1, True)
+    if unit.shape[1] == 1 and channels == 3:
+        return unit.expand(-1, 3, -1, -1).contiguous()
+    return unit
+
+
+def _unit_float(image) -> torch.Tensor:
+    """(H, W, C) float32 in [0, 1] from a PIL image in mode L, RGB, I, I;16 or F."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        image = image.convert("I")
+    raw = torch.frombuffer(bytearray(image.tobytes()), dtype={"L": torch.uint8, "RGB": torch.uint8,
+                                                             "I": torch.int32, "F": torch.float32}[image.mode])
+    scale = {"L": 255.0, "RGB": 255.0, "I": 65535.0, "F": 1.0}[image.mode]
+    return (raw.to(torch.float32) / scale).reshape(image.height, image.width, -1).clamp(0, 1)
+
+
+def _pil_unit(image, channels: int | None) -> torch.Tensor:
+    """(1, channels, H, W) in [0, 1] from a PIL image: EXIF orientation applied; 8-bit modes / 255, 16- and 32-bit
+    integer modes / 65535, mode "F" as [0, 1]; transparency composited over white."""
+    from PIL import Image, ImageOps
+
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the PIL image is empty ({image.height}x{image.width} pixels); pass an image of at least "
+                         f"1x1 pixels")
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    if image.mode not in ("L", "RGB", "I", "F") and not image.mode.startswith("I;16"):
+        image = image.convert("RGB")
+    return with_channels(_unit_float(image).permute(2, 0, 1)[None], channels)
+
+
+def _array_unit(array, channels: int | None) -> torch.Tensor:
+    """(B, channels, H, W) in [0, 1] from a NumPy array as diffusers takes one: (H, W), (H, W, C) or (B, H, W, C),
+    uint8 / uint16 (divided by 255 / 65535), bool, or float in [0, 1]; C = 1, 3 or 4 (alpha over white)."""
+    import numpy as np
+
+    if array.size == 0:
+        raise ValueError(f"the NumPy image is empty (shape {array.shape}, no pixels); pass an image of at least "
+                         f"1x1 pixels, e.g. (H, W, 3) uint8")
+    if array.dtype == np.uint8 or array.dtype == np.uint16 or array.dtype == bool:
+        unit = torch.from_numpy(array.astype(np.float32) / {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
+                                                            np.dtype(bool): 1.0}[array.dtype])
+    elif np.issubdtype(array.dtype, np.floating):
+        unit = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        low, high = float(unit.min()), float(unit.max())
+        if not (low >= -1e-6 and high <= 1 + 1e-6):
+            raise ValueError(f"a float NumPy image is taken in [0, 1] (as diffusers takes it), got values in "
+                             f"[{low:.3g}, {high:.3g}]; scale it, or pass a uint8 array")
+    else:
+        raise ValueError(f"a NumPy image must be uint8, uint16, bool or float, got dtype {array.dtype}")
+    if unit.ndim == 2:
+        unit = unit[..., None]
+    if unit.ndim == 3:
+        unit = unit[None]
+    if unit.ndim != 4 or unit.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"a NumPy image must have shape (H, W), (H, W, C) or (B, H, W, C) with C = 1, 3 or 4, got "
+                         f"{array.shape}")
+    if unit.shape[-1] == 4:
+        unit = unit[..., :3] * unit[..., 3:] + (1 - unit[..., 3:])
+    return with_channels(unit.clamp(0, 1).permute(0, 3, 1, 2), channels)
+
+
+def is_pil_or_array(source) -> bool:
+    """Whether ``source`` is a PIL image or a NumPy array."""
+    from PIL import Image
+
+    return isinstance(source, Image.Image) or (type(source).__module__ == "numpy" and hasattr(source, "dtype"))
+
+
+def image_input(source, channels: int | None = None) -> torch.Tensor:
+    """A PIL image (B = 1) or a NumPy array in diffusers' convention (uint8 / uint16 / bool, or float in [0, 1];
+    (H, W[, C]) or (B, H, W, C)) as a contiguous (B, C, H, W) float32 tensor in [-1, 1], by the rules of
+    :func:`guidance.loading.images.image_tensor` (which converts through this). ``channels``: 1 reduces colour
+    to BT.601 luma, 3 replicates grey, None keeps the image's own (1 for grey, 3 for colour)."""
+    if channels not in (1, 3, None):
+        raise ValueError(f"channels must be 1, 3 or None (the image's own), got {channels!r}")
+    if not is_pil_or_array(source):
+        raise ValueError(f"cannot read an image from a {type(source).__name__}: pass a PIL image, a NumPy array or "
+                         f"a tensor")
+    unit = _array_unit(source, channels) if type(source).__module__ == "numpy" else _pil_unit(source, channels)
+    return (unit * 2 - 1).contiguous()
 
 
 class Operator(nn.Module):
@@ -77,9 +168,20 @@ class Operator(nn.Module):
 
     # -- the forward model --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A(x), noiseless and differentiable."""
+        """A(x), noiseless and differentiable; ``x`` a (B, C, H, W) tensor in [-1, 1], or a PIL image or NumPy array
+        (:meth:`convert_input`)."""
+        x = self.convert_input(x)
         self.check_input(x)
         return self.A(x)
+
+    def convert_input(self, x):
+        """``x`` itself, or a PIL image / NumPy array (diffusers' convention) as a float32 (B, C, H, W) tensor in
+        [-1, 1] (:func:`image_input`) with the operator's channels (the image's own when it takes any), on the
+        device of the operator's tensors."""
+        if isinstance(x, torch.Tensor) or not is_pil_or_array(x):
+            return x
+        where = next((t.device for t in (*self.parameters(), *self.buffers())), torch.device("cpu"))
+        return image_input(x, self.in_channels).to(where)
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -91,6 +193,7 @@ class Operator(nn.Module):
         no data and stay exactly 0: the noise is drawn for every entry (the same draws whatever the mask) and
         kept only where something is measured.
         """
+        x = self.convert_input(x)
         self.check_input(x)
         check_finite(x, "x")
         check_generator(generator, batch=x.shape[0])
@@ -179,10 +282,51 @@ class LinearOperator(Operator):
     def has_pseudo_inverse(self) -> bool:
         return type(self).A_dagger is not LinearOperator.A_dagger
 
-    def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """A^+ y, a right inverse on the range of A: A(A^+(A x)) = A x."""
+    def pseudo_inverse(self, y: torch.Tensor, regularization: float | str = "exact") -> torch.Tensor:
+        """A⁺y, a right inverse on the range of A (A(A⁺(A x)) = A x), or a regularised form of it for noisy
+        measurements: the exact A⁺ amplifies the noise along the directions A barely sees (a blur's high
+        frequencies; the exact A⁺ of a noisy deepinv ``Blur`` at 64 px is below 0 dB). The methods start from the
+        exact A⁺ (:func:`guidance.methods.common.initial_image`), as the official codes they are checked against do.
+
+        Args:
+            regularization: ``"exact"`` (default) or 0: the exact A⁺; ``"auto"``: for a noisy operator
+                (``noise_std`` > 0 or a ``poisson_rate``) the least-squares iteration stopped at the noise level
+                (:meth:`A_dagger_discrepancy`; 26-30 dB where the exact A⁺ of a noisy 64 px blur is below 0 dB),
+                for a noiseless one the exact A⁺; a number λ > 0: the Tikhonov form (AᵀA + λI)⁻¹Aᵀy
+                (:meth:`A_dagger_tikhonov`).
+        """
         self.check_measurement(y)
-        return self.A_dagger(y)
+        if regularization == "auto":
+            regularization = "exact" if self.noise_variance() == 0 else "discrepancy"
+        elif regularization != "exact" and (isinstance(regularization, bool)
+                                            or not isinstance(regularization, (int, float))
+                                            or not math.isfinite(regularization) or regularization < 0):
+            raise ValueError(f"regularization must be 'auto', 'exact' or a finite number >= 0 (a Tikhonov weight; 0: "
+                             f"exact), got {regularization!r}")
+        if regularization in ("exact", 0) or not self.has_pseudo_inverse:  # the latter raises, naming alternatives
+            return self.A_dagger(y)
+        if regularization == "discrepancy":
+            return self.A_dagger_discrepancy(y)
+        return self.A_dagger_tikhonov(y, float(regularization))
+
+    def noise_variance(self) -> float:
+        """σ² of one measured entry: noise_std² plus, with a ``poisson_rate`` r, 2 / r (the variance of the Poisson
+        term at mid-grey, 4 · 0.5 / r in [-1, 1] units); 0 for a noiseless operator."""
+        return self.noise_std**2 + (2 / self.poisson_rate if self.poisson_rate is not None else 0.0)
+
+    def A_dagger_discrepancy(self, y: torch.Tensor, max_iters: int = 300) -> torch.Tensor:
+        """The regularised pseudo-inverse of a noisy measurement: conjugate gradients on AᵀA x = Aᵀy from 0 (CGLS,
+        :func:`~operators.conjugate_gradient.cgls`) stopped per sample once ‖A x − y‖² ≤ σ² · (the measured entries,
+        :meth:`measured_for`; an inpainting hole is noiseless), the discrepancy principle, σ² =
+        :meth:`noise_variance`. It needs no weight: where A is well conditioned (masks, SR) it reaches A⁺y within
+        the noise in a few iterations (one for a 0/1 mask or the identity), where A is not (blur) it stops before
+        fitting the noise (deepinv ``Blur`` σ 1-2 px, σ₀₁ 0.01-0.05, 64 px: 23.7-29.9 dB, above the blurred y)."""
+        image = torch.zeros(self.input_shape(tuple(y.shape)), dtype=y.dtype, device=y.device)
+        measured = self.measured_for(image[:1])
+        entries = y[0].numel() if measured is None else torch.broadcast_to(measured, y[:1].shape).sum()
+        threshold = torch.full((y.shape[0],), self.noise_variance(), dtype=y.dtype, device=y.device) * entries
+        x, _ = cgls(self.A, self.A_adjoint, y, threshold, max_iters=max_iters)
+        return x
 
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
@@ -199,6 +343,22 @@ class LinearOperator(Operator):
             rtol = 1e-10 if y.dtype == torch.float64 else 1e-6
         u, _ = conjugate_gradient(lambda p: self.A(self.A_adjoint(p)), y, max_iters=max_iters, rtol=rtol)
         return self.A_adjoint(u)
+
+    def A_dagger_tikhonov(self, y: torch.Tensor, weight: float, max_iters: int = 300,
+                          rtol: float | None = None) -> torch.Tensor:
+        """x_λ = (AᵀA + λI)⁻¹Aᵀy, λ = ``weight`` > 0, by conjugate gradients from 0: the Tikhonov-regularised
+        pseudo-inverse (:meth:`pseudo_inverse` with ``regularization=λ``; λ = σ² / τ² is the MAP estimate under the
+        prior x ~ N(0, τ² I)). The system is conditioned at worst (‖A‖² + λ) / λ, so it converges in about
+        √(‖A‖² / λ) iterations whatever A's null space; ``max_iters`` caps it (an unfinished solve is smoother
+        still: conjugate gradients fit the strong directions of A first). Subclasses with a closed form (an SVD)
+        override it."""
+        if not weight > 0:
+            raise ValueError(f"the Tikhonov weight must be > 0 (0 is the exact pseudo-inverse A_dagger), got {weight!r}")
+        if rtol is None:
+            rtol = 1e-10 if y.dtype == torch.float64 else 1e-6
+        x, _ = conjugate_gradient(lambda p: self.A_adjoint(self.A(p)) + weight * p, self.A_adjoint(y),
+                                  max_iters=max_iters, rtol=rtol)
+        return x
 
 
 #: Seed of the start vector of :func:`operator_gain` (fixed: the same operator and shape give the same gain).

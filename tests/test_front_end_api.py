@@ -85,7 +85,7 @@ def test_methods_return_images_per_output_type_and_take_diffusers_names(default)
     pt = run(default, None, num_steps=2, height=32, width=32, generator=_gen(1), progress=False, output_type="pt")
     torch.testing.assert_close(pt.images, (out.image.clamp(-1, 1) + 1) / 2)
     with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt'"):
-        run(default, None, num_steps=2, output_type="latent")
+        run(default, None, num_steps=2, output_type="jpg")
     with pytest.raises(ValueError, match="same setting"):
         run(default, None, num_steps=2, num_inference_steps=2)
 

@@ -8,6 +8,9 @@ guidance embeddings, classifier-free guidance) live in the adapter and nowhere e
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,13 +54,37 @@ def module_attributes(owner) -> list[torch.nn.Module]:
     return list({id(v): v for v in vars(owner).values() if isinstance(v, torch.nn.Module)}.values())
 
 
+class _EmptyFloat32List(logging.Filter):
+    """Drops diffusers' warning "There are modules in X that should be kept in float32: []": ``ModelMixin.to``
+    gives it on every cast to a dtype, also when the list is empty (its test is ``fp32_modules is not None`` after
+    ``fp32_modules = self._keep_in_fp32_modules or []``), where nothing is kept in float32 and nothing is wrong.
+    The warning with modules listed passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []." not in record.getMessage()
+
+
+@contextlib.contextmanager
+def casting():
+    """Around flowsteer's own casts of diffusers modules (``model.to(dtype)``, ``load_model(pipeline, dtype=)``):
+    without diffusers' empty "modules that should be kept in float32: []" warning (:class:`_EmptyFloat32List`)."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _EmptyFloat32List()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def move_modules(owner, modules, *args, **kwargs):
     """The body of a model's ``to(...)``: move (and cast) ``modules`` in place, set ``owner.device`` /
     ``owner.dtype`` to what was given, return ``owner``."""
     device, dtype = to_arguments(*args, **kwargs)
     moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    for module in modules if moves else ():
-        module.to(**moves)
+    with casting():
+        for module in modules if moves else ():
+            module.to(**moves)
     if device is not None:
         owner.device = device
     if dtype is not None:
@@ -153,8 +180,65 @@ class FlowModel:
         return latent
 
     def condition(self, prompt: Any = None, negative_prompt: Any = None, guidance_scale: float | None = None, **kwargs):
-        """Conditioning for :meth:`velocity` (text embeddings computed once and cached). None for unconditional models."""
+        """Conditioning for :meth:`velocity` (text embeddings computed once and cached; text models override this).
+        None for unconditional models, which refuse a prompt, negative prompt, guidance scale or other option in one
+        line."""
+        given = [name for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt),
+                                          ("guidance_scale", guidance_scale)) if value not in (None, "")]
+        given += sorted(name for name, value in kwargs.items() if value is not None)
+        if given:
+            name = getattr(self, "name_or_path", None) or type(self).__name__
+            raise ValueError(f"the model {name!r} is unconditional: it takes no {', '.join(given)}; drop "
+                             f"{' and '.join('--' + g.replace('_', '-') for g in given)} (or pass cond= for a "
+                             f"network that takes its own conditioning)")
         return None
+
+    def __call__(self, prompt: Any = None, **arguments):
+        """Generate as a diffusers pipeline is called: ``model("a cat", num_inference_steps=28, guidance_scale=7.0,
+        generator=..., output_type="pil")`` is :func:`guidance.sample` with those arguments (flowsteer's or
+        diffusers' names, :mod:`guidance.arguments`); ``model()`` samples a text-free model unconditionally (and
+        a text model with its empty prompt). Returns the :class:`~guidance.sampler.SampleResult` (``.images``),
+        or ``(images,)`` with ``return_dict=False``."""
+        return FlowModel.call_function(self, prompt=prompt, **arguments)
+
+    #: what ``model(...)`` runs: :func:`guidance.sample`, set by :mod:`guidance.sampler` (which imports this module,
+    #: so this module does not import it)
+    call_function: Callable[..., Any] | None = None
+
+    #: False after ``set_progress_bar_config(disable=True)``: the runs on this model show no progress bar
+    progress_bar: bool = True
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """As a diffusers pipeline's: ``disable=True`` turns off the progress bars of every run on this model
+        (:func:`guidance.sample`, the methods, ``model(...)``), whatever their ``progress``; False shows them
+        again where ``progress`` asks for them."""
+        if not isinstance(disable, bool):
+            raise ValueError(f"disable must be True or False, got {disable!r}")
+        self.progress_bar = not disable
+
+    def enable_vae_slicing(self) -> "FlowModel":
+        """Encode and decode a batch one image at a time (the autoencoders' ``enable_slicing``), which bounds the
+        autoencoder's memory for large batches, as a diffusers pipeline's ``enable_vae_slicing``."""
+        for module in self._autoencoders("enable_vae_slicing"):
+            module.enable_slicing()
+        return self
+
+    def disable_vae_slicing(self) -> "FlowModel":
+        """Encode and decode a batch at once again."""
+        for module in self._autoencoders("disable_vae_slicing"):
+            module.disable_slicing()
+        return self
+
+    def _autoencoders(self, what: str) -> list[torch.nn.Module]:
+        """The autoencoders in use (``codec.modules()``); refused in one line for a model that has none."""
+        codec = getattr(self, "codec", None)
+        if codec is None:
+            raise ValueError(f"{what}: {type(self).__name__} is a pixel-space model, with no autoencoder to slice")
+        modules = codec.modules()
+        unsliced = [type(m).__name__ for m in modules if not callable(getattr(m, "enable_slicing", None))]
+        if unsliced:
+            raise ValueError(f"{what}: {', '.join(unsliced)} cannot encode or decode a batch in slices")
+        return modules
 
     def check_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the allowed sizes (multiple, maximum) when an image size does not fit."""

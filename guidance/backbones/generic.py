@@ -16,6 +16,10 @@ copy) or, without one, is ``linspace(1, 0, N + 1)`` through the static shift s' 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -158,18 +162,47 @@ class GenericFlowModel(FlowModel):
         network = [self.network] if callable(getattr(self.network, "to", None)) else []
         return network + (self.codec.modules() if self.codec is not None else [])
 
-    def condition(self, prompt: Any = None, negative_prompt: Any = None, guidance_scale: float | None = None,
-                  **kwargs) -> None:
-        """None: the model takes no text. A prompt, negative prompt, guidance scale or other option is refused."""
-        given = [name for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt),
-                                          ("guidance_scale", guidance_scale)) if value not in (None, "")]
-        given += sorted(kwargs)
-        if given:
-            name = getattr(self, "name_or_path", None) or type(self).__name__
-            raise ValueError(f"the model {name!r} is unconditional: it takes no {', '.join(given)}; drop "
-                             f"{' and '.join('--' + g.replace('_', '-') for g in given)} (or pass cond= for a "
-                             f"network that takes its own conditioning)")
-        return None
+    @property
+    def components(self) -> dict[str, Any]:
+        """The parts as a diffusers pipeline names them: the network (``unet`` for a UNet, else ``transformer``),
+        ``vae`` (None for a pixel model) and ``scheduler`` (None without one); a separate decoder or encoder
+        (TAESD) is not one of them."""
+        network = "unet" if "unet" in type(self.network).__name__.lower() else "transformer"
+        vae = self.codec.autoencoder if self.codec is not None else None
+        return {network: self.network, "vae": vae, "scheduler": self.scheduler}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the model as a folder that :func:`guidance.load_model` loads back to the same model, as diffusers'
+        ``save_pretrained`` writes a pipeline: ``model_index.json`` (with the adapter's settings under
+        ``"flowsteer"``: ``timestep_scale``, ``shift``, the recommended options, ...), one subfolder per component
+        (weights in safetensors), and the ``calibration/`` tables of a loaded folder. The network and autoencoder
+        must be diffusers models; a separate decoder or encoder is not written (pass it to load_model again)."""
+        import diffusers
+
+        folder = Path(save_directory)
+        parts = {name: part for name, part in self.components.items() if part is not None}
+        foreign = [f"{name} ({type(part).__name__})" for name, part in parts.items()
+                   if not hasattr(diffusers, type(part).__name__) or not hasattr(part, "save_pretrained")]
+        if foreign:
+            raise ValueError(f"save_pretrained writes diffusers components only, and {', '.join(foreign)} is not "
+                             f"one; save it yourself (torch.save of its state_dict)")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, part in parts.items():
+            part.save_pretrained(folder / name)
+        settings = {"timestep_scale": self.timestep_scale, "shift": self.shift, "size_multiple": self.size_multiple,
+                    "method_options": self.method_options, "operator_options": self.operator_options,
+                    "restore_options": self.restore_options, "working_size": self.working_size,
+                    "memory_gib_per_megapixel": self.memory_gib_per_megapixel}
+        if self.default_size is not None:
+            settings["sample_size"] = self.default_size[0]
+        index = {"_class_name": "FlowsteerGenericPipeline", "_diffusers_version": diffusers.__version__,
+                 **{name: ["diffusers", type(part).__name__] for name, part in parts.items()},
+                 "flowsteer": {key: value for key, value in settings.items() if value not in (None, {})}}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        calibration = getattr(self, "calibration_dir", None)
+        if calibration is not None and Path(calibration).is_dir():
+            shutil.copytree(calibration, folder / "calibration", dirs_exist_ok=True)
+        return folder
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         self.check_size(height, width)

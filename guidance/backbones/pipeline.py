@@ -5,6 +5,10 @@ text conditions, and two switches for speed and memory:
   repeated block (``transformer_blocks``, ``single_transformer_blocks``) once for all its copies, which compiles
   far faster than the whole model and keeps most of the speed-up;
 * :meth:`PipelineFlowModel.enable_vae_tiling`: encode and decode large images on overlapping tiles.
+
+The pipeline's own switches keep their diffusers names and act on the wrapped pipeline: ``enable_model_cpu_offload``,
+``enable_sequential_cpu_offload``, ``set_progress_bar_config``, ``save_pretrained``, ``components`` (and, from
+:class:`~guidance.backbones.base.FlowModel`, ``enable_vae_slicing``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 
 from .autoencoder import LatentCodec
-from .base import FlowModel, to_arguments
+from .base import FlowModel, casting, to_arguments
 
 
 def prompt_list(prompt, n: int | None, name: str) -> list[str] | None:
@@ -128,10 +132,66 @@ class PipelineFlowModel(FlowModel):
         device, dtype = to_arguments(*args, **kwargs)
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         if moves:
-            self.pipeline.to(**moves)
-            self.codec.to(**moves)
+            with casting():
+                self.pipeline.to(**moves)
+                self.codec.to(**moves)
             self._conditions.clear()
         return self
+
+    # -- the pipeline's own switches, under their diffusers names ------------------------------------------
+    @property
+    def components(self) -> dict[str, Any]:
+        """The wrapped pipeline's ``components`` (``transformer``, ``vae``, ``scheduler``, text encoders, ...), as
+        diffusers gives them: ``StableDiffusion3Pipeline(**model.components)`` builds the same pipeline."""
+        return self.pipeline.components
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """The wrapped pipeline's ``save_pretrained`` (``kwargs``: diffusers', e.g. ``variant``): a folder that
+        :func:`guidance.load_model` (and diffusers) loads back. A separate decoder or encoder (TAESD) is not
+        part of the pipeline and is not written: give it to load_model again."""
+        self.pipeline.save_pretrained(save_directory, **kwargs)
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Turn the progress bars of flowsteer's runs on this model and of the wrapped pipeline's own calls off
+        (``disable=True``) or on again (see :meth:`FlowModel.set_progress_bar_config`)."""
+        super().set_progress_bar_config(disable)
+        self.pipeline.set_progress_bar_config(disable=disable)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None
+                                 ) -> "PipelineFlowModel":
+        """The wrapped pipeline's model offloading (accelerate): the components wait on the CPU and each moves to
+        the GPU while it runs; :attr:`device` then reads the pipeline's execution device, where :meth:`velocity`,
+        :meth:`encode` and :meth:`decode` put their inputs. Cached text conditions are dropped (they lived on the
+        old device). Without ``device``, refused in one line on a machine without a GPU (nothing to offload to);
+        ``device="cpu"`` runs the offloading machinery on the CPU itself (no memory saved)."""
+        self._check_offload("enable_model_cpu_offload", device)
+        self.pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self._conditions.clear()
+        return self
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None
+                                      ) -> "PipelineFlowModel":
+        """The wrapped pipeline's sequential offloading (accelerate): every submodule moves to the GPU only while
+        it runs, the least memory and the slowest; otherwise as :meth:`enable_model_cpu_offload`."""
+        self._check_offload("enable_sequential_cpu_offload", device)
+        self.pipeline.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        self._conditions.clear()
+        return self
+
+    @staticmethod
+    def _check_offload(what: str, device) -> None:
+        """diffusers' offloading moves each component to an accelerator while it runs: without a ``device`` it
+        needs CUDA (or Metal) here, and diffusers' own error ("requires accelerator, but not found") comes only
+        after it has touched the pipeline; refuse in one line first. A named device is checked as everywhere
+        (:func:`guidance.loading.devices.check_device`); ``device="cpu"`` offloads to the CPU itself (nothing is
+        saved, every call works)."""
+        from ..loading.devices import check_device
+
+        if device is not None:
+            check_device(device)
+        elif not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            raise ValueError(f"{what} keeps the weights on the CPU and moves each component to a GPU while it runs, "
+                             f"but there is no GPU here; run on the CPU as the model is (model.to('cpu'))")
 
     #: Attributes of a transformer holding its repeated blocks (SD3: joint blocks; Flux: double and single).
     repeated_blocks = ("transformer_blocks", "single_transformer_blocks")

@@ -6,7 +6,8 @@ mode "F" is taken as [0, 1]; transparency is composited over white; grayscale is
 ``channels=1`` colour is reduced to BT.601 luma (0.299 R + 0.587 G + 0.114 B).
 
 Out, as diffusers returns images: ``output_type="pil"`` (a list of PIL images), ``"np"`` (a (B, H, W, C) float32
-array in [0, 1]) or ``"pt"`` (a (B, C, H, W) float32 tensor in [0, 1]).
+array in [0, 1]) or ``"pt"`` (a (B, C, H, W) float32 tensor in [0, 1]); sampling results also take ``"latent"``
+(the final latent, undecoded).
 """
 
 from __future__ import annotations
@@ -16,18 +17,28 @@ import re
 import warnings
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from operators.base import image_input, is_pil_or_array, with_channels
 
 __all__ = ["OUTPUT_TYPES", "ImageOutput", "ImageTooLargeError", "check_output_type", "image_tensor", "open_image",
            "output_images", "to_pil"]
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+#: the forms of ``.images``, as diffusers names them; "latent" (the final latent, undecoded) only where a result
+#: keeps one (:func:`guidance.sample` and the methods, not the tasks' results, which hold images)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def check_output_type(output_type: str) -> str:
+def check_output_type(output_type: str, latent: bool = False) -> str:
+    """``output_type`` when it is one of :data:`OUTPUT_TYPES`; "latent" only with ``latent=True`` (a result that
+    keeps its latent)."""
+    if output_type == "latent" and not latent:
+        raise ValueError("output_type='latent' returns the final latent, which only guidance.sample and the methods "
+                         "keep; this result holds images: use 'pil', 'np' or 'pt'")
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))} (as in diffusers), got "
-                         f"{output_type!r}")
+        allowed = OUTPUT_TYPES if latent else OUTPUT_TYPES[:-1]
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, allowed))}, as diffusers names them, "
+                         f"got {output_type!r}")
     return output_type
 
 
@@ -55,48 +66,6 @@ def open_image(path: str | os.PathLike, what: str = "image file") -> Image.Image
             f"file you trust, raise PIL.Image.MAX_IMAGE_PIXELS") from None
 
 
-def _to_unit_float(image: Image.Image) -> torch.Tensor:
-    """(H, W, C) float32 in [0, 1] from an image in mode L, RGB, I or F."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        image = image.convert("I")
-    raw = torch.frombuffer(bytearray(image.tobytes()), dtype={"L": torch.uint8, "RGB": torch.uint8,
-                                                             "I": torch.int32, "F": torch.float32}[image.mode])
-    scale = {"L": 255.0, "RGB": 255.0, "I": 65535.0, "F": 1.0}[image.mode]
-    values = raw.to(torch.float32) / scale
-    return values.reshape(image.height, image.width, -1).clamp(0, 1)
-
-
-def _array_image(array, channels: int) -> torch.Tensor:
-    """A NumPy array as diffusers takes one: (H, W), (H, W, C) or (B, H, W, C), uint8 / uint16 (divided by 255 /
-    65535), bool, or float in [0, 1]; C = 1, 3 or 4 (alpha composited over white)."""
-    import numpy as np
-
-    if array.size == 0:
-        raise ValueError(f"the NumPy image is empty (shape {array.shape}, no pixels); pass an image of at least "
-                         f"1x1 pixels, e.g. (H, W, 3) uint8")
-    if array.dtype == np.uint8 or array.dtype == np.uint16 or array.dtype == bool:
-        unit = torch.from_numpy(array.astype(np.float32) / {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
-                                                            np.dtype(bool): 1.0}[array.dtype])
-    elif np.issubdtype(array.dtype, np.floating):
-        unit = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        low, high = (float(unit.min()), float(unit.max())) if unit.numel() else (0.0, 0.0)
-        if not (low >= -1e-6 and high <= 1 + 1e-6):
-            raise ValueError(f"a float NumPy image is taken in [0, 1] (as diffusers takes it), got values in "
-                             f"[{low:.3g}, {high:.3g}]; scale it, or pass a uint8 array")
-    else:
-        raise ValueError(f"a NumPy image must be uint8, uint16, bool or float, got dtype {array.dtype}")
-    if unit.ndim == 2:
-        unit = unit[..., None]
-    if unit.ndim == 3:
-        unit = unit[None]
-    if unit.ndim != 4 or unit.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"a NumPy image must have shape (H, W), (H, W, C) or (B, H, W, C) with C = 1, 3 or 4, got "
-                         f"{array.shape}")
-    if unit.shape[-1] == 4:
-        unit = unit[..., :3] * unit[..., 3:] + (1 - unit[..., 3:])
-    return _channels(unit.clamp(0, 1).permute(0, 3, 1, 2), channels)
-
-
 def _tensor_image(tensor: torch.Tensor, channels: int) -> torch.Tensor:
     """A tensor in flowsteer's convention: (C, H, W) or (B, C, H, W), float in [-1, 1] (uint8: 0..255)."""
     if tensor.numel() == 0:
@@ -108,7 +77,7 @@ def _tensor_image(tensor: torch.Tensor, channels: int) -> torch.Tensor:
         raise ValueError(f"an image tensor must have shape (C, H, W) or (B, C, H, W) with C = 1 or 3, got "
                          f"{tuple(tensor.shape)}")
     if tensor.dtype == torch.uint8:
-        return _channels(tensor.float() / 255, channels) * 2 - 1
+        return with_channels(tensor.float() / 255, channels) * 2 - 1
     if not tensor.is_floating_point():
         raise ValueError(f"an image tensor must be float in [-1, 1] or uint8, got {tensor.dtype}")
     tensor = tensor.detach().float()
@@ -120,32 +89,7 @@ def _tensor_image(tensor: torch.Tensor, channels: int) -> torch.Tensor:
             "map [0, 1] images with x * 2 - 1"
         raise ValueError(f"an image tensor is taken in [-1, 1] (flowsteer's convention), got values in "
                          f"[{low:.3g}, {high:.3g}]; {fix}")
-    return _channels((tensor.clamp(-1, 1) + 1) / 2, channels) * 2 - 1
-
-
-def _channels(unit: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] with ``channels`` channels (BT.601 luma, or grey replicated)."""
-    if unit.shape[1] == 3 and channels == 1:
-        return (unit * torch.tensor([0.299, 0.587, 0.114], device=unit.device).reshape(1, 3, 1, 1)).sum(1, True)
-    if unit.shape[1] == 1 and channels == 3:
-        return unit.expand(-1, 3, -1, -1).contiguous()
-    return unit
-
-
-def _pil_image(image: Image.Image, channels: int) -> torch.Tensor:
-    """(1, channels, H, W) in [0, 1] from a PIL image, by the rules in the module doc."""
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"the PIL image is empty ({image.height}x{image.width} pixels); pass an image of at least "
-                         f"1x1 pixels")
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    if image.mode not in ("L", "RGB", "I", "F") and not image.mode.startswith("I;16"):
-        image = image.convert("RGB")
-    return _channels(_to_unit_float(image).permute(2, 0, 1)[None], channels)
+    return with_channels((tensor.clamp(-1, 1) + 1) / 2, channels) * 2 - 1
 
 
 def image_tensor(source, channels: int = 3) -> torch.Tensor:
@@ -158,14 +102,10 @@ def image_tensor(source, channels: int = 3) -> torch.Tensor:
         raise ValueError("no image was given (None): pass a path, a PIL image, a NumPy array or a tensor")
     if isinstance(source, torch.Tensor):
         return _tensor_image(source, channels).contiguous()
-    if type(source).__module__ == "numpy" and hasattr(source, "dtype"):
-        unit = _array_image(source, channels)
-    elif isinstance(source, Image.Image):
-        unit = _pil_image(source, channels)
-    else:
+    if not is_pil_or_array(source):
         raise ValueError(f"cannot read an image from a {type(source).__name__}: pass a path, a PIL image, a NumPy "
                          f"array or a tensor")
-    return (unit * 2 - 1).contiguous()
+    return image_input(source, channels)  # the operators' own conversion: op(pil_image) reads it the same
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -191,7 +131,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def output_images(image: torch.Tensor | None, output_type: str = "pil"):
     """A batch (B, C, H, W) in [-1, 1] as ``output_type``: a list of B PIL images, a (B, H, W, C) NumPy array in
     [0, 1] or a (B, C, H, W) tensor in [0, 1] (on the CPU, float32)."""
-    check_output_type(output_type)
+    check_output_type(output_type)  # "latent" is no form of an image (ImageOutput.images gives the latent itself)
     if image is None:
         raise ValueError("there is no image: the method ran with decode=False (or on sequences); use .x")
     if output_type == "pil":
@@ -201,10 +141,14 @@ def output_images(image: torch.Tensor | None, output_type: str = "pil"):
 
 
 class ImageOutput:
-    """``.images``: the result's ``image`` batch as its ``output_type`` (converted when read)."""
+    """``.images``: the result's ``image`` batch as its ``output_type`` (converted when read); with "latent", the
+    final latent ``x`` itself, as diffusers returns latents (flowsteer's (B, C, h, w) layout, unpacked, float32)."""
 
     output_type: str = "pil"
 
     @property
     def images(self):
+        if self.output_type == "latent":
+            check_output_type("latent", latent=hasattr(self, "x"))
+            return self.x
         return output_images(self.image, self.output_type)

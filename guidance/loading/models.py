@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import warnings
@@ -28,7 +29,7 @@ import torch
 
 from .devices import check_device, check_dtype
 from .manifest import DamagedModelError, verify_manifest
-from ..backbones.base import FlowModel
+from ..backbones.base import FlowModel, casting
 from ..backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
                                  supported_pipelines)
 
@@ -156,6 +157,54 @@ def _warn_generic(source: str, index: dict) -> None:
                   f"flowsteer knows; its {network}, vae and scheduler are loaded with the generic adapter "
                   f"(GenericFlowModel); to make that explicit (and silence this), add \"flowsteer\": {{}} to its "
                   f"model_index.json", UserWarning, stacklevel=3)
+
+
+#: safetensors' names of the floating dtypes a checkpoint may be stored in
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _weights_header(source: str, component: str, local_files_only: bool) -> dict:
+    """The safetensors header ({tensor: {"dtype", "shape", ...}}) of the first weights file of ``component`` in a
+    local folder or a hub repository (the file loading fetches anyway); {} when there is none to read."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(name: str) -> Path:
+        if Path(source).is_dir():
+            return Path(source, component, name)
+        offline = local_files_only or hub_offline()
+        return Path(hf_hub_download(repo_id=source, filename=f"{component}/{name}", local_files_only=offline))
+
+    weights = "diffusion_pytorch_model.safetensors"
+    try:
+        file = fetch(weights + ".index.json")
+        if file.is_file():
+            shards = json.loads(file.read_text()).get("weight_map", {})
+            weights = sorted(set(shards.values()))[0]
+    except (*_hub_errors(), ValueError, AttributeError, IndexError):
+        pass
+    try:
+        with open(fetch(weights), "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+    except (*_hub_errors(), ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _stored_dtype(source: str, index: dict, local_files_only: bool) -> torch.dtype:
+    """``dtype="auto"``: the floating dtype the denoiser's weights (``transformer`` or ``unet``) are stored in, the
+    one holding most of its values, read from its safetensors header; float32 where no file records one."""
+    component = "transformer" if "transformer" in index else "unet"
+    sizes: dict[torch.dtype, int] = {}
+    for name, entry in _weights_header(source, component, local_files_only).items():
+        stored = _STORED_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) and name != "__metadata__" else None
+        if stored is not None:
+            sizes[stored] = sizes.get(stored, 0) + math.prod(entry.get("shape") or [1])
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _is_auto(dtype) -> bool:
+    return isinstance(dtype, str) and dtype.strip().lower() == "auto"
 
 
 def _read_index(source: str, local_files_only: bool) -> dict:
@@ -351,7 +400,10 @@ def load_model(
             ``QwenImagePipeline``, ...; its components are reused, nothing is reloaded), or a FlowModel (returned
             as is).
         dtype: weights dtype when loading (e.g. ``torch.bfloat16``, or a name: ``"bf16"``); for a pipeline object, a
-            cast. ``torch_dtype`` is accepted for it, as diffusers names it.
+            cast. ``torch_dtype`` is accepted for it, as diffusers names it. ``"auto"``: the dtype the checkpoint
+            stores its denoiser's weights in (``transformer`` or ``unet``, read from its safetensors header, the
+            dtype holding most values), float32 where no file records one; a pipeline object keeps its own. (diffusers
+            itself reads no dtype from a checkpoint and loads float32 without one.)
         device: where to put the model; for a pipeline object left alone when None (keeps its offloading).
         local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
         decoder: None (the full VAE decodes) or a tiny autoencoder (``AutoencoderTiny``: id, folder or object)
@@ -370,10 +422,12 @@ def load_model(
     from diffusers import DiffusionPipeline
 
     if torch_dtype is not None:
-        if dtype is not None and check_dtype(dtype) != check_dtype(torch_dtype):
+        if dtype is not None and (_is_auto(dtype) != _is_auto(torch_dtype) or not _is_auto(dtype)
+                                  and check_dtype(dtype) != check_dtype(torch_dtype)):
             raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
         dtype = torch_dtype
-    dtype, device = check_dtype(dtype), check_device(device)
+    auto = _is_auto(dtype)
+    dtype, device = (None if auto else check_dtype(dtype)), check_device(device)
     if isinstance(source, str) and not source.strip():
         raise ValueError("the model source is empty: give a hub id, a local folder or 'default'")
     if isinstance(source, FlowModel):
@@ -385,7 +439,8 @@ def load_model(
         if options:
             raise ValueError(f"options {sorted(options)} apply only when loading from an id or folder")
         if device is not None or dtype is not None:
-            source = source.to(device=device, dtype=dtype)
+            with casting():
+                source = source.to(device=device, dtype=dtype)
         decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or source._execution_device,
                                          local_files_only=local_files_only)
         return _adapter_for_pipeline(source, decoder, encoder)
@@ -401,8 +456,8 @@ def load_model(
 
         folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
         try:
-            model = load_model(str(folder), dtype=dtype, device=device, local_files_only=True, decoder=decoder,
-                               encoder=encoder, **options)
+            model = load_model(str(folder), dtype="auto" if auto else dtype, device=device, local_files_only=True,
+                               decoder=decoder, encoder=encoder, **options)
         except DamagedModelError as error:
             raise DefaultModelError(f"the default model: {error}. " + _restore_hint(folder)) from None
         model.name_or_path = "default"
@@ -427,6 +482,8 @@ def load_model(
 
     index = _read_index(source, local_files_only)
     kind, pipeline_class = _classify(index)
+    if auto:
+        dtype = _stored_dtype(source, index, local_files_only)
     if kind == "generic":
         _warn_generic(source, index)
         network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)

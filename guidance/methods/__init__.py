@@ -6,9 +6,11 @@
 
 Registered by name: :func:`list_methods`, :func:`get_method`. Adding a method is one file in this folder (its algorithm
 box in the docstring), one line in ``REGISTRY`` and one test file. The function :func:`get_method` returns also takes
-diffusers' names (:data:`ALIASES`): ``num_inference_steps`` for ``num_steps``, ``num_images_per_prompt`` (the batch:
-images per prompt of ``cond``), and ``output_type`` ("pil", "np" or "pt") for the result's ``images``; a list of
-generators sets the batch.
+diffusers' names (:data:`ALIASES`, the same as :func:`guidance.sample`'s, :mod:`guidance.arguments`):
+``num_inference_steps`` for ``num_steps``, ``num_images_per_prompt`` (the batch: images per prompt of the condition),
+``prompt`` / ``negative_prompt`` / ``guidance_scale`` / ``prompt_embeds`` and the model's other condition keywords
+instead of ``cond``, ``output_type`` ("pil", "np", "pt" or "latent") for the result's ``images``, and
+``return_dict=False`` for the tuple ``(images,)``; a list of generators sets the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 from operators.checks import MAX_ITERATIONS, check_flag, check_int, check_number
 
+from ..arguments import DIFFUSERS_NAMES
 from .common import DivergenceError, MethodResult
 
 REGISTRY: dict[str, str] = {
@@ -48,9 +51,9 @@ REGISTRY: dict[str, str] = {
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",
                     "latents", "decode", "callback_on_step_end")
-#: diffusers' argument names that the methods from :func:`get_method` also take, and what each stands for.
-ALIASES = {"num_inference_steps": "num_steps", "num_images_per_prompt": "batch_size (images per prompt of cond)",
-           "output_type": "the form of result.images: 'pil', 'np' or 'pt'"}
+#: diffusers' argument names that the methods from :func:`get_method` (and :func:`guidance.sample`) also take, and
+#: what each stands for (:mod:`guidance.arguments`).
+ALIASES = DIFFUSERS_NAMES
 
 
 def _load(name: str) -> Callable:
@@ -95,8 +98,9 @@ def list_methods() -> list[str]:
 
 def get_method(name: str, **options) -> Callable[..., MethodResult]:
     """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones. The
-    returned function takes the common arguments and diffusers' :data:`ALIASES`."""
-    from ..loading.images import check_output_type
+    returned function takes the common arguments and diffusers' :data:`ALIASES`
+    (:func:`guidance.arguments.pipeline_arguments`, shared with :func:`guidance.sample`)."""
+    from ..arguments import pipeline_arguments
     from ..sampler import check_model
 
     function = _load(name)
@@ -106,26 +110,13 @@ def get_method(name: str, **options) -> Callable[..., MethodResult]:
         raise ValueError(f"method {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
     check_options(name, options)
 
+    takes = inspect.signature(function).parameters
+
     @functools.wraps(function)
-    def run(model, objective=None, *, output_type: str = "pil", num_inference_steps: int | None = None,
-            num_images_per_prompt: int | None = None, **arguments) -> MethodResult:
+    def run(model, objective=None, **arguments) -> MethodResult | tuple:
         check_model(model)  # a model's name or path fails here, before any method reads the model
-        check_output_type(output_type)
-        if num_inference_steps is not None:
-            if "num_steps" in arguments:
-                raise ValueError("num_steps and num_inference_steps are the same setting; give one of them")
-            arguments["num_steps"] = num_inference_steps
-        if num_images_per_prompt is not None:
-            if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                    or num_images_per_prompt < 1:
-                raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-            if arguments.get("batch_size") is not None:
-                raise ValueError("batch_size and num_images_per_prompt both set the batch; give one of them")
-            prompts = int(getattr(arguments.get("cond"), "batch_size", 1) or 1)
-            arguments["batch_size"] = prompts * num_images_per_prompt
-        result = function(model, objective, **options, **arguments)
-        result.output_type = output_type
-        return result
+        call, finish = pipeline_arguments(model, arguments, takes, f"the method {name!r}")
+        return finish(function(model, objective, **options, **call))
 
     run.options = dict(options)
     return run

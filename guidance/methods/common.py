@@ -19,7 +19,8 @@ class MethodResult(ImageOutput):
     """Output of a guidance method: the final latent ``x`` (float32), the decoded ``image`` (B, C, H, W) in [-1, 1]
     (None with ``decode=False``), the number of network evaluations ``nfe`` (a batched CFG call counts once), the
     ``sigmas`` used and method-specific ``info``. ``images`` is ``image`` as diffusers returns it, per
-    ``output_type`` ("pil": a list of PIL images, "np" / "pt": arrays / tensors in [0, 1])."""
+    ``output_type`` ("pil": a list of PIL images, "np" / "pt": arrays / tensors in [0, 1], "latent": the final
+    latent ``x``)."""
 
     x: torch.Tensor
     image: torch.Tensor | None

@@ -42,7 +42,7 @@ from guidance.loading.images import ImageOutput, check_output_type
 from guidance.loading.models import quiet_loading
 from guidance.memory import scaled_side
 from operators import Operator, as_operator, make_operator, operator_name, operator_spec
-from operators.checks import MAX_BATCH, MAX_STEPS, check_int, check_seed
+from operators.checks import MAX_BATCH, MAX_STEPS, check_flag, check_int, check_seed
 
 from ..outputs.grid import save_grid
 from ..outputs.image_io import load_image, save_image
@@ -111,7 +111,7 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
             cond: Any = None, space: str = "pixel", options: dict | None = None, progress: bool = True,
             lpips=None, samples: int = 1, consistency_steps: int | None = None,
             num_inference_steps: int | None = None, output_type: str = "pil",
-            objective_options: dict | None = None) -> Restoration:
+            objective_options: dict | None = None, resize: bool = False) -> Restoration:
     """Restore ``image`` with ``method`` over the flow ``model``: a path, PIL image, NumPy array or tensor
     (:func:`tasks.load_image`), one image or a batch of B, each restored from its own measurement (image b of a
     batch gets what it gets alone: the seeds are per image). ``restored`` is then (B, C, H, W) and ``images`` the
@@ -137,6 +137,9 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
         output_type: the form of the result's ``images`` ("pil", "np" or "pt").
         objective_options: further :class:`~guidance.objectives.MeasurementFidelity` arguments (``weight``,
             ``reduction``), as the parity presets give them.
+        resize: as ``--resize``: an image (with ``simulate``) or a measurement whose restoration is a size the model
+            does not take is resized (bicubic) to the nearest size it takes, no longer side than its working size,
+            the reference with it; False refuses such sizes in one line.
 
     The settings record, under ``resolved``, the scalar values the method reports having used (for FLAIR: its
     data learning rate, stopping threshold and the origin of its weight table).
@@ -144,6 +147,7 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     check_output_type(output_type)
     num_steps = steps_argument(num_steps, num_inference_steps, 28)
     check_seed(seed)
+    check_flag(resize, "resize")
     image, reference = (None if x is None else _as_batch(x) for x in (image, reference))
     if isinstance(operator, str):
         spec = operator
@@ -151,6 +155,9 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
     else:  # an Operator, or a callable / nn.Module taken as one; recorded by a spec that rebuilds it when one can
         operator = as_operator(operator)
         spec = operator_spec(operator) or f"{type(operator).__name__} (not describable by a spec)"
+    original = tuple(image.shape[-2:])
+    if resize:
+        image, reference = _fit_to_model(model, image, reference, operator, spec, simulate)
     device = torch.device(getattr(model, "device", "cpu"))
     image = image.to(device=device, dtype=torch.float32)
     operator = operator.to(device)
@@ -221,8 +228,26 @@ def restore(model, image, operator: str | Operator, method: str = "flair", *, si
         settings["objective"] = recorded_objective
     if skipped:
         settings["consistency_skipped"] = skipped
+    if resize:
+        settings.update({"resize": True, "input_size": list(original)})
     return Restoration(restored=restored, measurement=y, reference=reference, metrics=metrics, settings=settings,
                        samples=images if count == 1 else grouped, output_type=output_type)
+
+
+def _fit_to_model(model, image: torch.Tensor, reference: torch.Tensor | None, operator: Operator, spec: str,
+                  simulate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``resize=True`` of :func:`restore`, as ``--resize`` of :func:`restore_file`: the clean image (``simulate``)
+    or the measurement resized so that the restoration is a size the model takes (:func:`fit_size`), and the
+    reference to the restoration's size."""
+    if simulate:
+        size = fit_size(model, *image.shape[-2:], True, what="input image", operator=operator)
+        return resize_image(image, size), None if reference is None else resize_image(reference, size)
+    x_shape = input_shape(operator, tuple(image.shape))
+    size = fit_size(model, x_shape[-2], x_shape[-1], True,
+                    what=f"restored image (from the {image.shape[-2]}x{image.shape[-1]} measurement)")
+    if size != tuple(x_shape[-2:]):
+        image = resize_image(image, _operator_output(operator, spec, (1, x_shape[1], *size))[-2:])
+    return image, None if reference is None else resize_image(reference, size)
 
 
 def steps_argument(num_steps: int | None, num_inference_steps: int | None, default: int) -> int:
