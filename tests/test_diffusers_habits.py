@@ -143,14 +143,16 @@ def test_pipeline_switches_keep_their_diffusers_names(sd3, tmp_path, capsys):
         smooth_image_prior(shape=(1, 4, 4), components=3).enable_vae_slicing()
 
 
-def test_cpu_offload_is_refused_without_a_gpu_and_velocity_follows_an_offload():
+def test_cpu_offload_is_refused_without_a_gpu_and_velocity_follows_an_offload(monkeypatch):
     model = SD3Model(sd3_pipeline())
     x = torch.randn(1, model.codec.latent_channels, 4, 4, generator=_gen(8))
     before = model.velocity(x, 0.6, model.condition(PROMPT, NEGATIVE, 5.0))
-    if not torch.cuda.is_available():
+    with monkeypatch.context() as patch:  # a machine without a GPU, wherever this runs
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.backends.mps, "is_available", lambda: False)
         with pytest.raises(ValueError, match="enable_model_cpu_offload .* there is no GPU here"):
             model.enable_model_cpu_offload()
-        assert not getattr(model.pipeline, "_all_hooks", None)  # refused before diffusers touched the pipeline
+    assert not getattr(model.pipeline, "_all_hooks", None)  # refused before diffusers touched the pipeline
     model.enable_model_cpu_offload(device="cpu")
     assert model.pipeline._all_hooks and model.device == torch.device("cpu", 0)
     torch.testing.assert_close(model.velocity(x, 0.6, model.condition(PROMPT, NEGATIVE, 5.0)), before)

@@ -40,6 +40,7 @@ def dry_run(tmp_path_factory):
     return done, out
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_phase_and_writes_every_row(dry_run):
     done, out = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -148,6 +149,7 @@ def test_the_carried_wheels_cover_what_the_gpu_machine_lacks():
     assert _uncovered(device, wheels - {"lpips"}) == ["lpips"]  # the walk does see a missing wheel
 
 
+@pytest.mark.slow
 def test_cuda_tests_are_exactly_those_marked_and_none_skips_on_its_own(dry_run):
     """The kit's `pytest -m cuda -v` (its log) ran the CUDA tests and nothing else."""
     _, out = dry_run

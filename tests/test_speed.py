@@ -21,6 +21,7 @@ def _gen(seed):
 
 
 # -- the command ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_speed_command_writes_table_and_json_with_ratios(cli, tmp_path, monkeypatch):
     """Each cell runs in a fresh process; unguided is added as the reference; NFE counts network calls."""
     monkeypatch.setenv("FLOWSTEER_DEFAULT_MODEL", str(tmp_path / "no-default-model"))

@@ -3,6 +3,7 @@ that load_model reads, with its calibration table, classifiers and manifest."""
 
 import json
 
+import pytest
 import torch
 
 from guidance import load_model
@@ -26,6 +27,7 @@ def test_crops_are_seeded_and_augmented():
     assert not torch.equal(a, sampler.sample(8, torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.slow
 def test_every_stage_writes_a_loadable_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "model"
