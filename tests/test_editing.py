@@ -24,6 +24,7 @@ from guidance.features.rewards import make_guide
 from guidance.methods.inversion_edit import inversion_edit
 from guidance.methods.rf_solver_edit import rf_solver_edit
 from guidance.sampler import start_step
+from official_rf_loops import denoise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,28 +54,6 @@ def get_schedule(num_steps: int, image_seq_len: int, base_shift: float = 0.5, ma
     mu = base_shift + (max_shift - base_shift) / (4096 - 256) * (image_seq_len - 256)
     timesteps = math.exp(mu) / (math.exp(mu) + (1 / timesteps - 1) ** 1.0)
     return timesteps.tolist()
-
-
-def denoise(network, img: torch.Tensor, timesteps: list, inverse: bool, which: str, kind: str) -> torch.Tensor:
-    """``denoise`` (RF-Solver, kind "rf_solver") and ``denoise_fireflow`` (kind "fireflow") of the official
-    sampling.py files, without the feature injection, in float64; ``which`` names the prompt and guidance."""
-    if inverse:
-        timesteps = timesteps[::-1]
-    next_step_velocity = None
-    for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:]):
-        if kind == "fireflow" and next_step_velocity is not None:
-            pred = next_step_velocity
-        else:
-            pred = network(img, t_curr, which)
-        img_mid = img + (t_prev - t_curr) / 2 * pred
-        pred_mid = network(img_mid, t_curr + (t_prev - t_curr) / 2, which)
-        if kind == "fireflow":
-            next_step_velocity = pred_mid
-            img = img + (t_prev - t_curr) * pred_mid
-        else:
-            first_order = (pred_mid - pred) / ((t_prev - t_curr) / 2)
-            img = img + (t_prev - t_curr) * pred + 0.5 * (t_prev - t_curr) ** 2 * first_order
-    return img
 
 
 class FluxNetwork:
@@ -135,8 +114,8 @@ class SD3Network:
 @torch.no_grad()
 def official_edit(network, z0: torch.Tensor, timesteps: list, kind: str):
     """edit.py: (edited latent, inverted noise), unpacked, float64."""
-    z = denoise(network, network.pack(z0.double()), timesteps, inverse=True, which="source", kind=kind)
-    x = denoise(network, z, timesteps, inverse=False, which="edit", kind=kind)
+    z = denoise(lambda img, t: network(img, t, "source"), network.pack(z0.double()), timesteps, True, kind)
+    x = denoise(lambda img, t: network(img, t, "edit"), z, timesteps, False, kind)
     return network.unpack(x), network.unpack(z)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import guidance
+from official_rf_loops import denoise
 from guidance import AnalyticGMMFlow, invert, sample
 from guidance.solvers import evaluations
 
@@ -28,28 +29,6 @@ def exact_noise(x0: torch.Tensor) -> torch.Tensor:
     return ((x0.double().flatten(1) - MEAN) / VARIANCES.sqrt()).reshape(x0.shape)
 
 
-def official_denoise(velocity, img, timesteps, kind: str):
-    """denoise_rf_solver / denoise_fireflow of HolmesShuan/FireFlow-...-Editing commit 98588a6 (src/flux/sampling.py;
-    denoise of wangjiangshan0725/RF-Solver-Edit 3388e29 is the same RF-Solver loop) with ``inverse=True``
-    (``timesteps[::-1]``), in float64; their t and prediction are this toolkit's s and v."""
-    timesteps = timesteps[::-1]
-    next_step_velocity = None
-    for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:]):
-        if kind == "fireflow" and next_step_velocity is not None:
-            pred = next_step_velocity
-        else:
-            pred = velocity(img, t_curr)
-        img_mid = img + (t_prev - t_curr) / 2 * pred
-        pred_mid = velocity(img_mid, t_curr + (t_prev - t_curr) / 2)
-        if kind == "fireflow":
-            next_step_velocity = pred_mid
-            img = img + (t_prev - t_curr) * pred_mid
-        else:
-            first_order = (pred_mid - pred) / ((t_prev - t_curr) / 2)
-            img = img + (t_prev - t_curr) * pred + 0.5 * (t_prev - t_curr) ** 2 * first_order
-    return img
-
-
 @pytest.mark.parametrize("kind", ["rf_solver", "fireflow"])
 def test_inversion_equals_the_official_loop(kind):
     from tasks.studies.analytic_benchmark import smooth_image_prior
@@ -62,7 +41,7 @@ def test_inversion_equals_the_official_loop(kind):
     def velocity(x, s):
         return flow.velocity(x.float(), torch.tensor(s, dtype=torch.float32)).double()
 
-    reference = official_denoise(velocity, x0.double(), timesteps, kind)
+    reference = denoise(velocity, x0.double(), timesteps, True, kind)  # denoise(..., inverse=True)
     ours = invert(flow, latents=x0, num_steps=n, solver=kind, progress=False)
     error = (ours.noise.double() - reference).abs().max().item()
     assert error < 2e-5, error  # measured 1e-6 to 4e-6
