@@ -31,7 +31,8 @@ from .sde import check_noise_scale, sde_step
 from .solvers import check_solver, integrate
 from .backbones.base import FlowModel, check_num_steps
 
-__all__ = ["SampleResult", "StartState", "check_model", "initial_noise", "sample", "start_state", "start_step", "step_end"]
+__all__ = ["SampleResult", "StartState", "check_model", "condition_batch", "initial_noise", "sample", "start_state",
+           "start_step", "step_end"]
 
 
 @dataclass
@@ -75,7 +76,8 @@ def start_step(num_steps: int, strength: Any) -> int:
     return int(max(num_steps - num_steps * strength, 0))  # below num_steps: every strength > 0 runs a step
 
 
-def _condition_batch(cond: Any) -> int:
+def condition_batch(cond: Any) -> int:
+    """The number of prompts a condition holds (1 for none)."""
     return int(getattr(cond, "batch_size", 1) or 1)
 
 
@@ -132,7 +134,7 @@ def start_state(
 
     if cond is None:
         cond = model.condition()
-    n_cond = _condition_batch(cond)
+    n_cond = condition_batch(cond)
     if latents is not None and batch_size is None:
         batch_size = latents.shape[0]
     if batch_size is None and isinstance(generator, (list, tuple)) and len(generator) > 1:

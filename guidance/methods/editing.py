@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from ..loading.images import image_tensor
+from ..sampler import condition_batch
 from .common import CountingModel
 
-__all__ = ["as_pixel_mask", "check_source_image", "is_text", "latent_edit_mask", "same_batch", "text_condition"]
+__all__ = ["as_pixel_mask", "check_source_image", "is_text", "latent_edit_mask", "refuse_scale_for_condition",
+           "same_batch", "text_condition"]
 
 
 def check_source_image(source_image: Any, method: str, height: int | None = None,
@@ -92,10 +94,19 @@ def text_condition(model, method: str, prompt, guidance_scale: float | None, rol
     return cond
 
 
+def refuse_scale_for_condition(method: str, prompt, scale, name: str, role: str) -> None:
+    """A guidance ``scale`` (the argument ``name``) given for ``prompt`` (the argument ``role``) that is a condition
+    would be silently ignored: the condition carries its own guidance. Refused in one line."""
+    if scale is not None and prompt is not None and not is_text(prompt):
+        raise ValueError(f"{method}: a guidance scale for {role} has no effect on a condition: {name}={scale} applies "
+                         f"to a text {role}, but {role} is a condition, which carries its own guidance; set it in "
+                         f"model.condition(..., guidance_scale=...) or drop {name}")
+
+
 def same_batch(method: str, **conds) -> int:
     """The common batch of the conditions (named by their argument; a batch of one is used for every image); a
     ValueError when two batches of several differ."""
-    sizes = {name: int(getattr(c, "batch_size", 1) or 1) for name, c in conds.items()}
+    sizes = {name: condition_batch(c) for name, c in conds.items()}
     if len(set(sizes.values()) - {1}) > 1:
         listed = ", ".join(f"{name} has {n}" for name, n in sizes.items())
         raise ValueError(f"{method}: {listed} entries; give one of each per image (or one for all)")

@@ -87,7 +87,8 @@ from ..noise import initial_noise
 from ..sampler import check_model, start_state, step_end
 from .common import (CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, check_nonnegative,
                      reference_scale)
-from .editing import as_pixel_mask, check_source_image, is_text, latent_edit_mask, same_batch, text_condition
+from .editing import (as_pixel_mask, check_source_image, is_text, latent_edit_mask, refuse_scale_for_condition,
+                      same_batch, text_condition)
 
 __all__ = ["PRESETS", "default_guidance_scales", "default_n_max", "flowedit"]
 
@@ -119,9 +120,7 @@ def _condition(model, prompt, guidance_scale: float | None, default: float, role
     condition from ``model.condition(...)``, which carries its own guidance and refuses an explicit scale."""
     if guidance_scale is not None:
         guidance_scale = check_nonnegative(guidance_scale, scale_name)
-        if prompt is not None and not is_text(prompt):
-            raise ValueError(f"{scale_name}={guidance_scale:g} has no effect: {role} is a condition, which carries "
-                             f"its own guidance; set it in model.condition(...) or pass {role} as text")
+        refuse_scale_for_condition("flowedit", prompt, guidance_scale, scale_name, role)
     scale = default if guidance_scale is None else guidance_scale
     return text_condition(model, "flowedit", prompt, scale, role), (scale if is_text(prompt) else None)
 

@@ -34,10 +34,11 @@ from operators.checks import MAX_STEPS
 from ..flow import x0_from_velocity
 from ..inversion import invert
 from ..objectives import Objective, objective_gradient
-from ..sampler import step_end
+from ..sampler import condition_batch, step_end
 from ..solvers import SOLVERS, check_solver
 from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_nonnegative, reference_scale
-from .editing import as_pixel_mask, check_source_image, is_text, latent_edit_mask, same_batch, text_condition
+from .editing import (as_pixel_mask, check_source_image, latent_edit_mask, refuse_scale_for_condition, same_batch,
+                      text_condition)
 
 __all__ = ["inversion_edit", "run_inversion_edit"]
 
@@ -53,11 +54,8 @@ def _conditions(model, method: str, source_prompt, edit_prompt, source_guidance_
         return cond, cond
     if edit_prompt is None:
         raise ValueError(f"{method}: source_prompt describes the source for an edit_prompt; give the edit_prompt too")
-    for prompt, scale, name in ((source_prompt, source_guidance_scale, "source_prompt"),
-                                (edit_prompt, guidance_scale, "edit_prompt")):
-        if prompt is not None and not is_text(prompt) and scale is not None:
-            raise ValueError(f"{method}: a guidance scale for {name} has no effect on a condition, which carries its "
-                             f"own guidance; give the text, or drop the guidance scale")
+    refuse_scale_for_condition(method, source_prompt, source_guidance_scale, "source_guidance_scale", "source_prompt")
+    refuse_scale_for_condition(method, edit_prompt, guidance_scale, "guidance_scale", "edit_prompt")
     c_src = text_condition(model, method, "" if source_prompt is None else source_prompt, source_guidance_scale,
                            "source_prompt")
     c_edit = text_condition(model, method, edit_prompt, guidance_scale, "edit_prompt")
@@ -94,7 +92,7 @@ def run_inversion_edit(method: str, model, objective: Objective | None, *, num_s
 
     model = CountingModel(model)
     c_src, c_edit = _conditions(model, method, source_prompt, edit_prompt, source_guidance_scale, guidance_scale)
-    prompts = int(getattr(c_edit, "batch_size", 1) or 1)
+    prompts = condition_batch(c_edit)
     batch = max(source.shape[0], prompts, 1 if pixel_mask is None else pixel_mask.shape[0])
     if batch_size is not None and batch_size != batch:
         raise ValueError(f"batch_size={batch_size} differs from the {batch} image(s) that source_image, the prompts "
@@ -124,15 +122,14 @@ def run_inversion_edit(method: str, model, objective: Objective | None, *, num_s
     for i in tqdm(range(start, num_steps), disable=not progress, desc=method):
         s_i, s_next = sigmas[i], sigmas[i + 1]
         x_next, v, carried = step(velocity, x, s_i, s_next, carried)
-        x0_hat = x0_from_velocity(x, v, s_i)
         if objective is not None:
-            loss, grad = objective_gradient(objective, model, x0_hat)
+            loss, grad = objective_gradient(objective, model, x0_from_velocity(x, v, s_i))
             x_next = x_next - step_size * grad
             losses.append(loss)
         if M is not None:  # outside the mask: the inverted trajectory at s_{i+1} (index N-1-i of the ascending list)
             x_next = M * x_next + (1 - M) * inverted.trajectory[num_steps - 1 - i]
         if callback is not None:
-            callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_hat})
+            callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i)})
         x = step_end(callback_on_step_end, i, s_next, {"x": x_next})
         monitor.update(x, i)
     monitor.finish()

@@ -84,16 +84,12 @@ from operators.checks import MAX_STEPS, check_number
 from ..flow import x0_from_velocity
 from ..noise import initial_noise
 from ..objectives import Objective
-from ..sampler import start_state, step_end
+from ..sampler import condition_batch, start_state, step_end
 from ..sampler import start_step as strength_start  # (start_step is also the name of an option below)
 from .common import CountingModel, DivergenceMonitor, MethodResult, check_count, check_flag, reference_scale
-from .editing import check_source_image, is_text, text_condition
+from .editing import check_source_image, is_text, refuse_scale_for_condition, text_condition
 
 __all__ = ["PRESETS", "QUIRKS", "rf_inversion"]
-
-
-def _batch(cond) -> int:
-    return int(getattr(cond, "batch_size", 1) or 1)
 
 
 def _conditions(model, source_prompt, edit_prompt, source_guidance_scale, guidance_scale):
@@ -105,9 +101,7 @@ def _conditions(model, source_prompt, edit_prompt, source_guidance_scale, guidan
                                       (edit_prompt, guidance_scale, "guidance_scale", "edit_prompt")):
         if scale is not None:
             check_number(scale, name, minimum=0)
-            if prompt is not None and not is_text(prompt):
-                raise ValueError(f"{name}={scale} applies to a text {role}, but {role} is a condition that carries "
-                                 f"its own guidance; set it in model.condition(..., guidance_scale=...) or drop {name}")
+            refuse_scale_for_condition("rf_inversion", prompt, scale, name, role)
     if source_guidance_scale is None and getattr(model, "has_guidance_embedding", False):
         source_guidance_scale = 0.0
     cond_src = text_condition(model, "rf_inversion", "" if source_prompt is None else source_prompt,
@@ -244,15 +238,15 @@ def rf_inversion(
     cond_src, cond_edit = _conditions(model, source_prompt, edit_prompt, source_guidance_scale, guidance_scale)
     if batch_size is None:
         many = len(generator) if isinstance(generator, (list, tuple)) else 1
-        batch_size = max(source.shape[0], _batch(cond_src), _batch(cond_edit), many)
+        batch_size = max(source.shape[0], condition_batch(cond_src), condition_batch(cond_edit), many)
     state = start_state(model, cond_edit, num_steps, image_h, image_w, generator, batch_size)
     y1, sigmas = state.x, state.sigmas  # the first draw of the generator: the forward controller's target
     batch = y1.shape[0]
     if source.shape[0] not in (1, batch):
         raise ValueError(f"source_image has batch {source.shape[0]} but {batch} images are edited; give 1 or {batch}")
-    if batch % _batch(cond_src):
-        raise ValueError(f"source_prompt has {_batch(cond_src)} entries, which does not divide the {batch} images "
-                         f"edited; give 1 or {batch}")
+    if batch % condition_batch(cond_src):
+        raise ValueError(f"source_prompt has {condition_batch(cond_src)} entries, which does not divide the {batch} "
+                         f"images edited; give 1 or {batch}")
 
     y0 = model.encode(source.to(device=y1.device)).to(y1)
     y0_batch = y0.expand_as(y1)
