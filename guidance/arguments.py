@@ -13,6 +13,9 @@ and every other keyword of the model's     ``condition`` (``pooled_prompt_embeds
 ``output_type``                            the form of ``result.images``: "pil", "np", "pt", or "latent"
                                            (the final latent ``x``; nothing is decoded unless ``decode=True``)
 ``return_dict=False``                      the tuple ``(result.images,)`` instead of the result
+``callback_on_step_end``,                  diffusers' callback ``(pipeline, step, timestep, callback_kwargs)
+``callback_on_step_end_tensor_inputs``     -> dict`` (:mod:`guidance.callbacks`); flowsteer's own per-step
+                                           callback is ``on_step_end(step, sigma, state) -> state``
 =========================================  ================================================================
 
 A name the function takes itself (a method's own ``guidance_scale``, e.g. FlowEdit's) stays the function's. A
@@ -22,6 +25,7 @@ turns the progress bars of every run on that model off.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +34,7 @@ import torch
 
 from operators.checks import MAX_BATCH, check_flag, check_int
 
+from .callbacks import DiffusersCallback, Interrupted
 from .loading.images import check_output_type
 
 __all__ = ["DIFFUSERS_NAMES", "pipeline_arguments"]
@@ -45,6 +50,8 @@ DIFFUSERS_NAMES = {
     "prompt_embeds": "cond = model.condition(prompt_embeds=..., ...) where the model takes it",
     "output_type": "the form of result.images: 'pil', 'np', 'pt' or 'latent'",
     "return_dict": "False: the tuple (result.images,)",
+    "callback_on_step_end": "diffusers' callback(pipeline, step, timestep, callback_kwargs) -> dict after each step",
+    "callback_on_step_end_tensor_inputs": "the tensors callback_on_step_end gets (default ['latents'])",
 }
 
 
@@ -62,8 +69,9 @@ def pipeline_arguments(model, arguments: dict[str, Any], takes: Mapping[str, ins
                        what: str) -> tuple[dict[str, Any], Callable[[Any], Any]]:
     """Translate the arguments a caller gave (``arguments``: name -> value; None, for a name the function does not
     take, means not given) into those of the function ``what`` whose parameters are ``takes``; returns them with
-    ``finish(result)``, which gives the result its ``output_type`` and returns it, or ``(result.images,)`` with
-    ``return_dict=False``.
+    ``finish(run, interrupted)``, which runs ``run()`` (``interrupted(stop)`` makes the result of a run that a
+    diffusers callback stopped), gives the result its ``output_type`` and returns it, or ``(result.images,)``
+    with ``return_dict=False``.
 
     The prompt arguments (see the module doc) become ``cond = model.condition(...)`` here, once per call; a name
     neither the function nor the model's ``condition`` takes is refused in one line that lists both."""
@@ -73,6 +81,11 @@ def pipeline_arguments(model, arguments: dict[str, Any], takes: Mapping[str, ins
     return_dict = check_flag(given.pop("return_dict", True), "return_dict")
     steps = given.pop("num_inference_steps", None)
     per_prompt = given.pop("num_images_per_prompt", None)
+    diffusers_callback = given.pop("callback_on_step_end", None)
+    tensor_inputs = given.pop("callback_on_step_end_tensor_inputs", None)
+    if tensor_inputs is not None and diffusers_callback is None:
+        raise ValueError("callback_on_step_end_tensor_inputs names what callback_on_step_end gets; it does nothing "
+                         "without callback_on_step_end")
 
     condition_names = _condition_names(model)
     unknown = sorted(name for name in given if name not in condition_names and name not in DIFFUSERS_NAMES)
@@ -107,8 +120,25 @@ def pipeline_arguments(model, arguments: dict[str, Any], takes: Mapping[str, ins
         call["decode"] = False  # as diffusers: the latent is returned undecoded
     if "progress" in takes and not getattr(model, "progress_bar", True):
         call["progress"] = False  # model.set_progress_bar_config(disable=True)
+    if diffusers_callback is not None:
+        wants_condition = [n for n in (getattr(diffusers_callback, "tensor_inputs", None) or tensor_inputs or [])
+                           if n != "latents"]
+        if call.get("cond") is None and wants_condition and callable(getattr(model, "condition", None)):
+            with torch.no_grad():
+                call["cond"] = model.condition()
+        if call.get("cond") is not None:  # the run's own copy: the callback may change its embeddings and scale
+            call["cond"] = copy.copy(call["cond"])
+        num_steps = call.get("num_steps", takes["num_steps"].default if "num_steps" in takes else None)
+        call["on_step_end"] = DiffusersCallback(model, diffusers_callback, tensor_inputs, call.get("cond"),
+                                                num_steps, then=call.get("on_step_end"))
 
-    def finish(result):
+    def finish(run: Callable[[], Any], interrupted: Callable[[Interrupted], Any] | None):
+        """Run ``run()``; a run a diffusers callback interrupts gives ``interrupted(stop)``, as diffusers decodes
+        the latents it stopped at."""
+        try:
+            result = run()
+        except Interrupted as stop:
+            result = interrupted(stop)
         result.output_type = output_type
         return result if return_dict else (result.images,)
 

@@ -54,7 +54,7 @@ def invert(
     strength: float = 1.0,
     return_trajectory: bool = False,
     progress: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
 ) -> InversionResult:
     """Invert ``image`` (a tensor in [-1, 1], a PIL image or a NumPy array; encoded by the model) or a clean
     latent ``latents`` (B, C, h, w) to the noise from which the ODE generates it.
@@ -71,7 +71,7 @@ def invert(
             resumes where this stops.
         return_trajectory: keep every state in ``result.trajectory``.
         progress: show a progress bar.
-        callback_on_step_end: ``(step, sigma, state) -> state`` after each step, counted as in sampling
+        on_step_end: ``(step, sigma, state) -> state`` after each step, counted as in sampling
             (:func:`guidance.sampler.step_end`).
     """
     check_model(model)
@@ -98,6 +98,7 @@ def invert(
     trajectory: list[torch.Tensor] | None = [] if return_trajectory else None
     noise = integrate(lambda x, s: model.velocity(x, s, cond), z0, ascending, solver, progress=progress,
                       desc="inverting", trajectory=trajectory,
-                      step_end=lambda i, s, x: step_end(callback_on_step_end, num_steps - 1 - i, s, {"x": x}))
+                      step_end=lambda i, s, s_next, x: step_end(on_step_end, num_steps - 1 - i, s, s_next,
+                                                                   {"x": x}))
     return InversionResult(noise=noise, latent=z0, sigmas=state.sigmas, start_step=start, nfe=evaluations(solver, num_steps - start),
                            solver=solver, trajectory=trajectory)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from operators.checks import MAX_BATCH, check_generator, check_int
 
 from .arguments import pipeline_arguments
+from .callbacks import DiffusersCallback, Interrupted, checked_state
 from .flow import x0_from_velocity
 from .loading.images import ImageOutput
 from .memory import check_memory
@@ -47,22 +48,18 @@ class SampleResult(ImageOutput):
     output_type: str = "pil"
 
 
-def step_end(callback_on_step_end: Callable | None, step: int, sigma, state: dict[str, Any]) -> torch.Tensor:
-    """diffusers' ``callback_on_step_end``, in every loop: after step ``step`` (now at noise level ``sigma``) the
-    callback gets ``(step, sigma, state)`` with ``state["x"]`` the new state, and returns the state, changed or
-    not; its ``"x"`` is what the loop goes on from. Returns that x (the state's own without a callback)."""
+def step_end(on_step_end: Callable | None, step: int, sigma, sigma_next, state: dict[str, Any]) -> torch.Tensor:
+    """The end of step ``step`` (from noise level ``sigma`` to ``sigma_next``) in every loop: flowsteer's own
+    ``on_step_end(step, sigma_next, state)`` gets ``state["x"]``, the new state, and returns the state, changed or
+    not, whose ``"x"`` the loop goes on from; a :class:`~guidance.callbacks.DiffusersCallback` (diffusers'
+    ``callback_on_step_end``, made by :func:`guidance.arguments.pipeline_arguments`) runs diffusers' contract.
+    Returns that x (the state's own without a callback)."""
     x = state["x"]
-    if callback_on_step_end is None:
+    if on_step_end is None:
         return x
-    returned = callback_on_step_end(step, sigma, state)
-    if not isinstance(returned, dict) or "x" not in returned:
-        raise ValueError(f"callback_on_step_end must return the state dict it was given (with its 'x'), changed or "
-                         f"not; it returned {type(returned).__name__}")
-    new = returned["x"]
-    if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(x.shape):
-        raise ValueError(f"callback_on_step_end returned an 'x' of shape "
-                         f"{tuple(getattr(new, 'shape', ()))}; the state has shape {tuple(x.shape)}")
-    return new.to(device=x.device, dtype=x.dtype)
+    if isinstance(on_step_end, DiffusersCallback):
+        return checked_state(on_step_end(step, sigma, sigma_next, state), x)
+    return checked_state(on_step_end(step, sigma_next, state), x)
 
 
 def start_step(num_steps: int, strength: Any) -> int:
@@ -173,7 +170,7 @@ def sample(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool | None = None,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     stochastic: bool = False,
     noise_scale: float = 1.0,
     solver: str = "euler",
@@ -187,6 +184,8 @@ def sample(
     num_images_per_prompt: int | None = None,
     output_type: str = "pil",
     return_dict: bool = True,
+    callback_on_step_end: Callable | None = None,
+    callback_on_step_end_tensor_inputs: list[str] | None = None,
     **condition_options,
 ) -> SampleResult | tuple:
     """Generate with the Euler sampler (or, with ``stochastic=True``, the flow's SDE).
@@ -205,8 +204,8 @@ def sample(
             multiple of that batch; each condition is used ``batch_size / cond_batch`` times in a row.
         latents: starting point x_{s_0} instead of fresh noise, shape (B, C, h, w).
         decode: also decode the final latent to an image (default: True, False with ``output_type="latent"``).
-        callback_on_step_end: ``(step, sigma, state) -> state`` after each step, which may change ``state["x"]``
-            (see :func:`step_end`).
+        on_step_end: flowsteer's ``(step, sigma, state) -> state`` after each step, which may change
+            ``state["x"]`` (see :func:`step_end`).
         stochastic: take Euler-Maruyama steps of the SDE with the ODE's marginals (:func:`guidance.sde.sde_step`:
             x_{s'} = x_s + (s' - s)(v + η eps_hat) + sqrt(2 η s (s - s')) z), the last step onto s = 0
             deterministic; needs an explicit ``generator``, which then also draws the noise of every step.
@@ -224,25 +223,37 @@ def sample(
         num_inference_steps, num_images_per_prompt, output_type, return_dict: diffusers' names
             (:mod:`guidance.arguments`): the steps, the batch per prompt, the form of ``.images`` ("pil", "np",
             "pt" or "latent") and, with ``return_dict=False``, the tuple ``(images,)`` instead of the result.
+        callback_on_step_end, callback_on_step_end_tensor_inputs: diffusers' callback
+            ``(pipeline, step, timestep, callback_kwargs) -> dict`` after each step and the tensors it gets
+            (:mod:`guidance.callbacks`); setting ``pipeline._interrupt = True`` ends the run there (the result
+            holds the state it stopped at, decoded).
     """
     arguments = {"cond": cond, "num_steps": num_steps, "height": height, "width": width, "generator": generator,
                  "callback": callback, "progress": progress, "batch_size": batch_size, "latents": latents,
-                 "decode": decode, "callback_on_step_end": callback_on_step_end, "stochastic": stochastic,
+                 "decode": decode, "on_step_end": on_step_end, "stochastic": stochastic,
                  "noise_scale": noise_scale, "solver": solver, "strength": strength, "prompt": prompt,
                  "negative_prompt": negative_prompt, "guidance_scale": guidance_scale, "prompt_embeds": prompt_embeds,
                  "num_inference_steps": num_inference_steps, "num_images_per_prompt": num_images_per_prompt,
-                 "output_type": output_type, "return_dict": return_dict, **condition_options}
+                 "output_type": output_type, "return_dict": return_dict,
+                 "callback_on_step_end": callback_on_step_end,
+                 "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs, **condition_options}
     check_model(model)
     call, finish = pipeline_arguments(model, {k: v for k, v in arguments.items() if v is not None},
                                       _SAMPLE_ARGUMENTS, "sample")
-    return finish(_sample(model, **call))
+
+    def interrupted(stop: Interrupted) -> SampleResult:
+        with torch.no_grad():
+            image = model.decode(stop.x) if call.get("decode", True) else None
+        return SampleResult(x=stop.x, image=image, sigmas=stop.sigmas)
+
+    return finish(lambda: _sample(model, **call), interrupted)
 
 
 @torch.no_grad()
 def _sample(model: FlowModel, cond: Any = None, num_steps: int = 28, height: int | None = None,
             width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
             callback: Callable[[dict], None] | None = None, progress: bool = True, batch_size: int | None = None,
-            latents: torch.Tensor | None = None, decode: bool = True, callback_on_step_end: Callable | None = None,
+            latents: torch.Tensor | None = None, decode: bool = True, on_step_end: Callable | None = None,
             stochastic: bool = False, noise_scale: float = 1.0, solver: str = "euler",
             strength: float = 1.0) -> SampleResult:
     """:func:`sample` with flowsteer's own arguments only."""
@@ -269,14 +280,14 @@ def _sample(model: FlowModel, cond: Any = None, num_steps: int = 28, height: int
             if callback is not None:
                 callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_from_velocity(x, v, sigma)})
             x = sde_step(x, v, sigma, sigma_next, noise_scale, generator)
-            x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
+            x = step_end(on_step_end, i, sigma, sigma_next, {"x": x})
     else:
         def offset(function):  # the callbacks count steps in the whole schedule
             return None if function is None else lambda state: function({**state, "step": state["step"] + start})
 
         x = integrate(lambda x, s: model.velocity(x, s, cond), x, sigmas[start:], solver, progress=progress,
                       callback=offset(callback),
-                      step_end=lambda i, s, x: step_end(callback_on_step_end, i + start, s, {"x": x}))
+                      step_end=lambda i, s, s_next, x: step_end(on_step_end, i + start, s, s_next, {"x": x}))
     image = model.decode(x) if decode else None
     return SampleResult(x=x, image=image, sigmas=sigmas)
 

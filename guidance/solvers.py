@@ -84,13 +84,14 @@ def integrate(
     progress: bool = True,
     desc: str = "sampling",
     callback: Callable[[dict], None] | None = None,
-    step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    step_end: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     trajectory: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Integrate dx/ds = velocity(x, s) from ``sigmas[0]`` through every value of ``sigmas`` with ``solver``.
 
     ``callback`` gets ``{"step", "sigma", "x", "x0_hat"}`` before each update (x0_hat from the step's starting
-    velocity); ``step_end(i, sigma_next, x)`` may replace the state after step i; ``trajectory``, when a list,
+    velocity); ``step_end(i, sigma, sigma_next, x)`` may replace the state after step i (from ``sigma`` to
+    ``sigma_next``); ``trajectory``, when a list,
     receives the state at every value of ``sigmas`` (the start included)."""
     step = SOLVERS[check_solver(solver)]
     carried = None
@@ -101,7 +102,7 @@ def integrate(
         x_next, v, carried = step(velocity, x, s, s_next, carried)
         if callback is not None:
             callback({"step": i, "sigma": s, "x": x, "x0_hat": x0_from_velocity(x, v, s)})
-        x = x_next if step_end is None else step_end(i, s_next, x_next)
+        x = x_next if step_end is None else step_end(i, s, s_next, x_next)
         if trajectory is not None:
             trajectory.append(x)
     return x

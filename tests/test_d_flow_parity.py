@@ -256,7 +256,7 @@ def test_the_callbacks_see_z_and_its_sample_and_may_replace_z():
     seen = []
     out = d_flow(FLOW, MeasurementFidelity(op, y.float()), num_steps=3, max_iter=2, lbfgs_iter=2, progress=False,
                  generator=_gen(0), callback=seen.append,
-                 callback_on_step_end=lambda step, sigma, state: {"x": torch.full_like(state["x"], 0.5)})
+                 on_step_end=lambda step, sigma, state: {"x": torch.full_like(state["x"], 0.5)})
     assert [info["step"] for info in seen] == [0, 1] and all(float(info["sigma"]) == 1.0 for info in seen)
     assert seen[1]["x0_hat"].shape == seen[1]["x"].shape == (BATCH, 3, 4, 4)
     assert bool((out.info["z"] == 0.5).all())  # the last replacement is the z the result comes from

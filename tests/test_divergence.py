@@ -46,7 +46,7 @@ def _run(method, model=FLOW, objective=FIDELITY, **options):
         return state
 
     out = get_method(method, **options)(model, objective, num_steps=20, generator=_gen(2), progress=False,
-                                        decode=False, callback_on_step_end=record)
+                                        decode=False, on_step_end=record)
     return out, scales
 
 

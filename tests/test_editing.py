@@ -211,7 +211,7 @@ def test_a_masked_text_edit_follows_the_inversion_outside_the_mask(sd3, solver, 
     out = inversion_edit(sd3, source_image=image, source_prompt=SOURCE, edit_prompt=EDIT, guidance_scale=SD3_GUIDANCE,
                          mask=_half_mask(32, -1), num_steps=n, solver=solver, strength=strength, progress=False,
                          callback=lambda d: (seen.append(d["step"]), levels.append(float(d["sigma"]))),
-                         callback_on_step_end=keep_state)
+                         on_step_end=keep_state)
     z0, M, start = out.info["source_latent"], out.info["edit_mask"], out.info["start_step"]
     keep = z0.shape[-1] // 2
     assert torch.equal(M[..., :keep], torch.ones_like(M[..., :keep])) and not M[..., keep:].any()

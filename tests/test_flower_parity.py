@@ -351,7 +351,7 @@ def test_the_callbacks_see_every_step_of_every_run():
     out = get_method("flower", num_samples=2, covariance="full")(
         FLOW, _objective(), num_steps=3, generator=_gen(5), progress=False,
         callback=lambda state: seen.append((state["sample"], state["step"], float(state["sigma"]))),
-        callback_on_step_end=lambda i, sigma, state: ends.append((i, float(sigma))) or state)
+        on_step_end=lambda i, sigma, state: ends.append((i, float(sigma))) or state)
     assert out.nfe == 6 and out.info["cg_iterations"].shape == (1,)
     assert [s[:2] for s in seen] == [(m, i) for m in range(2) for i in range(3)]
     assert [e[1] for e in ends[:3]] == pytest.approx([2 / 3, 1 / 3, 0.0])

@@ -1,5 +1,5 @@
 """diffusers' conventions on flowsteer's front end: images in any form, outputs as output_type, aliases, the
-list of generators, callback_on_step_end, a batch of restorations, a scale-free FlowChef step."""
+list of generators, on_step_end, a batch of restorations, a scale-free FlowChef step."""
 
 import numpy as np
 import pytest
@@ -106,12 +106,12 @@ def test_num_images_per_prompt_and_a_list_of_generators_set_the_batch(sd3):
         get_method("unguided")(sd3, None, num_steps=2, batch_size=2, num_images_per_prompt=2)
 
 
-# -- callback_on_step_end --------------------------------------------------------------------------------------
+# -- on_step_end --------------------------------------------------------------------------------------
 CASES = {"unguided": {}, "flowchef": {}, "flair": {"crw": 0.3}, "dps": {}, "pnp_flow": {}}
 
 
 @pytest.mark.parametrize("method", list(CASES))
-def test_callback_on_step_end_sees_every_step_and_may_change_the_state(method):
+def test_on_step_end_sees_every_step_and_may_change_the_state(method):
     flow = _prior()
     op = make_operator("inpaint_box:fraction=0.25", noise_std=0.05)
     y = op.measure(_smooth(4, 7)[:, :1], _gen(8))
@@ -128,16 +128,16 @@ def test_callback_on_step_end_sees_every_step_and_may_change_the_state(method):
         steps.append(step)
         return state
 
-    watched = run(flow, MeasurementFidelity(op, y), callback_on_step_end=watch, **common)
+    watched = run(flow, MeasurementFidelity(op, y), on_step_end=watch, **common)
     assert steps == [0, 1, 2, 3] and torch.equal(watched.x, plain.x)
 
     def zero_last(step, sigma, state):
         return {**state, "x": torch.zeros_like(state["x"])} if step == 3 else state
 
-    changed = run(flow, MeasurementFidelity(op, y), callback_on_step_end=zero_last, **common)
+    changed = run(flow, MeasurementFidelity(op, y), on_step_end=zero_last, **common)
     assert torch.equal(changed.x, torch.zeros_like(changed.x))
     with pytest.raises(ValueError, match="must return the state dict"):
-        run(flow, MeasurementFidelity(op, y), callback_on_step_end=lambda step, sigma, state: None, **common)
+        run(flow, MeasurementFidelity(op, y), on_step_end=lambda step, sigma, state: None, **common)
 
 
 # -- FlowChef without guessing the loss scale -----------------------------------------------------------------

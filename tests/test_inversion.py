@@ -91,7 +91,7 @@ def test_a_partial_inversion_resumes_where_sampling_starts(gaussian):
     n, strength = 10, 0.55
     seen = []
     inverted = invert(gaussian, latents=x0, num_steps=n, strength=strength, solver="fireflow", return_trajectory=True,
-                      progress=False, callback_on_step_end=lambda i, s, state: seen.append((i, float(s))) or state)
+                      progress=False, on_step_end=lambda i, s, state: seen.append((i, float(s))) or state)
     assert inverted.start_step == int(n - n * strength) == 4
     sigmas = gaussian.sigmas(n)
     assert len(inverted.trajectory) == 7 and torch.equal(inverted.trajectory[0], x0)

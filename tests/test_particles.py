@@ -30,7 +30,7 @@ def trajectory(flow, n: int, steps: int, eta: float, seed: int = 1) -> dict[int,
         return state
 
     sample(flow, num_steps=steps, batch_size=n, generator=torch.Generator().manual_seed(seed), progress=False,
-           stochastic=True, noise_scale=eta, callback_on_step_end=keep)
+           stochastic=True, noise_scale=eta, on_step_end=keep)
     return seen
 
 

@@ -312,7 +312,7 @@ def test_the_default_window_is_the_examples_7_of_28_and_the_callbacks_see_each_r
     seen, ends = [], []
     result = rf_inversion(sd3, source_image=_image(32), edit_prompt=EDIT, guidance_scale=1.0, num_steps=8,
                           generator=_gen(0), progress=False, decode=False, callback=lambda d: seen.append(d["step"]),
-                          callback_on_step_end=lambda i, s, state: ends.append(i) or state)
+                          on_step_end=lambda i, s, state: ends.append(i) or state)
     assert result.info["eta"] == [0.9, 0.9] + [0.0] * 6  # int(8 * 7 / 28) = 2
     assert seen == ends == list(range(8))
 

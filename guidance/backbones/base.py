@@ -153,6 +153,27 @@ class FlowModel:
         for_operator = (self.operator_options or {}).get(operator, {}) if operator is not None else {}
         return {**(self.method_options or {}).get(method, {}), **for_operator.get(method, {})}
 
+    #: True where the diffusers pipeline batches classifier-free guidance as [negative; positive] in its
+    #: ``prompt_embeds`` (SD3, SANA): a diffusers callback then sees them so (:mod:`guidance.callbacks`)
+    cfg_in_batch: bool = False
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The state ``x`` (B, C, h, w) in the layout the diffusers pipeline's loop keeps its ``latents`` in (what
+        a diffusers callback gets); the same tensor where the layouts agree."""
+        return x
+
+    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pipeline_latents` for a state shaped as ``like``."""
+        return latents
+
+    def pipeline_timestep(self, sigma) -> torch.Tensor:
+        """The timestep a diffusers pipeline gives its callbacks at noise level ``sigma``: the flow-matching
+        scheduler's ``num_train_timesteps * sigma`` (1000 s), float32, as its ``scheduler.timesteps`` hold it."""
+        scheduler = getattr(self, "scheduler", None)
+        scale = float(getattr(getattr(scheduler, "config", None), "get", lambda *_: 1000)("num_train_timesteps",
+                                                                                          1000))
+        return torch.as_tensor(sigma, dtype=torch.float32) * scale
+
     def velocity(
         self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None, grad: bool = False
     ) -> torch.Tensor:

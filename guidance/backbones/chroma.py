@@ -107,6 +107,13 @@ class ChromaModel(PipelineFlowModel):
     condition_type = ChromaCondition
     latent_multiple = 2
 
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The state as the pipeline's loop keeps it: packed 2x2 tokens (B, hw/4, 4C), :func:`pack_latents`."""
+        return pack_latents(x)
+
+    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return unpack_latents(latents, like.shape[-2], like.shape[-1])
+
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)
         self.size_multiple = 2 * self.spatial_factor

@@ -208,6 +208,13 @@ class Flux2Model(PipelineFlowModel):
         return not self.has_guidance_embedding and not self.is_distilled
 
     # -- geometry and schedule --------------------------------------------------------------------------
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The state as the pipeline's loop keeps it: one token per latent pixel (B, hw, C), :func:`pack_tokens`."""
+        return pack_tokens(x)
+
+    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return unpack_tokens(latents, like.shape[-2], like.shape[-1])
+
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N), shifted by the scheduler with mu = compute_empirical_mu(tokens, N), then a final 0."""
         check_num_steps(num_steps)

@@ -181,6 +181,13 @@ class QwenImageModel(PipelineFlowModel):
         return bool(self.transformer.config.guidance_embeds)
 
     # -- geometry and schedule --------------------------------------------------------------------------
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The state as the pipeline's loop keeps it: packed 2x2 tokens (B, hw/4, 4C), :func:`pack_latents`."""
+        return pack_latents(x)
+
+    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return unpack_latents(latents, like.shape[-2], like.shape[-1])
+
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N) through the scheduler with mu = token_shift(tokens) (the released config shifts
         exponentially and stretches the end to ``shift_terminal``), then a final 0. N = 1 is refused with a

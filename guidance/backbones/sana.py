@@ -84,6 +84,7 @@ class SanaModel(PipelineFlowModel):
     """
 
     pipeline_class = "SanaPipeline"
+    cfg_in_batch = True
     condition_type = SanaCondition
 
     #: SANA's transformer holds its repeated blocks here (for :meth:`compile`).

@@ -202,7 +202,7 @@ class SanaSprintModel(SanaModel):
 
     # -- stochastic consistency sampling ----------------------------------------------------------------
     def consistency_sampling(self, generator: torch.Generator | None = None) -> dict[str, Callable]:
-        """``callback`` and ``callback_on_step_end`` for :func:`guidance.sampler.sample` that replace each Euler step
+        """``callback`` and ``on_step_end`` for :func:`guidance.sampler.sample` that replace each Euler step
         by the SCM scheduler's re-noising x_{s'} = (1 - s') x0_hat + s' n, n ~ N(0, I) from ``generator`` (float32,
         drawn like ``randn_tensor``). Pass the generator that draws the initial noise to reproduce the pipeline:
         ``sample(model, cond, generator=g, **model.consistency_sampling(g))``."""
@@ -214,13 +214,13 @@ class SanaSprintModel(SanaModel):
         def callback(info: dict) -> None:
             seen["x0_hat"] = info["x0_hat"]
 
-        def callback_on_step_end(step: int, sigma, state: dict) -> dict:
+        def on_step_end(step: int, sigma, state: dict) -> dict:
             x0_hat = seen.pop("x0_hat")
             noise = initial_noise(tuple(x0_hat.shape), generator, x0_hat.device, torch.float32)
             s = torch.as_tensor(sigma, dtype=torch.float32, device=x0_hat.device)
             return {**state, "x": (1 - s) * x0_hat + s * noise}
 
-        return {"callback": callback, "callback_on_step_end": callback_on_step_end}
+        return {"callback": callback, "on_step_end": on_step_end}
 
 
 def _call_defaults(pipeline_class) -> dict[str, Any]:

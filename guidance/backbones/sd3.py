@@ -56,6 +56,7 @@ class SD3Model(PipelineFlowModel):
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
+    cfg_in_batch = True
     condition_type = SD3Condition
 
     def __init__(self, pipeline, decoder=None, encoder=None):

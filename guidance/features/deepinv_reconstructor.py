@@ -43,7 +43,7 @@ def _reconstructor_class() -> type:
         The flow model is held as is (flow models are not ``nn.Module`` objects; move it with its own ``to``). A call
         draws from ``generator``, else from ``torch.Generator().manual_seed(seed)`` (deepinv's per-call seed), else
         from the constructor's seed, so repeated calls agree. The trajectory holds the method's states (its
-        ``callback_on_step_end`` ``"x"``: x_s for most methods, FLAIR's variational mean mu), decoded and mapped to
+        ``on_step_end`` ``"x"``: x_s for most methods, FLAIR's variational mean mu), decoded and mapped to
         [0, 1] as deepinv maps its own, after the initial noise: (N + 1, B, C, H, W) for N steps, as deepinv's SDE
         solvers stack theirs (their initial state, then one per step).
         """
@@ -100,7 +100,7 @@ def _reconstructor_class() -> type:
                     states.append(model.decode(state["x"]))
                     return state
 
-                extra["callback_on_step_end"] = record
+                extra["on_step_end"] = record
             result = self.run(self.flow_model, fidelity, num_steps=self.num_steps, height=height, width=width,
                               generator=generator, progress=False, output_type="pt", **extra)
             image = result.image.float().clamp(-1, 1)

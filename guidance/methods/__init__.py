@@ -2,7 +2,7 @@
 
     method(model, objective, *, num_steps, cond=None, height=None, width=None, generator=None,
            callback=None, progress=True, batch_size=None, latents=None, decode=True,
-           callback_on_step_end=None, **options) -> MethodResult
+           on_step_end=None, **options) -> MethodResult
 
 Registered by name: :func:`list_methods`, :func:`get_method`. Adding a method is one file in this folder (its algorithm
 box in the docstring), one line in ``REGISTRY`` and one test file. The function :func:`get_method` returns also takes
@@ -21,9 +21,12 @@ import inspect
 from importlib import import_module
 from typing import Any, Callable
 
+import torch
+
 from operators.checks import MAX_ITERATIONS, check_flag, check_int, check_number
 
 from ..arguments import DIFFUSERS_NAMES
+from ..callbacks import DiffusersCallback, Interrupted, counting_velocity
 from .common import DivergenceError, MethodResult
 
 REGISTRY: dict[str, str] = {
@@ -50,7 +53,7 @@ REGISTRY: dict[str, str] = {
 }
 
 COMMON_ARGUMENTS = ("num_steps", "cond", "height", "width", "generator", "callback", "progress", "batch_size",
-                    "latents", "decode", "callback_on_step_end")
+                    "latents", "decode", "on_step_end")
 #: diffusers' argument names that the methods from :func:`get_method` (and :func:`guidance.sample`) also take, and
 #: what each stands for (:mod:`guidance.arguments`).
 ALIASES = DIFFUSERS_NAMES
@@ -116,7 +119,17 @@ def get_method(name: str, **options) -> Callable[..., MethodResult]:
     def run(model, objective=None, **arguments) -> MethodResult | tuple:
         check_model(model)  # a model's name or path fails here, before any method reads the model
         call, finish = pipeline_arguments(model, arguments, takes, f"the method {name!r}")
-        return finish(function(model, objective, **options, **call))
+        if not isinstance(call.get("on_step_end"), DiffusersCallback):
+            return finish(lambda: function(model, objective, **options, **call), None)
+        with counting_velocity(model) as count:  # for the result of a run the callback interrupts
+
+            def interrupted(stop: Interrupted) -> MethodResult:
+                with torch.no_grad():
+                    image = model.decode(stop.x) if call.get("decode", True) else None
+                return MethodResult(x=stop.x, image=image, nfe=count.nfe, sigmas=stop.sigmas,
+                                    info={"interrupted_after_step": stop.step})
+
+            return finish(lambda: function(model, objective, **options, **call), interrupted)
 
     run.options = dict(options)
     return run

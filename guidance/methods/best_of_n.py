@@ -40,7 +40,7 @@ def best_of_n(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     candidates: int = 8,
 ) -> MethodResult:
     """Keep the best of ``candidates`` (N) unguided samples per output under ``objective``.
@@ -66,13 +66,13 @@ def best_of_n(
         check_no_image_size(height, width, "best_of_n on a simplex flow")
         model.condition(cond)
         out = sample_sequences(model, num_steps, batch * n, generator, latents, callback, progress,
-                               callback_on_step_end)
+                               on_step_end)
         hard = F.one_hot(out.tokens, model.vocab_size).float()
         x, nfe = out.x, num_steps * n
         loss = objective(model, hard)
     else:
         out = sample(counted, cond, num_steps, height, width, generator, callback, progress, batch * n, latents,
-                     decode=False, callback_on_step_end=callback_on_step_end)
+                     decode=False, on_step_end=on_step_end)
         x, nfe = out.x, counted.nfe * n
         objective.bind(model, x.shape[-2] * model.spatial_factor, x.shape[-1] * model.spatial_factor)
         loss = objective(model, x)

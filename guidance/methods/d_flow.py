@@ -256,7 +256,7 @@ def _back_projection(model, objective: MeasurementFidelity, batch: int, shape: t
 @torch.no_grad()
 def d_flow(model, objective: Objective, *, num_steps: int = 5, cond=None, height=None, width=None, generator=None,
            callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-           callback_on_step_end=None, lmbda: float = 0.01, alpha: float | None = None, max_iter: int = 5,
+           on_step_end=None, lmbda: float = 0.01, alpha: float | None = None, max_iter: int = 5,
            lbfgs_iter: int = 20, inversion: str | None = None, inversion_steps: int | None = None,
            atol: float | None = None, rtol: float | None = None, time_grid: str = "model",
            gradient_checkpointing: bool = True, check_divergence: bool = True) -> MethodResult:
@@ -270,7 +270,7 @@ def d_flow(model, objective: Objective, *, num_steps: int = 5, cond=None, height
             ``latents`` is the blend noise ε (fresh noise from ``generator`` by default); ``batch_size``
             defaults to the measurement's batch for a :class:`MeasurementFidelity`. The callback runs after each
             outer iteration with ``x`` = z and ``x0_hat`` = T(z) (2N extra evaluations each);
-            ``callback_on_step_end`` gets and may replace z.
+            ``on_step_end`` gets and may replace z.
         lmbda: λ >= 0, the weight of the χ regulariser R(z) against the objective's loss; default 0.01, the
             official config's value (the published runs: 0.001), both for ``MeasurementFidelity(reduction="sum",
             weight=1)``; with another weight or reduction, scale λ alike.
@@ -382,8 +382,8 @@ def d_flow(model, objective: Objective, *, num_steps: int = 5, cond=None, height
         optimizer.step(closure)  # L-BFGS reads the loss on the host in its line search: syncs are inherent
         if callback is not None:
             callback({"step": iteration, "sigma": sigmas[0], "x": z.detach(), "x0_hat": flow_map(velocity, z, sigmas)})
-        if callback_on_step_end is not None:
-            z.copy_(step_end(callback_on_step_end, iteration, sigmas[0], {"x": z.detach()}))
+        if on_step_end is not None:
+            z.copy_(step_end(on_step_end, iteration, sigmas[0], sigmas[0], {"x": z.detach()}))
         monitor.update(z, iteration)
         monitor.check()  # the optimiser synchronises anyway; stop before more evaluations of T
     monitor.finish()

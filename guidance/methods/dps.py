@@ -76,7 +76,7 @@ def _residual(objective: Objective, model, x0_hat: torch.Tensor, use_norm: bool)
 @torch.no_grad()
 def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=None, width=None, generator=None,
         callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-        callback_on_step_end=None,
+        on_step_end=None,
         step_size: float = 0.5, window: tuple[int, int] | None = None, use_norm: bool | None = None,
         gradient_checkpointing: bool = True, check_divergence: bool = True) -> MethodResult:
     """Diffusion posterior sampling (Chung et al., ICLR 2023) on a rectified flow: an Euler step followed by
@@ -139,7 +139,7 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
             x = euler_step(x, v, sigma, sigma_next)
             if grad is not None:
                 x = x - step_size * grad.to(x.dtype)
-            x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
+            x = step_end(on_step_end, i, sigma, sigma_next, {"x": x})
             if check_divergence:
                 if residual is not None and i in guided and not bool(torch.isfinite(residual).all()):
                     raise DivergenceError(f"dps diverged: the residual r became NaN or infinite at step {i}; {hint}")

@@ -127,7 +127,7 @@ def data_consistency(model, objective, mu, y, step_size, max_steps, threshold):
 @torch.no_grad()
 def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=None, height=None, width=None,
           generator=None, callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-          callback_on_step_end=None,
+          on_step_end=None,
           sigma_min: float = 0.18, data_steps: int = 15, data_lr: float | None = None,
           crw: CRWTable | str | float | None = None, dta: bool = True, check_divergence: bool = True,
           crw_cache_dir: str | None = None) -> MethodResult:
@@ -233,7 +233,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
         if callback is not None:
             callback({"step": i, "sigma": s, "x": mu, "x_s": x_s, "x0_hat": x0_from_velocity(x_s, v, s),
                       "weight": w, "data_steps": steps})
-        mu = step_end(callback_on_step_end, i, s, {"x": mu})  # the state is the variational mean
+        mu = step_end(on_step_end, i, s, s, {"x": mu})  # the state is the variational mean
     monitor.finish()
     image = model.decode(mu) if decode else None
     info = {"weights": weights, "data_steps": torch.stack(step_counts).cpu(), "data_loss": torch.stack(losses).cpu(),

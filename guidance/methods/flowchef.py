@@ -133,7 +133,7 @@ def flowchef(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     step_size: float = DEFAULT_STEP_SIZE,
     inner_steps: int = 1,
     optimizer: str = "gd",
@@ -256,7 +256,7 @@ def flowchef(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i), "loss": loss})
         x = euler_step(x, v, s_i, s_next)  # the old v: no re-evaluation, no noise
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s_i, s_next, {"x": x})
         monitor.update(x, i)  # no host-device synchronisation inside the loop
     monitor.finish()
 

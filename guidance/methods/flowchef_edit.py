@@ -106,7 +106,7 @@ def flowchef_edit(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     source_image: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     source_prompt: str | list[str] | None = None,
@@ -253,7 +253,7 @@ def flowchef_edit(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i), "loss": loss})
         x = euler_step(x, v, s_i, s_next)
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s_i, s_next, {"x": x})
         monitor.update(x, i)
     monitor.finish()
 

@@ -180,7 +180,7 @@ def _data_loss(objective: Objective, model, z: torch.Tensor, back_projection: st
 @torch.no_grad()
 def flowdps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=None, width=None, generator=None,
             callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-            callback_on_step_end=None, step_size: float = DEFAULT_STEP_SIZE, data_steps: int = 3,
+            on_step_end=None, step_size: float = DEFAULT_STEP_SIZE, data_steps: int = 3,
             back_projection: str = "auto", use_norm: bool | None = None, shift: float | None = None,
             official_quirks: bool = False, check_divergence: bool = True) -> MethodResult:
     """FlowDPS (Kim et al., ICCV 2025): K gradient steps on the back-projected residual norm of the clean estimate
@@ -267,7 +267,7 @@ def flowdps(model, objective: Objective, *, num_steps: int = 28, cond=None, heig
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_hat, "x0_y": x0_y})
         x = interpolate(x0_y, noise, sigma_next)
-        x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
+        x = step_end(on_step_end, i, sigma, sigma_next, {"x": x})
         monitor.update(x, i)
 
     if watch_sign and bool(negative):

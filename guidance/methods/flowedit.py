@@ -140,7 +140,7 @@ def flowedit(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     source_image: torch.Tensor | None = None,
     source_prompt: str | list[str] | None = None,
     edit_prompt: str | list[str] | None = None,
@@ -168,7 +168,7 @@ def flowedit(
         callback: called each step before the update with ``{"step", "sigma", "x", "x0_hat"}``: in the FlowEdit
             steps ``x`` and ``x0_hat`` are Z_FE (a clean latent itself) and ``"delta_v"`` holds ΔV (masked);
             in the last n_min steps ``x`` is X_tar and ``x0_hat`` = X_tar − s v.
-        progress, decode, callback_on_step_end: the common method arguments (see ``guidance.methods``).
+        progress, decode, on_step_end: the common method arguments (see ``guidance.methods``).
         batch_size: images edited; default: the largest batch of source_image, mask, the prompts and a list of
             generators (a batch-1 source is edited with a different noise stream per image).
         latents: refused: FlowEdit starts from the encoded source_image, not from noise.
@@ -262,7 +262,7 @@ def flowedit(
             if callback is not None:
                 callback({"step": i, "sigma": s_i, "x": Z_FE, "x0_hat": Z_FE, "delta_v": delta_v})
             Z_FE = euler_step(Z_FE, delta_v, s_i, s_next)
-            Z_FE = step_end(callback_on_step_end, i, s_next, {"x": Z_FE})
+            Z_FE = step_end(on_step_end, i, s_i, s_next, {"x": Z_FE})
             monitor.update(Z_FE, i)
         else:  # the last n_min steps: plain sampling under the edit prompt
             if i == sdedit:  # from the edited latent, re-noised to s_i
@@ -274,7 +274,7 @@ def flowedit(
             X_tar = euler_step(X_tar, v, s_i, s_next)
             if M is not None:  # outside the mask: the source, noised at the new level with the same ε
                 X_tar = M * X_tar + (1 - M) * interpolate(X_src, eps, s_next)
-            X_tar = step_end(callback_on_step_end, i, s_next, {"x": X_tar})
+            X_tar = step_end(on_step_end, i, s_i, s_next, {"x": X_tar})
             monitor.update(X_tar, i)
     monitor.finish()
 

@@ -108,7 +108,7 @@ def refinement_std(sigma: float) -> float:
 @torch.no_grad()
 def flower(model, objective: MeasurementFidelity, *, num_steps: int = 100, cond=None, height=None, width=None,
            generator=None, callback=None, progress: bool = True, batch_size=None, latents=None,
-           decode: bool = True, callback_on_step_end=None, num_samples: int = 1, covariance: str = "isotropic",
+           decode: bool = True, on_step_end=None, num_samples: int = 1, covariance: str = "isotropic",
            cg_iterations: int | None = None, cg_tolerance: float = CG_TOLERANCE, noise_std: float | None = None,
            time_grid: str = "model", check_divergence: bool = True) -> MethodResult:
     """Flower (Pourya et al., ICLR 2026): destination estimate, proximal refinement by conjugate gradient,
@@ -211,7 +211,7 @@ def flower(model, objective: MeasurementFidelity, *, num_steps: int = 100, cond=
             # (3) time progression
             z = initial_noise(tuple(x.shape), generator, x.device)
             x = interpolate(x_star, z, sigma_next)
-            x = step_end(callback_on_step_end, i, sigmas[i + 1], {"x": x})
+            x = step_end(on_step_end, i, sigma, sigmas[i + 1], {"x": x})
             monitor.update(x, i)
             bar.update()
         x_sum += x

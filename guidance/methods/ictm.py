@@ -78,7 +78,7 @@ def rademacher(shape: tuple[int, ...], generator, device: torch.device | str) ->
 @torch.no_grad()
 def ictm(model, objective: MeasurementFidelity, *, num_steps: int = 100, cond=None, height=None, width=None,
          generator=None, callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-         callback_on_step_end=None, inner_steps: int = 1, step_size: float = 0.02, data_weight: float = 1000.0,
+         on_step_end=None, inner_steps: int = 1, step_size: float = 0.02, data_weight: float = 1000.0,
          start_time: float = 1e-3, official_dt: bool = False, check_divergence: bool = True) -> MethodResult:
     """ICTM (Zhang et al., NeurIPS 2024): at each step, ``inner_steps`` Adam iterations on the state against the
     corrupted measurement trajectory and the flow's change-of-variables prior, then an Euler step (see the module
@@ -172,7 +172,7 @@ def ictm(model, objective: MeasurementFidelity, *, num_steps: int = 100, cond=No
         if callback is not None:
             callback({"step": i, "sigma": s, "x": x, "x0_hat": x0_from_velocity(x, v, s)})
         x = euler_step(x, v, s, s_next)
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s, s_next, {"x": x})
         monitor.update(x, i)
     monitor.finish()
 

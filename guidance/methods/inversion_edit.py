@@ -65,7 +65,7 @@ def _conditions(model, method: str, source_prompt, edit_prompt, source_guidance_
 
 def run_inversion_edit(method: str, model, objective: Objective | None, *, num_steps: int, cond: Any, height, width,
                        generator, callback, progress: bool, batch_size, latents, decode: bool,
-                       callback_on_step_end, source_image, source_prompt, edit_prompt, mask, strength: float,
+                       on_step_end, source_image, source_prompt, edit_prompt, mask, strength: float,
                        solver: str, step_size: float, source_guidance_scale, guidance_scale,
                        check_divergence: bool) -> MethodResult:
     """The loop of :func:`inversion_edit`, shared with :func:`~guidance.methods.rf_solver_edit.rf_solver_edit`
@@ -130,7 +130,7 @@ def run_inversion_edit(method: str, model, objective: Objective | None, *, num_s
             x_next = M * x_next + (1 - M) * inverted.trajectory[num_steps - 1 - i]
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "x0_hat": x0_from_velocity(x, v, s_i)})
-        x = step_end(callback_on_step_end, i, s_next, {"x": x_next})
+        x = step_end(on_step_end, i, s_i, s_next, {"x": x_next})
         monitor.update(x, i)
     monitor.finish()
 
@@ -155,7 +155,7 @@ def inversion_edit(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     source_image: Any = None,
     source_prompt: str | list[str] | None = None,
     edit_prompt: str | list[str] | None = None,
@@ -201,7 +201,7 @@ def inversion_edit(
     return run_inversion_edit(
         "inversion_edit", model, objective, num_steps=num_steps, cond=cond, height=height, width=width,
         generator=generator, callback=callback, progress=progress, batch_size=batch_size, latents=latents,
-        decode=decode, callback_on_step_end=callback_on_step_end, source_image=source_image,
+        decode=decode, on_step_end=on_step_end, source_image=source_image,
         source_prompt=source_prompt, edit_prompt=edit_prompt, mask=mask, strength=strength, solver=solver,
         step_size=step_size, source_guidance_scale=source_guidance_scale, guidance_scale=guidance_scale,
         check_divergence=check_divergence)

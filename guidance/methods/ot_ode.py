@@ -77,7 +77,7 @@ def first_step(num_steps: int, start_time: float) -> int:
 @torch.no_grad()
 def ot_ode(model, objective: MeasurementFidelity, *, num_steps: int = 100, cond=None, height=None, width=None,
            generator=None, callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-           callback_on_step_end=None, start_time: float = 0.2, gamma: str = "constant",
+           on_step_end=None, start_time: float = 0.2, gamma: str = "constant",
            noise_std: float | None = None, cg_iterations: int = 50, official_sr_weight: bool = False,
            check_divergence: bool = True) -> MethodResult:
     """OT-ODE (Pokle et al., TMLR 2024): Euler steps on the uniform grid from t_0, each velocity corrected by the
@@ -169,7 +169,7 @@ def ot_ode(model, objective: MeasurementFidelity, *, num_steps: int = 100, cond=
         t = 1 - s
         weight = 1.0 if gamma == "constant" else math.sqrt(t / (t**2 + s**2))
         x = euler_step(x, v, s, s_next) + (s - s_next) * s / t * weight * g
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s, s_next, {"x": x})
         monitor.update(x, i)
     monitor.finish()
 

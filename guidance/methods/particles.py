@@ -123,7 +123,7 @@ def particles(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     particles: int = 8,
     every: int = 1,
     temperature: float = 10.0,
@@ -278,7 +278,7 @@ def particles(
             x = simplex_step(model, x, v, p, s_i, s_next, eta, generator)
         else:
             x = sde_step(x, v, s_i, s_next, eta, generator)
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s_i, s_next, {"x": x})
         monitor.update(x, i)
     monitor.finish()
 

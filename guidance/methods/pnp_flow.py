@@ -61,7 +61,7 @@ def uniform_grid(num_steps: int) -> torch.Tensor:
 @torch.no_grad()
 def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, height=None, width=None,
              generator=None, callback=None, progress: bool = True, batch_size=None, latents=None,
-             decode: bool = True, callback_on_step_end=None, step_size: float = 0.5, step_exponent: float = 0.0,
+             decode: bool = True, on_step_end=None, step_size: float = 0.5, step_exponent: float = 0.0,
              num_draws: int = 2, normalize_step: bool = False, time_grid: str = "model",
              check_divergence: bool = True) -> MethodResult:
     """PnP-Flow (Martin et al., ICLR 2025): data gradient step, re-noising to level s, one-step clean estimate
@@ -132,7 +132,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
         x = estimate / num_draws
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x_s, "x0_hat": x})
-        x = step_end(callback_on_step_end, i, sigma, {"x": x})
+        x = step_end(on_step_end, i, sigma, sigma, {"x": x})
         monitor.update(x, i)
     monitor.finish()
 

@@ -12,7 +12,7 @@ from .common import MethodResult, initial_image
 @torch.no_grad()
 def pseudo_inverse(model, objective: MeasurementFidelity, *, num_steps: int = 28, cond=None, height=None, width=None,
                    generator=None, callback=None, progress: bool = True, batch_size=None, latents=None,
-                   decode: bool = True, callback_on_step_end=None) -> MethodResult:
+                   decode: bool = True, on_step_end=None) -> MethodResult:
     """image = A⁺ y by :func:`~guidance.methods.common.initial_image` (the pseudo-inverse; y itself for
     shape-preserving operators without one, such as blur; else the gain-scaled adjoint), and x = E(image) for
     latent models. No network evaluation."""

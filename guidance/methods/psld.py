@@ -82,7 +82,7 @@ def _norm(squares: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def psld(model, objective: Objective, *, num_steps: int = 28, cond=None, height=None, width=None, generator=None,
          callback=None, progress: bool = True, batch_size=None, latents=None, decode: bool = True,
-         callback_on_step_end=None, step_size: float = DEFAULT_STEP_SIZE, measurement_weight: float = 1.0,
+         on_step_end=None, step_size: float = DEFAULT_STEP_SIZE, measurement_weight: float = 1.0,
          gluing_weight: float = 0.1, back_projection: str = "auto", posterior_sample: bool = False,
          shift: float | None = None, gradient_checkpointing: bool = True,
          check_divergence: bool = True) -> MethodResult:
@@ -175,7 +175,7 @@ def psld(model, objective: Objective, *, num_steps: int = 28, cond=None, height=
             if callback is not None:
                 callback({"step": i, "sigma": sigma, "x": x, "x0_hat": x0_hat})
             x = euler_step(x, v, sigma, sigma_next) - step_size * grad.to(x.dtype)
-            x = step_end(callback_on_step_end, i, sigma_next, {"x": x})
+            x = step_end(on_step_end, i, sigma, sigma_next, {"x": x})
             if check_divergence:
                 if not bool(torch.isfinite(r_y).all() and torch.isfinite(r_g).all()):
                     raise DivergenceError(f"psld diverged: the residual norms became NaN or infinite at step {i}; "

@@ -128,7 +128,7 @@ def rf_inversion(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     source_image: torch.Tensor | None = None,
     source_prompt: str | list[str] | None = None,
     edit_prompt: str | list[str] | None = None,
@@ -165,7 +165,7 @@ def rf_inversion(
             generators'; each of them must be 1 or that many (a condition may also divide it).
         latents: refused: the reverse process starts from the inverted source (to sample from given noise use
             :func:`guidance.sample`).
-        callback_on_step_end: ``(step, sigma, state) -> state`` after each reverse step
+        on_step_end: ``(step, sigma, state) -> state`` after each reverse step
             (:func:`guidance.sampler.step_end`).
         source_image: the image to edit, (1 or B, C, H, W) in [-1, 1], or a PIL image or NumPy array.
         source_prompt: text describing the source (default "", as in the paper), or a condition.
@@ -290,7 +290,7 @@ def rf_inversion(
             X = X + (s_next - s_i) * drift + math.sqrt(2 * s_i / (1 - s_i) * (s_i - s_next)) * z
         else:
             X = X + (s_next - s_i) * v_hat
-        X = step_end(callback_on_step_end, j, sigmas[first + j + 1], {"x": X})
+        X = step_end(on_step_end, j, s_i, s_next, {"x": X})
         monitor.update(X, j)
     monitor.finish()
 

@@ -49,7 +49,7 @@ def rf_solver_edit(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     source_image: Any = None,
     source_prompt: str | list[str] | None = None,
     edit_prompt: str | list[str] | None = None,
@@ -84,7 +84,7 @@ def rf_solver_edit(
     return run_inversion_edit(
         "rf_solver_edit", model, objective, num_steps=num_steps, cond=cond, height=height, width=width,
         generator=generator, callback=callback, progress=progress, batch_size=batch_size, latents=latents,
-        decode=decode, callback_on_step_end=callback_on_step_end, source_image=source_image,
+        decode=decode, on_step_end=on_step_end, source_image=source_image,
         source_prompt=source_prompt, edit_prompt=edit_prompt, mask=mask, strength=1.0, solver=solver,
         step_size=0.3, source_guidance_scale=source_guidance_scale, guidance_scale=guidance_scale,
         check_divergence=check_divergence)

@@ -120,7 +120,7 @@ def straight_through(
     batch_size: int | None = None,
     latents: torch.Tensor | None = None,
     decode: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
     gamma: float = 2.0,
     samples: int = 8,
     source: str = "endpoint",
@@ -190,7 +190,7 @@ def straight_through(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "p": p, "loss": loss})
         x = model.step(x, v, s_i, s_next)
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s_i, s_next, {"x": x})
         monitor.update(x, i)
     monitor.finish()
 

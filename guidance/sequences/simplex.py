@@ -245,7 +245,7 @@ def sample_sequences(
     latents: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
-    callback_on_step_end: Callable | None = None,
+    on_step_end: Callable | None = None,
 ) -> SequenceSample:
     """Euler sampling of a simplex flow that stays on the simplex::
 
@@ -264,5 +264,5 @@ def sample_sequences(
         if callback is not None:
             callback({"step": i, "sigma": s_i, "x": x, "p": p})
         x = flow.step(x, flow.path.velocity(x, p, s_i), s_i, s_next)
-        x = step_end(callback_on_step_end, i, s_next, {"x": x})
+        x = step_end(on_step_end, i, s_i, s_next, {"x": x})
     return SequenceSample(x=x, tokens=flow.tokens(x), sigmas=sigmas)
