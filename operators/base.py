@@ -496,3 +496,15 @@ def operator_gain(operator, image_shape: tuple[int, ...], device: torch.device |
             cache.clear()
         cache[(shape, str(device), dtype, float(rtol), iters, operator_state(operator))] = gain
     return gain
+
+
+def measured_entries(operator, image_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
+    """How many entries of one measurement y = A(x) the operator measures, for images of ``image_shape``: the
+    entries that A(1) leaves nonzero (a mask's kept pixels times the channels, every entry of a blur or of an
+    SR), the count a noise level σ turns into an expected misfit σ² · count. Inpainting operators keep the image
+    shape and leave zeros in the holes, which ``y.numel()`` would count as measured; FLAIR's official code
+    measures y = x[mask], the kept entries only (prs-eth/FLAIR c4f55f7, src/flair/degradations.py ``Inpainting``)."""
+    shape = (1, *tuple(image_shape)[1:])
+    with torch.no_grad():
+        ones = torch.ones(shape, device=device, dtype=_gain_dtype(operator))
+        return int(torch.count_nonzero(operator(ones)))

@@ -74,27 +74,57 @@ def test_the_models_recommended_pixel_consistency_runs_by_default():
         flowsteer_reconstructor(flow, "flowchef", consistency_steps=-1)
 
 
+def test_the_methods_take_the_models_recommended_pixel_consistency():
+    from guidance import get_method
+    from guidance.objectives import ClassifierObjective, MeasurementFidelity
+
+    flow = smooth_image_prior((3, 8, 8), components=3)
+    flow.restore_options = {"consistency_steps": 40}
+    op = from_deepinv(_inpainting(0.0, kept=0.5), img_size=(3, 8, 8))
+    x = flow.sample_prior(2, _gen(2))
+    fidelity = MeasurementFidelity(op, op(x))
+    run = get_method("flowchef", normalize_step=True, step_size=0.05)
+    def common():
+        return dict(num_steps=6, generator=_gen(3), progress=False)
+
+    raw = run(flow, fidelity, **common())
+    recommended = run(flow, fidelity, consistency_steps="recommended", **common())
+    assert torch.equal(raw.x, recommended.x)  # the run itself is unchanged, the image is corrected after it
+    misfit = [float((op(out.image) - fidelity.y).square().sum()) for out in (raw, recommended)]
+    assert misfit[1] < 0.1 * misfit[0] and len(recommended.info["consistency_steps_taken"]) == 2
+    assert float((recommended.image - x).square().mean()) < float((raw.image.clamp(-1, 1) - x).square().mean())
+    assert torch.equal(run(flow, fidelity, consistency_steps=40, **common()).image, recommended.image)
+    for value, message in [("all", "consistency_steps must be an integer"), (-1, "consistency steps")]:
+        with pytest.raises(ValueError, match=message):
+            run(flow, fidelity, consistency_steps=value, **common())
+    with pytest.raises(ValueError, match="decode=False"):
+        run(flow, fidelity, consistency_steps=5, decode=False, **common())
+    with pytest.raises(ValueError, match="the objective is ClassifierObjective"):
+        run(flow, ClassifierObjective(lambda im: im.mean((2, 3)), 0, num_classes=3), consistency_steps=5, **common())
+
+
 # -- FLAIR's colour on deepinv's 90 %-missing inpainting ------------------------------------------------------------
 def test_flair_colour_and_psnr_on_ninety_percent_missing_pixels():
-    # FLAIR stops its data steps at σ² · numel(y), which counts the noiseless holes: with noise and 10 % kept pixels
-    # the threshold is ~10x the expected misfit, the data steps stop early and the holes keep the prior's mean
-    # (the olive-grey, low-contrast result of the default model at 64 px). Measured here on the analytic prior
-    # (16 images, 20 steps): noiseless 16.5 dB, channel-mean error 0.067; σ₀₁ = 0.05 15.1 dB, 0.088; σ₀₁ = 0.05 with
-    # the documented noise level per measured entry 16.4 dB, 0.068. The last assertion marks that limit of
-    # guidance/methods/flair.py: once its threshold counts measured entries, drop it and the docstring's workaround.
+    # FLAIR stops its data steps at σ² · m, m the measured entries (the kept pixels of deepinv's Inpainting, whose
+    # holes are zeros in y). Counting the holes too made the threshold ~10x the expected misfit with 10 % kept
+    # pixels: the data steps stopped early and the holes kept the prior's mean (the olive-grey, low-contrast
+    # result of the default model at 64 px). Measured here on the analytic prior (16 images, 20 steps): noiseless
+    # 16.5 dB, channel-mean error 0.067; σ₀₁ = 0.05 16.4 dB, 0.068; with the old threshold (emulated by a noise
+    # level 1/√(kept fraction) larger) 15.1 dB, 0.088.
     x01 = _prior_images(16, 5)
     scores = {}
-    for name, sigma01 in (("clean", 0.0), ("noisy", 0.05), ("per_entry", 0.05)):
+    for name, sigma01 in (("clean", 0.0), ("noisy", 0.05), ("holes_counted", 0.05)):
         phys = _inpainting(sigma01)
         y = phys(x01)
-        objective = {"noise_std": 2 * sigma01 * float(phys.mask.mean()) ** 0.5} if name == "per_entry" else {}
+        objective = {"noise_std": 2 * sigma01 / float(phys.mask.mean()) ** 0.5} if name == "holes_counted" else {}
         out = flowsteer_reconstructor(FLOW, "flair", num_steps=20, objective=objective)(y, phys)
         colour = float((out.mean((2, 3)) - x01.mean((2, 3))).abs().mean())  # mean per channel vs the reference
         scores[name] = (_psnr(out, x01), colour)
         assert _psnr(out, x01) > _psnr(phys.A_dagger(y), x01) + 10  # far above the zero fill
     assert scores["clean"][1] < 0.08 and scores["clean"][0] > 16
-    assert scores["per_entry"][1] < 1.1 * scores["clean"][1] and scores["per_entry"][0] > scores["clean"][0] - 0.5
-    assert scores["noisy"][1] > 1.2 * scores["per_entry"][1] and scores["noisy"][0] < scores["per_entry"][0] - 0.5
+    assert scores["noisy"][1] < 1.1 * scores["clean"][1] and scores["noisy"][0] > scores["clean"][0] - 0.5
+    assert scores["holes_counted"][1] > 1.2 * scores["noisy"][1]
+    assert scores["holes_counted"][0] < scores["noisy"][0] - 0.5
 
 
 # -- the regularised pseudo-inverse of noisy physics ----------------------------------------------------------------

@@ -160,7 +160,8 @@ def test_flair_reports_data_steps_and_fits_the_noise_level():
     info = out.info
     assert info["data_steps"].shape == (20, 16) and info["data_loss"].shape == (20, 16)
     assert (info["data_steps"] <= 15).all() and (info["data_steps"] > 0).any()
-    assert info["threshold"] == pytest.approx(NOISE**2 * y[0].numel())
+    # σ² times the measured entries: the box's 25 % of pixels are holes, not measured (y.numel() would count them)
+    assert info["threshold"] == pytest.approx(NOISE**2 * 0.75 * y[0].numel())
     stopped = info["data_steps"] < 15
     assert (info["data_loss"][stopped] < info["threshold"]).all()
     residual = (op(out.x) - y).square().flatten(1).sum(1).mean()
@@ -333,3 +334,21 @@ def test_latent_space_objective_is_refused(sr_objective):
 def test_divergence_names_the_step(sr_objective):
     with pytest.raises(DivergenceError, match="step 0"):
         flair(FLOW, sr_objective, num_steps=3, data_lr=1e30, crw=0.5, generator=_gen(1), progress=False)
+
+
+def test_the_relative_stop_ends_noiseless_data_steps_early_and_is_off_by_default():
+    op, x, y = problem("sr:factor=2", n=4, noise=0.0)
+    objective = MeasurementFidelity(op, y)
+    start = op.pseudo_inverse(y)
+    # noiseless: the discrepancy threshold is 0, so the paper's rule runs every step
+    _, paper, _ = data_consistency(FLOW, objective, start, y, 0.1, 30, 0.0)
+    assert paper.tolist() == [30] * 4
+    _, relative, loss = data_consistency(FLOW, objective, start, y, 0.1, 30, 0.0, stop_rtol=0.05)
+    assert (relative < 30).all() and (relative >= 1).all()
+    out = quiet_flair(FLOW, objective, num_steps=6, generator=_gen(1), progress=False, data_stop_rtol=0.5)
+    default = quiet_flair(FLOW, objective, num_steps=6, generator=_gen(1), progress=False)
+    assert out.info["data_steps"].sum() < default.info["data_steps"].sum() == 6 * 4 * 15
+    with pytest.raises(ValueError, match=r"data_stop_rtol must be a share in \[0, 1\)"):
+        quiet_flair(FLOW, objective, num_steps=2, data_stop_rtol=1.5)
+    with pytest.raises(ValueError, match="data_steps=0 runs none"):
+        quiet_flair(FLOW, objective, num_steps=2, data_steps=0, data_stop_rtol=0.1)

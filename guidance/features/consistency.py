@@ -6,8 +6,8 @@ Landweber iteration on ½‖A x − y‖², kept inside the image range [-1, 1],
 
     x ← clip(x − τ Aᵀ(A x − y)),   τ = 1 / ‖A‖²
 
-removes that error along the directions A sees best first, and stops as soon as ‖A x − y‖² ≤ σ_n² · numel(y)
-(Morozov's discrepancy principle), before it starts fitting the noise, or once an iteration no longer lowers the
+removes that error along the directions A sees best first, and stops as soon as ‖A x − y‖² ≤ σ_n² · m, m the
+entries of y that A measures (Morozov's discrepancy principle), before it starts fitting the noise, or once an iteration no longer lowers the
 residual (by :data:`STAGNATION` of it), which ends it for noiseless measurements too. What A does not see (its null space) is
 left as the prior made it. References: L. Landweber, "An iteration formula for Fredholm integral equations of
 the first kind", 1951; Engl, Hanke & Neubauer, "Regularization of Inverse Problems", 1996, chapter 6.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from operators import as_operator
-from operators.base import check_finite, operator_gain
+from operators.base import check_finite, measured_entries, operator_gain
 from operators.checks import MAX_ITERATIONS, check_int
 
 __all__ = ["STAGNATION", "check_consistency_steps", "pixel_consistency"]
@@ -45,7 +45,7 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
         operator: a linear operator (``operators``) with an adjoint.
         y: the measurement, batch 1 (shared) or B.
         noise_std: σ_n of the measurement noise (default: the operator's own); the iteration stops per image once
-            ‖A x − y‖² ≤ σ_n² · numel(y). With σ_n = 0 only stagnation or ``max_steps`` ends it.
+            ‖A x − y‖² ≤ σ_n² · m (m: the entries A measures, :func:`operators.base.measured_entries`). With σ_n = 0 only stagnation or ``max_steps`` ends it.
         max_steps: the most iterations (0: return ``x`` unchanged).
 
         return_steps: also return the number of iterations each image took.
@@ -64,7 +64,7 @@ def pixel_consistency(x: torch.Tensor, operator, y: torch.Tensor, noise_std: flo
                          f"{x.shape[-1]} restoration to (B, {', '.join(map(str, expected))}); use the measurement "
                          f"and the operator the image was restored from")
     sigma = float(operator.noise_std if noise_std is None else noise_std)
-    threshold = sigma**2 * y[0].numel()
+    threshold = sigma**2 * measured_entries(operator, tuple(x.shape), x.device)
     step = 1.0 / operator_gain(operator, tuple(x.shape), x.device)
     steps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     previous = torch.full((x.shape[0],), torch.inf, dtype=x.dtype, device=x.device)

@@ -144,19 +144,13 @@ def flowsteer_reconstructor(model, method: str = "flair", *, num_steps: int = 28
     Each call ends as :func:`tasks.restore` does: the method's image is clipped to [-1, 1] and the model's
     recommended pixel consistency follows
     (:func:`guidance.features.consistency.pixel_consistency`: projected Landweber steps x ← clip(x − Aᵀ(A x − y) /
-    ‖A‖²) that pull the restoration onto the measurement, stopped at the noise level ‖A x − y‖² ≤ σ² · numel(y)
+    ‖A‖²) that pull the restoration onto the measurement, stopped at the noise level ‖A x − y‖² ≤ σ² · m
     or when they stagnate; the model card's ``"flowsteer": {"restore_options": {"consistency_steps": ...}}``), which
     removes what the method (and a latent model's decoder) leaves of misfit in the measured entries.
 
-    Limits: FLAIR stops its data steps at σ² · numel(y) (and pixel consistency at the same threshold), counting
-    every entry of y, while deepinv's ``Inpainting`` (like flowsteer's masks) leaves the missing pixels noiseless:
-    with 90 % missing pixels and noise the threshold is 10× the expected misfit, the data steps stop almost at once
-    and FLAIR leaves the prior's low-contrast, olive-grey mean in the holes. Default model, 64 px chelsea, deepinv
-    ``Inpainting(mask=0.1)``, 28 steps, channel means (R / G / B; reference 0.581 / 0.427 / 0.313): noiseless
-    0.584 / 0.423 / 0.318, 19.9 dB; σ₀₁ = 0.05 0.551 / 0.486 / 0.408, 16.9 dB. The [-1, 1] mapping is exact (the
-    noiseless run keeps the colour). Until FLAIR's threshold counts the measured entries only, pass
-    ``objective={"noise_std": 2 σ₀₁ · √(kept fraction)}``, the same misfit per measured entry (there: 0.581 / 0.424
-    / 0.320, 19.7 dB).
+    FLAIR's data steps and the pixel consistency stop at σ² · m, m the entries of y the operator measures
+    (:func:`operators.base.measured_entries`: deepinv's ``Inpainting`` leaves its missing pixels at zero, which
+    are not counted), as FLAIR's official code counts its y = x[mask].
 
     Args:
         model: a flowsteer flow model (:class:`~guidance.backbones.base.FlowModel`) whose images have the physics' input

@@ -94,6 +94,46 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def resolve_consistency_steps(steps: int | str | None, model, objective, decode: bool) -> int:
+    """The pixel-consistency iterations a method's image gets after the run
+    (:func:`guidance.features.consistency.pixel_consistency`: projected Landweber steps onto the measurement,
+    stopped at its noise level or when they stagnate): None or 0, none; ``"recommended"``, the model's
+    ``restore_options["consistency_steps"]`` (what :func:`tasks.restore` applies; 0 where the model recommends
+    none); an integer, at most that many. They need a :class:`~guidance.objectives.MeasurementFidelity` with a
+    linear operator, and the decoded image."""
+    from ..features.consistency import check_consistency_steps
+    from ..objectives import MeasurementFidelity
+
+    if steps is None:
+        return 0
+    if steps == "recommended":
+        steps = int((getattr(model, "restore_options", None) or {}).get("consistency_steps", 0))
+    elif isinstance(steps, str):
+        raise ValueError(f"consistency_steps must be an integer >= 0, 'recommended' or None, got {steps!r}")
+    if not isinstance(objective, MeasurementFidelity):
+        raise ValueError(f"consistency_steps pull the image onto a measurement; the objective is "
+                         f"{type(objective).__name__}: drop consistency_steps or use a MeasurementFidelity")
+    steps = check_consistency_steps(steps, objective.operator, "drop consistency_steps")
+    if steps and not decode:
+        raise ValueError("consistency_steps correct the decoded image; decode=False (or output_type='latent') "
+                         "makes none: drop one of them")
+    return steps
+
+
+def with_consistency(result: MethodResult, objective, steps: int) -> MethodResult:
+    """``result`` with its image clipped to [-1, 1] and made consistent with the objective's measurement by up to
+    ``steps`` pixel-consistency iterations (``info["consistency_steps_taken"]``, per image); unchanged for 0."""
+    if not steps:
+        return result
+    from ..features.consistency import pixel_consistency
+
+    image, taken = pixel_consistency(result.image.float().clamp(-1, 1), objective.operator, objective.y,
+                                     noise_std=objective.noise_std, max_steps=steps, return_steps=True)
+    result.image = image
+    result.info["consistency_steps_taken"] = taken.tolist()
+    return result
+
+
 def list_methods() -> list[str]:
     """The registered method names."""
     return list(REGISTRY)
@@ -102,7 +142,9 @@ def list_methods() -> list[str]:
 def get_method(name: str, **options) -> Callable[..., MethodResult]:
     """The method ``name`` with ``options`` bound; unknown options raise a ValueError listing the valid ones. The
     returned function takes the common arguments and diffusers' :data:`ALIASES`
-    (:func:`guidance.arguments.pipeline_arguments`, shared with :func:`guidance.sample`)."""
+    (:func:`guidance.arguments.pipeline_arguments`, shared with :func:`guidance.sample`), and
+    ``consistency_steps``: the pixel consistency :func:`tasks.restore` ends with (:func:`resolve_consistency_steps`;
+    default None: none)."""
     from ..arguments import pipeline_arguments
     from ..sampler import check_model
 
@@ -116,24 +158,31 @@ def get_method(name: str, **options) -> Callable[..., MethodResult]:
     takes = inspect.signature(function).parameters
 
     @functools.wraps(function)
-    def run(model, objective=None, **arguments) -> MethodResult | tuple:
+    def run(model, objective=None, *, consistency_steps: int | str | None = None, **arguments
+            ) -> MethodResult | tuple:
         check_model(model)  # a model's name or path fails here, before any method reads the model
         call, finish = pipeline_arguments(model, arguments, takes, f"the method {name!r}")
+        steps = resolve_consistency_steps(consistency_steps, model, objective, call.get("decode", True))
+
+        def method() -> MethodResult:
+            return with_consistency(function(model, objective, **options, **call), objective, steps)
+
         if not isinstance(call.get("on_step_end"), DiffusersCallback):
-            return finish(lambda: function(model, objective, **options, **call), None)
+            return finish(method, None)
         with counting_velocity(model) as count:  # for the result of a run the callback interrupts
 
             def interrupted(stop: Interrupted) -> MethodResult:
                 with torch.no_grad():
                     image = model.decode(stop.x) if call.get("decode", True) else None
-                return MethodResult(x=stop.x, image=image, nfe=count.nfe, sigmas=stop.sigmas,
-                                    info={"interrupted_after_step": stop.step})
+                result = MethodResult(x=stop.x, image=image, nfe=count.nfe, sigmas=stop.sigmas,
+                                      info={"interrupted_after_step": stop.step})
+                return with_consistency(result, objective, steps)
 
-            return finish(lambda: function(model, objective, **options, **call), interrupted)
+            return finish(method, interrupted)
 
     run.options = dict(options)
     return run
 
 
 __all__ = ["ALIASES", "COMMON_ARGUMENTS", "DivergenceError", "MethodResult", "REGISTRY", "check_options", "get_method",
-           "list_methods", "method_options"]
+           "list_methods", "method_options", "resolve_consistency_steps", "with_consistency"]

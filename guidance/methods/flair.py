@@ -14,7 +14,7 @@ network, then enforces the measurement by a few gradient steps through the decod
         eps_hat = x_s + (1 - s) v
         mu  = mu - w (v - (eps - mu))                           = mu + (w / s)(x0_hat - mu)
         repeat up to data_steps times:
-            L = ‖A(D(mu)) - y‖²;  stop if L < σ_n² · numel(y)     discrepancy principle
+            L = ‖A(D(mu)) - y‖²;  stop if L < σ_n² · m           discrepancy principle (m: measured entries)
             mu = mu - data_lr · w · ∇_mu L                      gradient through the decoder only
     return D(mu)
 """
@@ -27,7 +27,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from operators.base import operator_gain
+from operators.base import measured_entries, operator_gain
 from operators.checks import MAX_STEPS, check_work
 
 from ..features.calibration import CRWTable, resolve_crw
@@ -100,22 +100,30 @@ def _data_loss(model, objective: MeasurementFidelity, mu: torch.Tensor, y: torch
     return (objective.operator(model.decode(mu)) - y).square().flatten(1).sum(1)
 
 
-def data_consistency(model, objective, mu, y, step_size, max_steps, threshold):
+def data_consistency(model, objective, mu, y, step_size, max_steps, threshold, stop_rtol: float = 0.0):
     """FLAIR's hard data consistency: up to ``max_steps`` gradient steps mu ← mu − step_size · ∇_mu L with
     L = ‖A(D(mu)) − y‖², the gradient through the decoder only. Before each step the samples whose L is already
-    below ``threshold`` (σ_n² · numel(y), the discrepancy principle) stop; the loop ends when all have.
+    below ``threshold`` (σ_n² · (measured entries of y), the discrepancy principle) stop; with ``stop_rtol`` > 0
+    so do those whose last step lowered L by less than that share of it, decided from the losses already known,
+    before the next graph is built; the loop ends when all have stopped.
 
     Returns (mu, steps (B,) taken per sample, L (B,) at the last check; NaN when ``max_steps`` is 0)."""
     steps = torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
-    loss = None
+    loss = previous = None
+    going = torch.ones(mu.shape[0], dtype=torch.bool, device=mu.device)  # not stopped by the relative rule
     for _ in range(max_steps):
+        if stop_rtol > 0 and previous is not None:
+            going = going & (previous - loss > stop_rtol * previous)
+            if not bool(going.any()):  # the relative rule, before any graph: one host read per iteration
+                break
         with torch.enable_grad():
             z = mu.detach().requires_grad_(True)
-            loss = _data_loss(model, objective, z, y)
-            active = loss >= threshold
+            previous, loss = loss, _data_loss(model, objective, z, y)
+            active = (loss >= threshold) & going
             if not bool(active.any()):  # the one host synchronisation per iteration
                 break
             (grad,) = torch.autograd.grad(loss.sum(), z)
+        loss = loss.detach()
         mask = active.to(mu.dtype).reshape(-1, *([1] * (mu.ndim - 1)))
         mu = mu - step_size * mask * grad
         steps += active.long()
@@ -130,13 +138,14 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
           on_step_end=None,
           sigma_min: float = 0.18, data_steps: int = 15, data_lr: float | None = None,
           crw: CRWTable | str | float | None = None, dta: bool = True, check_divergence: bool = True,
-          crw_cache_dir: str | None = None) -> MethodResult:
+          crw_cache_dir: str | None = None, data_stop_rtol: float = 0.0) -> MethodResult:
     """Solve the inverse problem of ``objective`` with FLAIR (see the module docstring for the algorithm).
 
     Args:
         objective: a :class:`~guidance.objectives.MeasurementFidelity` in pixel space; FLAIR uses its operator,
             measurement and noise level. The data term is always the plain sum of squares ‖A(D(mu)) − y‖² (the
-            discrepancy threshold σ_n² · numel(y) and the official step sizes are defined for it), whatever the
+            discrepancy threshold σ_n² · m, m the measured entries of y, and the official step sizes are defined
+            for it), whatever the
             objective's weight and reduction.
         num_steps: N, the number of network evaluations (each doubled inside the model with CFG).
         cond: the condition; the paper uses CFG scale 2 with an empty negative prompt for SD3.5
@@ -164,11 +173,16 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
             (:func:`~guidance.methods.common.reference_scale`): mu is a clean latent, whose RMS stays near that of
             E(A⁺y). Checked after every step.
         crw_cache_dir: where automatic lookup searches for calibrated tables (default as in calibration).
+        data_stop_rtol: 0 (default) keeps the paper's stopping rule, the discrepancy principle alone, which never
+            fires for a noiseless measurement (every data step then runs); a share in (0, 1) also stops a sample's
+            data steps once a step lowers L by less than that share of it (e.g. 0.01), decided before the next
+            step builds its graph.
 
     Returns:
         MethodResult with x = mu, image = D(mu), nfe = N (a CFG call counts once), sigmas = the grid, and info:
         ``weights`` (w per step), ``data_steps`` (N, B) iterations taken per step and sample, ``data_loss``
-        (N, B) L at the last check, ``data_lr``, ``threshold`` (σ_n² · numel(y)), ``crw`` (the table),
+        (N, B) L at the last check, ``data_lr``, ``threshold`` (σ_n² · m, m the entries of y the operator
+        measures: :func:`operators.base.measured_entries`), ``crw`` (the table),
         ``crw_origin`` ("given", "constant", "cache", "default" or the path) and ``initial_image`` (A⁺y).
     """
     if not isinstance(objective, MeasurementFidelity):
@@ -183,6 +197,13 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     if data_lr is not None:
         check_nonnegative(data_lr, "data_lr")
     check_flag(dta, "dta")
+    if isinstance(data_stop_rtol, bool) or not isinstance(data_stop_rtol, (int, float)) \
+            or not 0 <= data_stop_rtol < 1:
+        raise ValueError(f"data_stop_rtol must be a share in [0, 1) (0: the paper's rule alone; e.g. 0.01), got "
+                         f"{data_stop_rtol!r}")
+    if data_stop_rtol and not data_steps:
+        raise ValueError(f"data_stop_rtol={data_stop_rtol} stops data steps, but data_steps=0 runs none: drop it or "
+                         f"give data_steps")
     operator = objective.operator
     y_batch = objective.y.shape[0]
     if height is None and width is None and latents is None:
@@ -211,7 +232,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     weights = [table(s) for s in grid.tolist()]
     if data_lr is None:
         data_lr = default_data_lr(operator, image_shape, is_pixel_model(model), max(weights), device)
-    threshold = objective.noise_std ** 2 * y[0].numel()
+    threshold = objective.noise_std ** 2 * measured_entries(operator, image_shape, device)
 
     counted = CountingModel(model)
     mu = model.encode(init.contiguous()).float()
@@ -225,7 +246,8 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
         v = counted.velocity(x_s, s, cond)
         eps_hat = eps_from_velocity(x_s, v, s)
         mu = regularizer_step(mu, v, eps, w)
-        mu, steps, loss = data_consistency(model, objective, mu, y, data_lr * w, data_steps, threshold)
+        mu, steps, loss = data_consistency(model, objective, mu, y, data_lr * w, data_steps, threshold,
+                                           float(data_stop_rtol))
         monitor.update(mu, i)
         monitor.check()  # the data steps read the device every iteration anyway
         step_counts.append(steps)
@@ -248,8 +270,9 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
 # as both encoder and decoder, 768² images, 50 steps on linspace(1, 0.18, 52)[1:-1] (n_steps, ts_min), DTA
 # (inv_alpha 1-t), the regulariser as one SGD step of learning rate 1 weighted by the official CRW table
 # (optimized_reg_weight, regularizer_weight 0.5), up to 15 data steps (likelihood_steps) of SGD with the data
-# learning rate times the same weight (likelihood_weight_mode reg_weight), stopped below 1e-4 · numel(y)
-# (early_stopping; = σ_n² · numel(y) for the measurement noise std 0.01), CFG scale 2 with the empty negative
+# learning rate times the same weight (likelihood_weight_mode reg_weight), stopped below 1e-4 · y.numel()
+# (early_stopping; their inpainting y = x[mask] holds the kept entries only, so this is σ_n² · m, m the measured
+# entries, for the measurement noise std 0.01), CFG scale 2 with the empty negative
 # prompt. The official seeds seed torch's global generator once per run (CUDA streams flowsteer cannot reproduce
 # draw for draw); the presets carry them as the runs' base seeds.
 OFFICIAL_SOURCE = ("Erbach et al., Solving Inverse Problems with FLAIR (NeurIPS 2025); prs-eth/FLAIR at commit "
