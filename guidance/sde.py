@@ -17,7 +17,15 @@ process of the path; finite at s = 1, vanishing at s = 0) one Euler-Maruyama ste
 
 η = 0 is the Euler step of the ODE. The score is -eps_hat / s, unbounded as s -> 0, so the final step onto
 s' = 0 is always the deterministic Euler step x_0 = x_s - s v = x0_hat (no noise is injected that no later step
-could remove). This is the marginal-preserving SDE of SiT (Ma et al., "SiT: Exploring Flow and Diffusion-based
+could remove).
+
+The marginals are kept in continuous time only. Along a direction in which the data hardly vary, the drift
+contracts the state at rate about (1 + η) / s, so a step with (1 + η) (s - s') / s > 2 overshoots and amplifies
+that direction instead: on a uniform grid of N steps, the stochastic steps at s < (1 + η) / (2N), none for
+η <= 3, about (η - 3) / 2 for larger η, whatever N, with an error that shrinks as N grows. ``python -m
+tasks.studies.sde_steps`` measures it on an exact 48-dimensional smooth-image mixture (relative covariance error
+of 2000 final samples; exact samples: 0.03): at 20 steps the ODE gives 0.10, η = 4 0.04, η = 8 2.1; η = 8 comes
+within the ODE's error at 200 steps only (0.11 at 100), while η <= 4 stays within it from 10 steps on. This is the marginal-preserving SDE of SiT (Ma et al., "SiT: Exploring Flow and Diffusion-based
 Generative Models with Scalable Interpolant Transformers", 2024, ``transport/integrators.py`` of
 willisma/SiT) in this toolkit's time, the stochastic sampler that particle methods for flows use (Singhal et
 al., "A General Framework for Inference-time Scaling and Steering of Diffusion Models", 2025; Kim et al.,

@@ -212,6 +212,14 @@ def test_particles_reproduce_with_a_seed_and_differ_across_seeds():
     ({"select": "first"}, "select must be one of"),
     ({"noise_scale": -1.0}, "noise_scale"),
     ({"temperature": -1.0}, "temperature"),
+    ({"ess_threshold": 0.0}, r"ess_threshold must be a number in \(0, 1\] .* got 0.0"),
+    ({"ess_threshold": 1.5}, r"ess_threshold must be a number in \(0, 1\] .* got 1.5"),
+    ({"ess_threshold": True}, "ess_threshold must be a finite number, got True"),
+    ({"ess_threshold": 0.5, "particles": 1}, r"ess_threshold=0.5 chooses .* does nothing with particles=1: drop it"),
+    ({"window": (0, 2), "particles": 1}, r"window=\(0, 2\) chooses .* does nothing with particles=1"),
+    ({"ess_threshold": 0.5, "every": 5}, "ess_threshold=0.5 does nothing: 3 steps with every=5 leave no resampling"),
+    ({"window": (2, 9)}, r"window \(2, 9\) lies outside .* need 0 <= start < stop <= 2"),
+    ({"window": (1.0, 2)}, r"window must be a pair \(start, stop\) of step indices, got \(1.0, 2\)"),
 ])
 def test_bad_options_are_named(options, message):
     flow, _, _, objective = indicator_problem()

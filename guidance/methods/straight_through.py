@@ -19,6 +19,30 @@ and without differentiating the flow network. In the toolkit's time (s: 1 noise 
 L is an :class:`~guidance.objectives.Objective` on (B, L, K) one-hot rows in ``space="latent"`` (e.g.
 ``ClassifierObjective(classifier, label, space="latent")``, ``RewardObjective(regressor, space="latent")`` or
 ``CallableObjective(fn, space="latent")``); lower is better.
+
+What it is for: finding high-scoring sequences, not sampling the classifier's posterior. The update climbs the
+score at every step without any term that keeps the prior's spread, so a strong gamma collapses the outputs
+onto the few best sequences. On an exact prior over 3⁴ = 81 sequences (``python -m
+tasks.studies.sequence_benchmark --exact``, a linear classifier, 4000 sequences, 40 steps) gamma 2 returns 2
+distinct sequences, at total variation 0.96 from the prior and 0.81 from the classifier-tilted posterior
+p(x) p(y | x); particle search (:mod:`guidance.methods.particles`, reward log p(y | x), temperature 1,
+``select="sample"``) at the same NFE lands at 0.09 from it.
+
+``diversity`` (β > 0) trades score for spread. Each guided step takes the KL-regularised problem over
+distributions q of the clean sequence,
+
+    q* = argmax_q  -gamma E_q[L(h)] - β KL(q ‖ p)  ∝  p(h) exp(-(gamma / β) L(h)),
+
+with p the flow's endpoint prediction (positions independent), and forms the velocity from q*'s per-position
+marginals instead of p's. Those are q*_{l,k} ∝ p_{l,k} E_p[exp(-(gamma / β) L(h)) | h_l = k], estimated from the M
+hard samples h_m ~ p, each moved to token k at position l by its straight-through gradient G_m = ∂L(h_m)/∂h_m::
+
+    log q*_{l,k} = log p_{l,k} + logsumexp_m -(gamma / β) (L(h_m) + G_m[l, k] - <G_m[l], h_m[l]>) + const
+
+(the move is exact for a loss linear in the one-hot rows). With L = -log p(y | h) the target becomes
+p(x) p(y | x)^(gamma / β): β = gamma is the classifier-tilted posterior, a larger β keeps more of the prior.
+Treating the positions of p as independent keeps it an approximation: on the 81-sequence prior β = gamma lands
+at total variation 0.28 from the tilted posterior, where particle search reaches 0.09.
 """
 
 from __future__ import annotations
@@ -38,7 +62,7 @@ from ..sampler import step_end
 from .common import DivergenceMonitor, MethodResult, check_count, check_nonnegative, guided_steps
 
 __all__ = ["DRAWS", "SOURCES", "check_sequence_objective", "hard_samples", "straight_through",
-           "straight_through_gradient"]
+           "straight_through_gradient", "tilted_endpoint"]
 
 SOURCES = ("state", "endpoint")
 DRAWS = ("sample", "argmax")
@@ -105,6 +129,23 @@ def straight_through_gradient(objective: Objective, model, q: torch.Tensor, hard
     return loss.detach().mean(0), g / m
 
 
+def tilted_endpoint(objective: Objective, model, p: torch.Tensor, hard: torch.Tensor, strength: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss of the hard samples (B,), q (B, L, K)): the endpoint prediction p tilted by exp(-strength · L),
+    position by position, from the hard samples ``hard`` (M, B, L, K) drawn from p and their straight-through
+    gradients (module docstring: ``strength`` = gamma / β)."""
+    m, b = hard.shape[:2]
+    with torch.enable_grad():
+        h = hard.detach().clone().requires_grad_(True)
+        loss = objective(model, h.reshape(m * b, *p.shape[1:])).reshape(m, b)
+        (g,) = torch.autograd.grad(loss.sum(), h)
+    loss, g = loss.detach().double(), g.double()
+    swapped = loss[..., None, None] + g - (g * hard.double()).sum(-1, keepdim=True)  # L(h_m with h_l -> e_k)
+    gain = torch.logsumexp(-strength * swapped, dim=0)
+    q = torch.softmax(p.double().clamp_min(1e-300).log() + gain, dim=-1)
+    return loss.mean(0).to(p.dtype), q.to(p.dtype)
+
+
 @torch.no_grad()
 def straight_through(
     model: SimplexFlow,
@@ -126,6 +167,7 @@ def straight_through(
     source: str = "endpoint",
     draw: str = "sample",
     window: tuple[int, int] | None = None,
+    diversity: float = 0.0,
 ) -> MethodResult:
     """Guide a simplex flow toward low ``objective`` with straight-through gradients through hard samples.
 
@@ -151,6 +193,15 @@ def straight_through(
             gamma 3) endpoint draws raise the mean count from 0.07 to 1.56, state draws to 0.17.
         draw: ``"sample"`` (categorical draws) or ``"argmax"`` (the most likely sequence, M copies).
         window: ``(start, stop)`` step indices to guide (None: every step).
+        diversity: β >= 0. 0 (default): gamma times the straight-through gradient is added to the velocity, a
+            search for high scores that collapses onto the best sequences as gamma grows. β > 0: the endpoint
+            prediction is tilted by exp(-(gamma / β) L) before the velocity is formed (module docstring), so that
+            a classifier's L = -log p(y | h) targets p(x) p(y | x)^(gamma / β); β = gamma is the classifier-tilted
+            posterior. Measured on the exact 81-sequence prior of ``python -m tasks.studies.sequence_benchmark
+            --exact``, gamma 2, 40 steps): β 0, 1, 2, 4, 8 give 2, 15, 30, 41, 42 distinct sequences at total
+            variation 0.81, 0.41, 0.28, 0.38, 0.46 from the tilted posterior (the exact tilted prior's own
+            deterministic sampler: 0.15; gamma 0.25 without diversity: 0.17; particles: 0.09). Needs gamma > 0 and
+            ``source="endpoint"``.
 
     Returns:
         :class:`MethodResult` with ``x`` the final state, ``image`` None, ``info["tokens"]`` (B, L),
@@ -168,6 +219,12 @@ def straight_through(
     check_work({"num_steps": num_steps, "samples": samples}, "straight_through")
     _choice(source, SOURCES, "source")
     _choice(draw, DRAWS, "draw")
+    beta = check_nonnegative(diversity, "diversity (β)")
+    if beta > 0 and gamma == 0:
+        raise ValueError(f"diversity={diversity} does nothing with gamma=0 (no guidance): drop it or give gamma > 0")
+    if beta > 0 and source != "endpoint":
+        raise ValueError(f"diversity={diversity} tilts the endpoint prediction p and needs the hard samples drawn "
+                         f"from it: use source='endpoint' (got source={source!r}) or diversity=0")
     model.condition(cond)
     guided = guided_steps(window, num_steps) if gamma > 0 else range(0)
     if gamma > 0:
@@ -182,7 +239,11 @@ def straight_through(
         p = model.endpoint(x, s_i)  # no autograd: the flow is never differentiated
         v = model.path.velocity(x, p, s_i)
         loss = None
-        if i in guided:
+        if i in guided and beta > 0:
+            loss, tilted = tilted_endpoint(objective, model, p, hard_samples(p, samples, draw, generator), gamma / beta)
+            v = model.path.velocity(x, tilted, s_i)
+            losses.append(loss)
+        elif i in guided:
             q = x if source == "state" else p
             loss, g = straight_through_gradient(objective, model, q, hard_samples(q, samples, draw, generator))
             v = v + gamma * tangent_projection(x, g)

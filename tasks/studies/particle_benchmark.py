@@ -23,6 +23,11 @@ component, r) against p̃'s, sliced Wasserstein-2 to exact p̃ samples (mixture)
 (sequences) — and the diversity (mean pairwise distance; Hamming for sequences) beside p̃'s.
 ``--default-model`` adds a small run on the embedded default model, the reward being the bundled classifier's
 hard decision for a class.
+
+    python -m tasks.studies.particle_benchmark --sweep 4,8,16,32,64 [--temperature 2] [--potential add] [--every 5]
+
+runs instead particles alone on the mixture for each K, with ``select="best"`` and ``"sample"``: how close each
+comes to p̃ as K grows (the README's table "best against sample as K grows").
 """
 
 from __future__ import annotations
@@ -144,6 +149,48 @@ def mixture_rows(outputs: int, k: int, steps: int, lam: float, options: dict, se
     return rows, target
 
 
+def particle_sweep(outputs: int, ks: list[int], steps: int, lam: float, options: dict, seed: int,
+                   selects: tuple[str, ...] = ("best", "sample")) -> tuple[list[dict], dict]:
+    """Particles on the Gaussian mixture for each K in ``ks`` and each ``select``: the mean reward, the cell TV
+    and sliced W2 to the exact p̃ ∝ p exp(λ r), and the mean final ESS. The B·K particles of one call are at most
+    4096 (the toolkit's batch limit), so large K runs in chunks of outputs (chunk c seeded ``seed + c``)."""
+    flow, a, c = mixture_problem()
+    hard = CallableObjective(lambda x: -(x.flatten(1).double() @ a > c).to(x.dtype), space="latent")
+    exact = tilted_samples(flow, a, c, lam, outputs)
+    reference = tilted_samples(flow, a, c, lam, 200_000, seed=7)
+    exact_cells = _cells(flow, reference, reference @ a > c)
+    rows = []
+    for k in ks:
+        for select in selects:
+            run = get_method("particles", particles=k, temperature=lam, select=select, **options)
+            xs, final_ess, chunk = [], [], max(1, 4096 // k)
+            for chunk_index, start in enumerate(range(0, outputs, chunk)):
+                out = run(flow, hard, num_steps=steps, batch_size=min(chunk, outputs - start), progress=False,
+                          generator=torch.Generator().manual_seed(seed + chunk_index))
+                xs.append(out.x.reshape(-1, 2).double())
+                final_ess.append(out.info["final_ess"])
+            x = torch.cat(xs)
+            inside = x @ a > c
+            rows.append({"K": k, "select": select, "reward": float(inside.double().mean()),
+                         "cell_tv": float(0.5 * (_cells(flow, x, inside) - exact_cells).abs().sum()),
+                         "distance": sliced_w2(x, exact), "final_ess": float(torch.cat(final_ess).mean())})
+    floor = tilted_samples(flow, a, c, lam, outputs, seed=11)
+    target = {"reward": float((reference @ a > c).double().mean()),
+              "cell_tv_floor": float(0.5 * (_cells(flow, floor, floor @ a > c) - exact_cells).abs().sum()),
+              "distance_floor": sliced_w2(floor, exact)}
+    return rows, target
+
+
+def sweep_markdown(rows: list[dict], target: dict) -> str:
+    lines = ["| K | select | mean reward | cell TV to p̃ | distance to p̃ | final ESS |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['K']} | {r['select']} | {r['reward']:.3f} | {r['cell_tv']:.3f} | {r['distance']:.3f} | "
+                     f"{r['final_ess']:.1f} |")
+    lines.append(f"| exact p̃ | | {target['reward']:.3f} | {target['cell_tv_floor']:.3f} (floor) | "
+                 f"{target['distance_floor']:.3f} (floor) | |")
+    return "\n".join(lines)
+
+
 # -- the categorical mixture ---------------------------------------------------------------------------------
 def sequence_rows(outputs: int, k: int, steps: int, lam: float, options: dict, seed: int, motif: str,
                   length: int = 8) -> tuple[list[Row], dict]:
@@ -260,9 +307,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the default model with its bundled classifier's hard decision (slow on CPU)")
     parser.add_argument("--default-outputs", type=int, default=64,
                         help="images of the default-model run (default 64; fewer is faster but noisier)")
+    parser.add_argument("--sweep", metavar="K,K,...",
+                        help="instead: particles on the Gaussian mixture for these K (e.g. 4,8,16,32,64), select "
+                             "best and sample, against the exact p̃ at --temperature")
+    parser.add_argument("--potential", default="difference", help="particles: the potential (default difference)")
+    parser.add_argument("--ess-threshold", type=float, help="particles: resample below this ESS / K (default: always)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    options = {"temperature": args.temperature, "every": args.every, "noise_scale": args.noise_scale}
+    options = {"temperature": args.temperature, "every": args.every, "noise_scale": args.noise_scale,
+               "potential": args.potential, "ess_threshold": args.ess_threshold}
+    if args.sweep:
+        if args.default_model:
+            parser.error("--default-model does nothing with --sweep (the sweep runs on the Gaussian mixture only)")
+        options.pop("temperature")
+        ks = [int(k) for k in args.sweep.split(",")]
+        found, target = particle_sweep(args.outputs, ks, args.steps, args.temperature, options, args.seed)
+        print(sweep_markdown(found, target))
+        if args.json:
+            write_text_atomic(args.json, json.dumps({"rows": found, "target": target}, indent=2))
+        return 0
     rows, targets = [], {}
     found, targets["gaussian mixture"] = mixture_rows(args.outputs, args.particles, args.steps, args.temperature,
                                                       options, args.seed)
