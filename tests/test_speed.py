@@ -3,6 +3,7 @@ table and JSON with ratios to unguided sampling, refuses full-size backbones wit
 (cached embeddings, batched CFG, batched seeds, torch.compile, VAE tiling) gives what the plain path gives."""
 
 import json
+import re
 import time
 
 import pytest
@@ -33,6 +34,7 @@ def test_speed_command_writes_table_and_json_with_ratios(cli, tmp_path, monkeypa
     table = (out / "table.md").read_text()
     assert stdout.startswith(table.rstrip("\n").split("\n")[0])
     assert "× unguided" in table and "## Targets" in table and "computed once per prompt" in table
+    assert "| CPU s / image |" in table  # measured in each cell's own process
 
     rows = {(r["backbone"], r["method"]): r for r in results["rows"]}
     assert [r["method"] for r in results["rows"] if r["backbone"] == "tiny-sd3"] == [
@@ -45,7 +47,7 @@ def test_speed_command_writes_table_and_json_with_ratios(cli, tmp_path, monkeypa
     assert rows["tiny-sd3", "pnp_flow"]["nfe"] == 4 and rows["tiny-sd3", "pnp_flow"]["ratios"]["nfe"] == 2.0
     for row in rows.values():
         if row["status"] == "measured":
-            assert row["seconds_per_image"] > 0 and row["peak_memory_gib"] > 0
+            assert row["seconds_per_image"] > 0 and row["peak_memory_gib"] > 0 and row["cpu_seconds_per_image"] > 0
             assert row["memory_kind"] == "process RSS high-water mark" and len(row["seconds"]) == 1
     assert rows["default", "unguided"]["status"] == "not measured"
     assert "default model is not installed" in rows["default", "unguided"]["reason"]
@@ -290,8 +292,9 @@ def test_miniatures_of_the_full_size_builders_run_through_the_adapters():
 
 
 def test_rows_are_written_as_they_come_and_a_time_budget_leaves_the_rest_unmeasured(tmp_path):
-    """results.json is rewritten after every row (a run stopped part-way keeps what finished); once the budget is
-    spent the remaining cells say so; row options reach the method; in-process CPU cells share one RSS mark."""
+    """results.json is rewritten after every row (a run stopped part-way keeps what finished); a cell whose estimate
+    does not fit in what is left of the budget says so; row options reach the method; in-process CPU cells share
+    one RSS mark; each CPU row has its CPU time beside its wall time, in the JSON and the table."""
     from tasks.commands.speed import run_speed
 
     out = tmp_path / "speed"
@@ -306,14 +309,22 @@ def test_rows_are_written_as_they_come_and_a_time_budget_leaves_the_rest_unmeasu
     assert seen == [1, 2] and [r["status"] for r in results["rows"]] == ["measured", "measured"]
     flair = results["rows"][1]
     assert flair["warmup_steps"] == 2 and flair["nfe"] == 2
-    assert results["settings"]["options"] == {"flair": {"data_steps": 1}} and "flair: data_steps=1" in \
-        (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert results["settings"]["options"] == {"flair": {"data_steps": 1}} and "flair: data_steps=1" in table
     assert "this one process" in " ".join(results["notes"])
+    for row in results["rows"]:
+        assert len(row["cpu_seconds"]) == 1 and row["cpu_seconds_per_image"] == row["cpu_seconds"][0] > 0
+        assert row["cell_seconds"] > 0 and row["estimated_seconds"] > 0
+    assert results["rows"][0]["ratios"]["cpu_time"] == 1.0 and flair["ratios"]["cpu_time"] > 0
+    assert "| s / image | × unguided | CPU s / image | × unguided | peak GiB |" in table
+    assert f"| flair | 32 | 2 | {flair['seconds_per_image']:.4g} | {flair['ratios']['time']:.3g} | " \
+           f"{flair['cpu_seconds_per_image']:.4g} |" in table and "time.process_time" in table
 
     late = run_speed(["tiny-sd3"], ["flowchef-latent"], [32], [2], repeats=1, out=tmp_path / "late", progress=False,
                      isolate=False, time_budget=1e-9)
     assert [r["status"] for r in late["rows"]] == ["not measured"] * 2
-    assert all("time budget of 1e-09 s was spent" in r["reason"] for r in late["rows"])
+    assert all(r["reason"].startswith("the time budget of 1e-09 s had 0 s left, less than the estimated ")
+               and r["reason"].endswith(" s of opening tiny-sd3 and its first cell") for r in late["rows"])
     with pytest.raises(ValueError, match="--option given for 'dps', which is not among the rows"):
         run_speed(["tiny-sd3"], ["flair"], [32], [2], out=tmp_path / "bad", options={"dps": {"step_size": 1.0}})
     with pytest.raises(ValueError, match="--time-budget takes a positive number"):
@@ -322,6 +333,57 @@ def test_rows_are_written_as_they_come_and_a_time_budget_leaves_the_rest_unmeasu
         run_speed(["tiny-sd3"], ["flair"], [32], [2], out=tmp_path / "bad2", isolate=False, repeats=1,
                   options={"flair": {"nonsense": 1}})
     assert not (tmp_path / "bad2").exists()  # refused before anything was written
+
+
+def test_a_cell_starts_only_if_its_estimate_fits_and_the_garbage_walk_skips_what_was_there(tmp_path, monkeypatch):
+    """With a budget, a cell whose estimate (rescaled by the run so far) is above what is left is skipped and a
+    cheaper cell after it still runs. The collections after each cell walk only what the run allocated: everything
+    that existed before it is frozen (checked failing by removing the gc.freeze from run_speed)."""
+    import gc
+
+    from tasks.commands.speed import Estimator, run_speed
+
+    prior = Estimator.cell_seconds
+    monkeypatch.setattr(Estimator, "cell_seconds",
+                        lambda self, cell, recompile=False: 1e6 if cell.method == "dps" else prior(self, cell))
+    frozen, collect = [], gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: frozen.append(gc.get_freeze_count()) or collect(*a))
+    before = len(gc.get_objects())
+    results = run_speed(["tiny-sd3"], ["dps", "flowchef-latent"], [32], [2], repeats=1, out=tmp_path / "s",
+                        progress=False, isolate=False, time_budget=3600)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert [r["method"] for r in results["rows"]] == ["unguided", "dps", "flowchef-latent"]
+    assert rows["unguided"]["status"] == rows["flowchef-latent"]["status"] == "measured"
+    assert rows["dps"]["status"] == "not measured"
+    assert re.fullmatch(r"the time budget of 3600 s had \d+ s left, less than the estimated \S+ s of this cell",
+                        rows["dps"]["reason"]), rows["dps"]["reason"]
+    assert len(frozen) >= 2 and min(frozen) >= before // 2 and gc.get_freeze_count() == 0
+
+
+def test_estimates_follow_the_work_of_each_cell():
+    """The prior estimates: DPS (a backward pass per step) above FlowChef, Qwen-Image 20B with CFG above
+    SD3.5-medium, fewer FLAIR data steps cheaper, compiling adds its seconds, a fresh process per CPU cell adds its
+    start; a whole run is its backbones' opening and its cells."""
+    from tasks.commands.speed import Cell, Estimator, estimate_speed
+
+    plain = Estimator(repeats=1)
+    dps, chef = (plain.cell_seconds(Cell("sd3.5-medium", m, 1024, 28)) for m in ("dps", "flowchef-latent"))
+    assert 2.5 < dps / chef < 3.5
+    assert plain.cell_seconds(Cell("qwen-image", "unguided", 1024, 28)) > 5 * chef
+    five = Estimator(repeats=1, options={"flair": {"data_steps": 5}}).cell_seconds(Cell("sd3.5-medium", "flair",
+                                                                                         1024, 28))
+    assert chef < five < plain.cell_seconds(Cell("sd3.5-medium", "flair", 1024, 28))
+    compiled = Estimator(repeats=1, compile="regional")
+    assert compiled.open_seconds("flux-dev") == plain.open_seconds("flux-dev") + 60
+    assert Estimator(spawn=True).cell_seconds(Cell("tiny-sd3", "unguided", 32, 2)) > \
+        8 + Estimator().cell_seconds(Cell("tiny-sd3", "unguided", 32, 2))
+    run = estimate_speed(["sd3.5-medium"], ["dps"], [512, 1024], [28], repeats=1, device="cuda", out="ignored")
+    assert run == pytest.approx(plain.open_seconds("sd3.5-medium") + sum(
+        plain.cell_seconds(Cell("sd3.5-medium", m, s, 28)) for s in (512, 1024) for m in ("unguided", "dps")))
+    with pytest.raises(TypeError, match="'memory_budget' is not one of them"):
+        estimate_speed(["tiny-sd3"], memory_budget=1)
+    with pytest.raises(ValueError, match="unknown backbone 'sd35'"):
+        estimate_speed(["sd35"])
 
 
 def test_full_size_backbones_run_without_divergence_checks_and_flair_has_an_absolute_target():

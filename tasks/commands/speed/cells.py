@@ -1,7 +1,8 @@
 """One cell of the speed table (backbone x size x steps x method): its settings, its inputs (an SR x4 measurement
 of a smooth random image as the objective, or for the editors that image as the source with two prompts) and its
 measurement: a warm-up run of ``WARMUP_STEPS`` steps, then ``repeats`` timed runs; on CUDA the peak is the
-allocator's over the timed runs, on the CPU the process's RSS high-water mark."""
+allocator's over the timed runs, on the CPU the process's RSS high-water mark, and each run's CPU time beside its
+wall time."""
 
 from __future__ import annotations
 
@@ -120,7 +121,9 @@ def _run_once(model, cond, cell: Cell, settings: Settings, inputs: dict, num_ste
 def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
     """Time one cell: a warm-up run of ``WARMUP_STEPS`` steps, then ``repeats`` timed runs (the NFE is the first
     timed run's). On CUDA the peak is the allocator's over the timed runs; on the CPU the process's RSS high-water
-    mark (meaningful per cell in a fresh process only)."""
+    mark (meaningful per cell in a fresh process only) and, beside each run's wall time, its CPU time
+    (``time.process_time``, every thread of this process): on a shared machine the wall time also counts the
+    waiting, the CPU time only the computing."""
     try:
         model.check_size(cell.size, cell.size)
     except ValueError as error:
@@ -142,23 +145,28 @@ def measure_cell(model, cond, cell: Cell, settings: Settings) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device) / 2**30
-    seconds, nfe = [], None
+    seconds, cpu_seconds, nfe = [], [], None
     for _ in range(settings.repeats):
         if cuda:
             torch.cuda.synchronize(device)
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         result = _run_once(model, cond, cell, settings, inputs)
         if cuda:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - begin)
+        cpu_seconds.append(time.process_time() - cpu_begin)
         nfe = int(result.nfe) if nfe is None else nfe
         del result
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else max_rss_gib()
-    return {**asdict(cell), "status": "measured", "batch_size": settings.batch_size, "seconds": seconds,
-            "seconds_per_image": statistics.median(seconds) / settings.batch_size, "warmup_seconds": warmup,
-            "warmup_steps": min(cell.steps, WARMUP_STEPS),
-            "nfe": nfe, "peak_memory_gib": peak, "memory_above_load_gib": max(0.0, peak - baseline),
-            "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process RSS high-water mark"}
+    row = {**asdict(cell), "status": "measured", "batch_size": settings.batch_size, "seconds": seconds,
+           "seconds_per_image": statistics.median(seconds) / settings.batch_size, "warmup_seconds": warmup,
+           "warmup_steps": min(cell.steps, WARMUP_STEPS),
+           "nfe": nfe, "peak_memory_gib": peak, "memory_above_load_gib": max(0.0, peak - baseline),
+           "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process RSS high-water mark"}
+    if not cuda:
+        row.update(cpu_seconds=cpu_seconds,
+                   cpu_seconds_per_image=statistics.median(cpu_seconds) / settings.batch_size)
+    return row
 
 
 def _not_measured(cell: Cell, reason: str) -> dict:

@@ -97,7 +97,8 @@ def _ratio(value, reference) -> float | None:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each measured row's ratios to unguided sampling with the same backbone, size and steps (None without one)."""
+    """Each measured row's ratios to unguided sampling with the same backbone, size and steps (None without one);
+    rows measured on the CPU also get the ratio of their CPU time."""
     key = lambda row: (row["backbone"], row["size"], row["steps"])  # noqa: E731
     reference = {key(r): r for r in rows if r["method"] == "unguided" and r["status"] == "measured"}
     for row in rows:
@@ -108,6 +109,8 @@ def add_ratios(rows: list[dict]) -> None:
                          "peak_memory": _ratio(row["peak_memory_gib"], ref.get("peak_memory_gib")),
                          "memory_above_load": _ratio(row["memory_above_load_gib"], ref.get("memory_above_load_gib")),
                          "nfe": _ratio(row["nfe"], ref.get("nfe"))}
+        if "cpu_seconds_per_image" in row:  # measured on the CPU
+            row["ratios"]["cpu_time"] = _ratio(row["cpu_seconds_per_image"], ref.get("cpu_seconds_per_image"))
 
 
 def steps_scaling(rows: list[dict]) -> list[dict]:
@@ -184,6 +187,11 @@ def _notes(settings: Settings) -> list[str]:
               if settings.isolate else
               "the resident-set high-water mark (ru_maxrss) of this one process, which every cell shares (a mark "
               "never falls: later cells show at least the earlier ones' peak)")
+    cpu = [] if settings.cuda else [
+        "CPU s / image: the median CPU time (time.process_time: every thread of the measuring process) of the "
+        "timed runs, per image, beside their wall time: on a machine shared with other jobs the wall time also "
+        "counts the waiting, the CPU time only the computing (with several torch threads it can exceed the wall "
+        "time)."]
     return [
         "Text embeddings are computed once per prompt, before any timing, and reused across steps, images and "
         "repeats (cached by the adapter); their cost is not in the times. The full-size backbones' text encoders "
@@ -206,6 +214,7 @@ def _notes(settings: Settings) -> list[str]:
         f"Fast paths: compile {settings.compile}"
         f"{'' if settings.compile_backend is None else f' (backend {settings.compile_backend})'}, VAE tiling {'on' if settings.vae_tiling else 'off'}, batch "
         f"{settings.batch_size}; ratios compare runs made in this one process tree on one machine.",
+        *cpu,
     ]
 
 
@@ -223,8 +232,10 @@ def markdown(results: dict) -> str:
     lines = ["# flowsteer speed benchmark", "",
              f"{env['date']} · {env['device_name']} ({env['device']}) · torch {env['torch']} · diffusers "
              f"{env['diffusers']} · {env['torch_threads']} torch thread(s) · {results['settings']['dtype']}", ""]
-    header = ("| method | size | steps | s / image | × unguided | peak GiB | × unguided | above load GiB "
-              "| × unguided | NFE | × unguided |")
+    cpu = any("cpu_seconds_per_image" in row for row in results["rows"])
+    header = ("| method | size | steps | s / image | × unguided |" + (" CPU s / image | × unguided |" if cpu else "")
+              + " peak GiB | × unguided | above load GiB | × unguided | NFE | × unguided |")
+    columns = 13 if cpu else 11
     for backbone, info in results["backbones"].items():
         lines.append(f"## {backbone}")
         lines.append("")
@@ -235,16 +246,18 @@ def markdown(results: dict) -> str:
             size = f"{params / 1e6:.4g}M network parameters, " if params else ""
             lines += [f"{info['adapter']}, {size}{info['dtype']} on {info['device']}; decoder {info['decoder']}; "
                       f"compile {info['compile']}; {info['condition']}.", ""]
-        lines += [header, "|" + "---|" * 11]
+        lines += [header, "|" + "---|" * columns]
         for row in results["rows"]:
             if row["backbone"] != backbone:
                 continue
             first = f"| {row['method']} | {row['size']} | {row['steps']} |"
             if row["status"] != "measured":
-                lines.append(f"{first} not measured: {row['reason']} |" + " — |" * 7)
+                lines.append(f"{first} not measured: {row['reason']} |" + " — |" * (columns - 4))
                 continue
             r = row["ratios"]
-            lines.append(f"{first} {_format(row['seconds_per_image'])} | {_format(r['time'], 3)} | "
+            cpu_cells = (f"{_format(row.get('cpu_seconds_per_image'))} | {_format(r.get('cpu_time'), 3)} | "
+                         if cpu else "")
+            lines.append(f"{first} {_format(row['seconds_per_image'])} | {_format(r['time'], 3)} | {cpu_cells}"
                          f"{_format(row['peak_memory_gib'])} | {_format(r['peak_memory'], 3)} | "
                          f"{_format(row['memory_above_load_gib'])} | {_format(r['memory_above_load'], 3)} | "
                          f"{row['nfe']} | {_format(r['nfe'], 3)} |")

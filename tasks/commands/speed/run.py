@@ -29,9 +29,13 @@ bracketed by ``torch.cuda.synchronize`` and the peak is ``torch.cuda.max_memory_
 ``reset_peak_memory_stats``; on the CPU each cell runs in a fresh process (multiprocessing spawn), so that the
 resident-set high-water mark (``ru_maxrss``) is that cell's peak (``isolate=False`` measures CPU cells in this
 process, as on CUDA). "Above load" is the peak minus the memory held after the model, condition and objective were
-built. Outputs: ``table.md`` and ``results.json``, written atomically again after every row, so that a run stopped
-part-way keeps what it measured; a ``time_budget`` leaves the cells it has no time for "not measured". The
-full-size random-weight backbones run without the methods' divergence checks (their outputs mean nothing).
+built. On the CPU each timed run's CPU time (``time.process_time``: every thread of the measuring process) is
+recorded beside its wall time, so that a figure from a shared machine says how much of it was computing. Outputs:
+``table.md`` and ``results.json``, written atomically again after every row, so that a run stopped part-way keeps
+what it measured. A ``time_budget`` starts a cell (or opens a backbone) only if its estimated seconds
+(:mod:`.estimates`, rescaled by what the run measured so far) fit in what is left, and leaves the others "not
+measured". The full-size random-weight backbones run without the methods' divergence checks (their outputs mean
+nothing).
 """
 
 from __future__ import annotations
@@ -39,20 +43,25 @@ from __future__ import annotations
 import concurrent.futures
 import difflib
 import gc
+import inspect
 import multiprocessing
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from operators.checks import MAX_STEPS
+
 from .backbones import BACKBONES, FULL_SIZE, SIZE_MULTIPLES, open_backbone, unavailable
 from .cells import METHODS, Cell, _not_measured, measure_cell
+from .estimates import Estimator
 from .report import OUTPUT_NAMES, Results
-from .settings import MAX_SIDE, MAX_STEPS, CellSkipped, Settings, _first_line, _positive_ints, _settings
+from .settings import MAX_SIDE, CellSkipped, Settings, _first_line, _positive_ints, _settings
 
-__all__ = ["run_speed"]
+__all__ = ["estimate_speed", "run_speed"]
 
 
 def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 20), *, decoder: str = "tiny",
@@ -78,7 +87,9 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
         options: method options per row name, ``{"flair": {"data_steps": 5}}`` (``--option flair.data_steps=5``).
         isolate: on the CPU, measure each cell in a fresh process (False: in this process, as on CUDA).
         compile_backend: torch.compile's backend (default: inductor).
-        time_budget: seconds; cells that would start later than this after the start are "not measured".
+        time_budget: seconds; a cell (a backbone: its opening and first cell) starts only if its estimated
+            seconds, rescaled by the measured-to-estimated ratio of what the run did so far, fit in what is left of
+            them; the others are "not measured" and say so.
         on_row: called with the results so far (the contents results.json then has) after every row.
     """
     settings = _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate,
@@ -88,12 +99,48 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
 
     out = prepare_output_dir(out, OUTPUT_NAMES, overwrite)
     results = Results(out, settings, methods, time_budget, on_row)  # table.md and results.json after every row
-    deadline = None if time_budget is None else time.monotonic() + time_budget
-    for backbone in backbones:
-        cells = [Cell(backbone, m, size, n) for size in sizes for n in steps for m in methods]
-        _measure_backbone(backbone, cells, settings, results.described, progress, results.add, deadline,
-                          time_budget)
+    budget = None if time_budget is None else _Budget(time.monotonic() + time_budget, time_budget)
+    estimator = _estimator(settings)
+    # What exists now (torch, diffusers, every import) is never a cell's garbage: frozen, the collections after
+    # each cell walk only what the run itself allocates (a full walk costs ~1 s per cell in a loaded process).
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    try:
+        for backbone in backbones:
+            cells = [Cell(backbone, m, size, n) for size in sizes for n in steps for m in methods]
+            _measure_backbone(backbone, cells, settings, results.described, progress, results.add, budget,
+                              estimator)
+    finally:
+        if freeze:
+            gc.unfreeze()
     return results.current()
+
+
+def estimate_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 20), **arguments) -> float:
+    """Prior estimate in seconds of :func:`run_speed` with the same arguments (:mod:`.estimates`: the full-size
+    backbones on an H100, the miniatures on one CPU thread), without running or building anything; the
+    arguments that do not change the time are accepted and ignored."""
+    accepted = inspect.signature(run_speed).parameters
+    stray = sorted(set(arguments) - set(accepted))
+    if stray:
+        raise TypeError(f"estimate_speed() takes run_speed's arguments; {stray[0]!r} is not one of them")
+    device = arguments.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = Settings(str(device), "bfloat16", arguments.get("decoder", "tiny"), arguments.get("compile", "off"),
+                        repeats=arguments.get("repeats", 3), batch_size=arguments.get("batch_size", 1),
+                        isolate=arguments.get("isolate", True) and not any(b in FULL_SIZE for b in backbones or ()),
+                        compile_backend=arguments.get("compile_backend"), options=arguments.get("options") or {})
+    backbones = _choose(list(BACKBONES) if backbones is None else list(backbones), list(BACKBONES), "backbone",
+                        "--backbones")
+    methods = _choose(list(METHODS) if methods is None else list(methods), list(METHODS), "method", "--methods")
+    methods = ["unguided", *(m for m in methods if m != "unguided")]
+    sizes, steps = _positive_ints(list(sizes), "--sizes", MAX_SIDE), _positive_ints(list(steps), "--steps", MAX_STEPS)
+    return _estimator(settings).run_seconds(backbones, methods, sizes, steps)
+
+
+def _estimator(settings: Settings) -> Estimator:
+    return Estimator(settings.repeats, settings.batch_size, settings.decoder, settings.compile,
+                     settings.compile_backend, settings.options, spawn=not settings.cuda and settings.isolate)
 
 
 def _check(settings: Settings, backbones, methods, sizes, steps, time_budget) -> tuple[list, list, list, list]:
@@ -156,7 +203,7 @@ def _report(row: dict, progress: bool) -> None:
 
 
 def _measure_here(model, cond, cell: Cell, settings: Settings) -> tuple[dict, str]:
-    """(row, scope of a skip) of one cell measured in this process (CUDA)."""
+    """(row, scope of a skip) of one cell measured in this process (CUDA, or the CPU without ``isolate``)."""
     try:
         return measure_cell(model, cond, cell, settings), "cell"
     except CellSkipped as error:
@@ -170,26 +217,51 @@ def _measure_here(model, cond, cell: Cell, settings: Settings) -> tuple[dict, st
         torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """A run's time budget: its ``deadline`` (``time.monotonic``) and its ``seconds``."""
+
+    deadline: float
+    seconds: float
+
+    def no_time(self, estimate: float, estimator: Estimator, what: str) -> str | None:
+        """Why ``what`` (``estimate`` prior seconds, rescaled by the run so far) does not start now; None when it
+        fits in what is left."""
+        left, need = self.deadline - time.monotonic(), estimate * estimator.scale
+        if need <= left:
+            return None
+        return (f"the time budget of {self.seconds:g} s had {_seconds(max(left, 0.0))} s left, less than the "
+                f"estimated {_seconds(need)} s of {what}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.2g}"
+
+
 def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, described: dict, progress: bool,
-                      write: Callable[[dict], None], deadline: float | None = None,
-                      time_budget: float | None = None) -> None:
+                      write: Callable[[dict], None], budget: _Budget | None, estimator: Estimator) -> None:
     """Every cell of one backbone, each row handed to ``write`` as it completes: in this process (one model for
     all cells) on CUDA or without ``isolate``, else in a fresh process per cell. A skip whose scope is the
-    backbone (or a size) skips the rest of it (of that size); past the ``deadline`` every cell is skipped."""
+    backbone (or a size) skips the rest of it (of that size); with a ``budget``, a cell whose estimate does not
+    fit in what is left is skipped (and the backbone, when opening it and its first cell do not fit)."""
 
     def emit(row: dict) -> None:
         write(row)
         _report(row, progress)
 
     reason = unavailable(backbone, settings)
+    here = settings.cuda or not settings.isolate
+    if not reason and here and budget is not None and cells:
+        reason = budget.no_time(estimator.open_seconds(backbone) + estimator.cell_seconds(cells[0]), estimator,
+                                f"opening {backbone} and its first cell")
     if reason:
         described[backbone] = {"not measured": reason}
         for cell in cells:
             emit(_not_measured(cell, reason))
         return
     model = cond = None
-    here = settings.cuda or not settings.isolate
-    if here and not _past(deadline):
+    if here:
+        begin = time.monotonic()
         try:
             model, cond, described[backbone] = open_backbone(backbone, settings)
         except Exception as error:
@@ -198,12 +270,19 @@ def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, desc
             for cell in cells:
                 emit(_not_measured(cell, reason))
             return
-    skipped = {}
+        opened = time.monotonic() - begin
+        described[backbone].update(open_seconds=opened, open_estimated_seconds=estimator.open_seconds(backbone))
+        estimator.record(estimator.open_seconds(backbone), opened)
+    skipped, sizes = {}, set()
     for cell in cells:
+        estimate = estimator.cell_seconds(cell, recompile=here and bool(sizes) and cell.size not in sizes)
+        sizes.add(cell.size)
         reason = skipped.get("backbone") or skipped.get(("size", cell.size))
-        if _past(deadline):
-            reason = f"the time budget of {time_budget:g} s was spent before this cell"
-            described.setdefault(backbone, {"not measured": reason})
+        if not reason and budget is not None:
+            reason = budget.no_time(estimate, estimator, "this cell")
+            if reason:  # a backbone whose every cell runs in a fresh process is described by its first one
+                described.setdefault(backbone, {"not measured": reason})
+        begin = time.monotonic()
         if reason:
             row, scope = _not_measured(cell, reason), "cell"
         elif here:
@@ -212,6 +291,9 @@ def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, desc
             row, scope, info = _in_fresh_process(cell, settings)
             if info is not None:
                 described.setdefault(backbone, info)
+        if row["status"] == "measured":
+            row.update(cell_seconds=time.monotonic() - begin, estimated_seconds=estimate)
+            estimator.record(estimate, row["cell_seconds"])
         if scope == "backbone":
             skipped["backbone"] = row["reason"]
             described.setdefault(backbone, {"not measured": row["reason"]})
@@ -219,13 +301,9 @@ def _measure_backbone(backbone: str, cells: list[Cell], settings: Settings, desc
             skipped[("size", cell.size)] = row["reason"]
         emit(row)
     del model, cond
-    gc.collect()
     if settings.cuda:
+        gc.collect()
         torch.cuda.empty_cache()
-
-
-def _past(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() > deadline
 
 
 # -- fresh processes --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from operators.checks import MAX_BATCH, MAX_STEPS, check_int
+from operators.checks import MAX_BATCH, check_int
 
 #: the largest image side timed (a FLUX.1 image of 4096² is 65536 tokens; larger is beyond any card)
 MAX_SIDE = 4096
