@@ -9,6 +9,7 @@ act on the decoded image D(x0_hat), so that latent models decode only when an ob
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Callable
 from operator import index as as_index
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from operators import Operator, as_operator, check_image
-from operators.base import image_input, is_pil_or_array
+from operators.base import image_input, is_pil_or_array, tensor_version
 from operators.checks import check_image_range, check_noise_std
 from operators.noise import randn_like
 
@@ -130,8 +131,41 @@ class MeasurementFidelity(Objective):
         self.noise_std = float(noise_std)
         self.official_quirks, self.unmasked_image = official_quirks, unmasked_image
         self._target = self._mask = None
+        self._bound: tuple | None = None  # what the last bind was for (see bind)
+
+    def _binding(self, model, height: int, width: int) -> tuple | None:
+        """What a bind depends on: the model (by identity, with its device and dtype), the size, the space, the
+        operator and the measurement y and the complete image (by identity and in-place version); None for a
+        model that takes no weak reference (then every bind runs in full)."""
+        try:
+            reference = weakref.ref(model)
+        except TypeError:
+            return None
+        tensors = tuple(None if t is None else (t, tensor_version(t)) for t in (self.y, self.unmasked_image))
+        return (reference, getattr(model, "device", None), getattr(model, "dtype", None), int(height), int(width),
+                self.space, self.official_quirks, self.operator, tensors)
+
+    def _bound_to(self, binding: tuple | None) -> bool:
+        """True when the last bind was for ``binding`` (tensors compared by identity, not by value)."""
+        bound = self._bound
+        if binding is None or bound is None or bound[0]() is None or bound[:-1] != binding[:-1]:
+            return False
+        return all((a is None and b is None) or (a is not None and b is not None and a[0] is b[0] and a[1] == b[1])
+                   for a, b in zip(bound[-1], binding[-1]))
 
     def bind(self, model, height: int, width: int) -> None:
+        """Check the measurement against the model and size and, in latent space, encode the target E(A⁺y) (and
+        resize the mask). A second bind for the same model (the same object, on the same device and in the same
+        dtype), size, operator, measurement and complete image (the same tensors, not edited in place since) costs
+        nothing: the checks and the target of the first are kept. Replacing ``y`` or editing it in place binds
+        anew; an operator edited in place (a new mask in the same object) needs a new objective."""
+        binding = self._binding(model, height, width)
+        if self._bound_to(binding):
+            return
+        self._bind(model, height, width)
+        self._bound = binding
+
+    def _bind(self, model, height: int, width: int) -> None:
         probe = torch.zeros(1, model.image_channels, height, width, device=self.y.device, dtype=self.y.dtype)
         expected = tuple(self.operator(probe).shape[1:])
         if tuple(self.y.shape[1:]) != expected:

@@ -7,9 +7,11 @@ Linear operators add ``adjoint`` (A^T) and, where cheap, ``pseudo_inverse`` (A^+
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import weakref
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -368,7 +370,12 @@ GAIN_RTOL = 1e-6
 GAIN_MAX_ITERS = 300
 _GAIN_PATIENCE = 3  # consecutive Ritz-value increases below rtol before the iteration stops
 
-_gain_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: gains by :func:`operator_content` (with shape, device, dtype, tolerance and cap), least recently used dropped first;
+#: each entry keeps the callables whose identity its key holds, so that no other object can take their identity
+_gain_cache: OrderedDict = OrderedDict()
+GAIN_CACHE_SIZE = 64
+#: operator -> {tensor name: (weak reference to the tensor, its in-place version, digest of its bytes)}
+_digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _SIMPLE = (bool, int, float, str, type(None))
 
@@ -377,6 +384,11 @@ def _simple(value) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_simple(v) for v in value)
     return isinstance(value, _SIMPLE)
+
+
+def _frozen(value):
+    """A plain value with its lists as tuples (hashable, for the cache keys)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def tensor_version(tensor: torch.Tensor) -> int:
@@ -388,11 +400,9 @@ def tensor_version(tensor: torch.Tensor) -> int:
         return -1
 
 
-def operator_state(operator: nn.Module) -> tuple:
-    """What determines A for the gain cache: every submodule's type and public plain attributes (``factor``,
-    ``padding``, ``is_linear`` ...; callables by identity) and every buffer and parameter by name, storage,
-    in-place version, shape, dtype and device. ``load_state_dict``, an in-place edit, ``.to()`` or a new mask
-    buffer each give a new state, so a cached gain never outlives the operator it was computed for."""
+def _module_attributes(operator: nn.Module, callables: list | None = None) -> list:
+    """Every submodule's name, type and public plain attributes (``factor``, ``padding``, ``is_linear`` ...;
+    callables by identity, appended to ``callables`` when given)."""
     state = []
     for prefix, module in operator.named_modules():
         attributes = []
@@ -400,14 +410,50 @@ def operator_state(operator: nn.Module) -> tuple:
             if key.startswith("_") or key == "training":
                 continue
             if _simple(value):
-                attributes.append((key, value))
+                attributes.append((key, _frozen(value)))
             elif callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
                 attributes.append((key, id(value)))
+                if callables is not None:
+                    callables.append(value)
         state.append((prefix, type(module).__qualname__, tuple(attributes)))
+    return state
+
+
+def operator_state(operator: nn.Module) -> tuple:
+    """What determines A, instance by instance: every submodule's type and public plain attributes
+    (:func:`_module_attributes`) and every buffer and parameter by name, storage, in-place version, shape, dtype and
+    device. ``load_state_dict``, an in-place edit, ``.to()`` or a new mask buffer each give a new state."""
+    state = _module_attributes(operator)
     for name, tensor in (*operator.named_buffers(), *operator.named_parameters()):
         state.append((name, tensor.data_ptr(), tensor_version(tensor), tuple(tensor.shape), tensor.dtype,
                       str(tensor.device)))
     return tuple(state)
+
+
+def _digest(operator: nn.Module, name: str, tensor: torch.Tensor) -> str:
+    """A hash of ``tensor``'s bytes, computed once per tensor and in-place version (one copy to the host then)."""
+    kept = _digests.setdefault(operator, {})
+    version = tensor_version(tensor)
+    hit = kept.get(name)
+    if hit is not None and hit[0]() is tensor and hit[1] == version:
+        return hit[2]
+    data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+    data = (torch.view_as_real(data) if data.is_complex() else data).reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    kept[name] = (weakref.ref(tensor), version, digest)
+    return digest
+
+
+def operator_content(operator: nn.Module) -> tuple[tuple, list]:
+    """What determines A, by value: the submodules' types and plain attributes (:func:`_module_attributes`) and
+    every buffer and parameter by name, shape, dtype and a hash of its bytes, so that two operators built alike
+    (``make_operator("sr:factor=4")`` twice) have the same content and an in-place edit, ``load_state_dict`` or a new
+    mask buffer gives a new one. Returns (content, the callables whose identity it holds)."""
+    callables: list = []
+    content = _module_attributes(operator, callables)
+    for name, tensor in (*operator.named_buffers(), *operator.named_parameters()):
+        content.append((name, tuple(tensor.shape), tensor.dtype, _digest(operator, name, tensor)))
+    return tuple(content), callables
 
 
 def _gain_dtype(operator) -> torch.dtype:
@@ -466,9 +512,10 @@ def operator_gain(operator, image_shape: tuple[int, ...], device: torch.device |
     The Lanczos iteration on AᵀA (:func:`_top_eigenvalue`) from a Gaussian image drawn from a
     ``torch.Generator`` seeded with ``GAIN_SEED`` (the same operator and shape always give the same gain), to
     the relative tolerance ``rtol`` or ``iters`` steps (default ``GAIN_MAX_ITERS``), in the dtype of the
-    operator's tensors on ``device``. The gain is cached per operator, keyed on the image shape, device, dtype,
-    tolerance and :func:`operator_state`, which changes whenever A can (new or edited buffers, moved tensors,
-    changed attributes), so a cached value is never stale.
+    operator's tensors on ``device``. The gain is cached by the operator's content (:func:`operator_content`, its
+    attributes and the bytes of its tensors) with the image shape, device, dtype, tolerance and cap: an operator
+    built again with the same arguments finds the gain of the first, and the content changes whenever A can (new or
+    edited buffers, changed attributes), so a cached value is never stale.
     """
     if not getattr(operator, "is_linear", False):
         return 1.0
@@ -481,20 +528,25 @@ def operator_gain(operator, image_shape: tuple[int, ...], device: torch.device |
     shape = (1, *tuple(image_shape)[1:])
     device = torch.device(device)
     dtype = _gain_dtype(operator)
-    cache = None
-    if isinstance(operator, nn.Module):
-        cache = _gain_cache.setdefault(operator, {})
-        key = (shape, str(device), dtype, float(rtol), iters, operator_state(operator))
-        if key in cache:
-            return cache[key]
+    settings = (shape, str(device), dtype, float(rtol), iters)
+    cached = isinstance(operator, nn.Module)
+    if cached:
+        before, keep = operator_content(operator)
+        hit = _gain_cache.get((settings, before))
+        if hit is not None:
+            _gain_cache.move_to_end((settings, before))
+            return hit[0]
     start = torch.randn(shape, generator=torch.Generator().manual_seed(GAIN_SEED), dtype=dtype).to(device)
     with torch.no_grad():
         gain = _top_eigenvalue(lambda v: operator.adjoint(operator(v)), start, float(rtol), iters)
     gain = gain if gain > 0 else 1.0
-    if cache is not None:  # keyed on the state after the run, which may have built a mask for this size
-        if len(cache) > 64:
-            cache.clear()
-        cache[(shape, str(device), dtype, float(rtol), iters, operator_state(operator))] = gain
+    if cached:  # also under the content after the run, which may have built a mask for this size
+        after, more = operator_content(operator)
+        for content in dict.fromkeys((before, after)):
+            _gain_cache[(settings, content)] = (gain, keep + more)
+            _gain_cache.move_to_end((settings, content))
+        while len(_gain_cache) > GAIN_CACHE_SIZE:
+            _gain_cache.popitem(last=False)
     return gain
 
 

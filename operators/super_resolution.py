@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import LinearOperator
+from .base import LinearOperator, tensor_version
 
 
 def check_factor(factor) -> int:
@@ -68,6 +68,14 @@ class Downsampling(LinearOperator):
 SR_PADDINGS = ("reflect", "symmetric")
 
 
+def reflect_indices(length: int, before: int, after: int, device=None) -> torch.Tensor:
+    """Indices that pad a side of ``length`` by ``before`` / ``after`` samples with whole-sample reflection
+    (``F.pad(mode="reflect")``, a b c | b a): j → −j below 0, j → 2(n−1)−j above n−1. One reflection: pads < length."""
+    j = torch.arange(-before, length + after, device=device)
+    j = torch.where(j < 0, -j, j)
+    return torch.where(j >= length, 2 * (length - 1) - j, j)
+
+
 def symmetric_indices(length: int, before: int, after: int, device=None) -> torch.Tensor:
     """Indices that pad a side of ``length`` by ``before`` / ``after`` samples with half-sample (symmetric)
     reflection, j → −j−1 below 0 and j → 2n−1−j above n−1: the edge sample is repeated (a b c | c b a), where
@@ -97,6 +105,12 @@ class BicubicDownsampling(Downsampling):
     The official operator applies the matrix through its SVD with 1-D singular values below 3e-2 zeroed; none
     are that small for these kernels (the smallest is 0.20, at ×12 on 768 pixels), so nothing is truncated.
 
+    A is separable: A(X) = D_H X D_Wᵀ per channel, with D (n/f × n) the padded, strided 1-D filter of a side of n
+    pixels. The adjoint runs the two strided convolutions transposed and folds the padding back onto the pixels it
+    copied; the pseudo-inverse is A⁺(Y) = D_H⁺ Y D_W⁺ᵀ with D⁺ = Dᵀ(D Dᵀ)⁻¹, computed once per side, device and
+    dtype in float64 (D Dᵀ is small and well conditioned): exact, two matrix products, nothing read back from the
+    device.
+
     deepinv (``deepinv/physics/blur.py``): ``DownsamplingMatlab(factor=f)`` (MATLAB's ``imresize``: the same centres,
     stretched kernel and half-sample symmetric borders) equals ``padding="symmetric"`` for every factor, and
     ``Downsampling(filter="bicubic", factor=2, padding="reflect")`` equals the default at f = 2, to float64
@@ -118,6 +132,12 @@ class BicubicDownsampling(Downsampling):
         # reflect padding needs pad < side, symmetric padding pad <= side
         self.min_side = max(self.pad_left, self.pad_right) + (padding == "reflect")
         self.register_buffer("taps", taps.to(torch.get_default_dtype()))
+        self._inverses: dict = {}  # (side, device, dtype) -> D⁺ of that side (see A_dagger)
+
+    def _indices(self, length: int, device=None) -> torch.Tensor:
+        """The source pixel of every padded position along a side of ``length``."""
+        pad = reflect_indices if self.padding == "reflect" else symmetric_indices
+        return pad(length, self.pad_left, self.pad_right, device=device)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "reflect":
@@ -126,6 +146,24 @@ class BicubicDownsampling(Downsampling):
         cols = symmetric_indices(x.shape[-1], self.pad_left, self.pad_right, device=x.device)
         return x.index_select(-2, rows).index_select(-1, cols)
 
+    def _filter_matrix(self, length: int) -> torch.Tensor:
+        """D (length / f × length), float64 on the CPU: the padded, strided 1-D filter along a side of ``length``."""
+        f, taps = self.factor, self.taps.double().cpu()
+        k = taps.numel()
+        outputs = length // f
+        rows = torch.arange(outputs).repeat_interleave(k)
+        positions = (torch.arange(outputs)[:, None] * f + torch.arange(k)[None, :]).flatten()
+        matrix = torch.zeros(outputs, length, dtype=torch.float64)
+        return matrix.index_put_((rows, self._indices(length)[positions]), taps.repeat(outputs), accumulate=True)
+
+    def _inverse(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """D⁺ = Dᵀ(D Dᵀ)⁻¹ (length × length / f) of a side of ``length``, made once per side, device and dtype."""
+        key = (length, device, dtype, tensor_version(self.taps))
+        if key not in self._inverses:
+            d = self._filter_matrix(length)
+            self._inverses[key] = torch.linalg.solve(d @ d.T, d).T.to(device=device, dtype=dtype)
+        return self._inverses[key]
+
     def A(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         taps = self.taps.to(device=x.device, dtype=x.dtype)
@@ -133,8 +171,26 @@ class BicubicDownsampling(Downsampling):
         x = F.conv2d(x, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), stride=(self.factor, 1), groups=channels)
         return F.conv2d(x, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), stride=(1, self.factor), groups=channels)
 
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Aᵀ y: the two strided convolutions transposed, then each padded pixel added back onto its source."""
+        channels, f = y.shape[1], self.factor
+        height, width = y.shape[-2] * f, y.shape[-1] * f
+        self._check_size(height, width)
+        taps = self.taps.to(device=y.device, dtype=y.dtype)
+        # the padded sides are (n / f − 1) f + taps long: the transposed convolutions need no output padding
+        x = F.conv_transpose2d(y, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), stride=(1, f), groups=channels)
+        x = F.conv_transpose2d(x, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), stride=(f, 1), groups=channels)
+        rows, cols = self._indices(height, y.device), self._indices(width, y.device)
+        x = x.new_zeros(*x.shape[:-2], height, x.shape[-1]).index_add(-2, rows, x)
+        return x.new_zeros(*x.shape[:-1], width).index_add(-1, cols, x)
+
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
-        return self.A_dagger_cg(y)
+        """A⁺ y = D_H⁺ y D_W⁺ᵀ (see the class docstring)."""
+        height, width = y.shape[-2] * self.factor, y.shape[-1] * self.factor
+        self._check_size(height, width)
+        rows = self._inverse(height, y.device, y.dtype)
+        cols = self._inverse(width, y.device, y.dtype)
+        return rows @ y @ cols.T
 
 
 class AveragePoolDownsampling(Downsampling):

@@ -16,6 +16,8 @@ activation memory stops growing with the image; the result differs from the unti
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -48,14 +50,64 @@ def autoencoder_latent_channels(autoencoder) -> int:
     return int(config.z_dim if channels is None else channels)
 
 
-def execution_device(module: torch.nn.Module) -> torch.device:
-    """Where ``module``'s inputs must be: an offload hook's execution device (weights parked on the CPU or
-    the meta device by ``enable_model_cpu_offload``), else the device of its weights."""
+#: module -> (its submodule holding the first parameter or buffer, that tensor's name, "_parameters" or "_buffers")
+_first_tensor_sites: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: module -> (:func:`placement_stamp` when read, (execution device, dtype))
+_placements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    """The first parameter of ``module`` (its first buffer without any; None without either). Found by one walk
+    over the submodules; later calls read it back from its submodule by name, without a walk."""
+    site = _first_tensor_sites.get(module)
+    if site is not None:
+        owner, name, kind = site
+        tensor = getattr(owner, kind).get(name)
+        if tensor is not None:
+            return tensor
+    for kind in ("_parameters", "_buffers"):
+        for owner in module.modules():
+            for name, tensor in getattr(owner, kind).items():
+                if tensor is not None:
+                    _first_tensor_sites[module] = (owner, name, kind)
+                    return tensor
+    return None
+
+
+def placement_stamp(module: torch.nn.Module) -> tuple:
+    """What a move of ``module`` changes, read without walking its submodules: the device and dtype of its first
+    parameter (:func:`first_tensor`; ``.to()`` moves it in place, offloading parks it on the CPU or the meta device)
+    and the offload hooks on the module itself (accelerate's ``_hf_hook``, set on the module by
+    ``enable_model_cpu_offload`` and ``enable_sequential_cpu_offload``; diffusers' hook registry, by name)."""
+    tensor = first_tensor(module)
+    registry = getattr(module, "_diffusers_hook", None)
+    return (None if tensor is None else (tensor.device, tensor.dtype), getattr(module, "_hf_hook", None),
+            registry, tuple(getattr(registry, "hooks", ())))
+
+
+def execution_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of ``module``'s inputs: an offload hook's execution device (weights parked on the CPU or the
+    meta device by ``enable_model_cpu_offload``), else the device of its weights; and its dtype. Both need a walk
+    over every submodule (diffusers' ``module.dtype`` walks them too), so they are read once and kept while
+    :func:`placement_stamp` is unchanged: moving or casting the module (``.to()``, also from outside flowsteer)
+    and adding or removing offload hooks read them again; moving one of its submodules alone does not."""
+    stamp = placement_stamp(module)
+    kept = _placements.get(module)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    device = None
     for sub in module.modules():
         device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
         if device is not None:
-            return torch.device(device)
-    return module.device
+            break
+    placement = (module.device if device is None else torch.device(device), module.dtype)
+    _placements[module] = (stamp, placement)
+    return placement
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s inputs must be (see :func:`execution_placement`)."""
+    return execution_placement(module)[0]
 
 
 def set_tiling(autoencoder, tile_size: int | None = None, overlap: float | None = None) -> None:
@@ -180,7 +232,8 @@ class LatentCodec:
         """z = (E(x) - b) * a; a posterior sample drawn with ``generator``, or its mean when it is None."""
         self.check_image(image)
         module = self.encoder
-        out = module.encode(image.to(device=execution_device(module), dtype=module.dtype))
+        device, dtype = execution_placement(module)
+        out = module.encode(image.to(device=device, dtype=dtype))
         scale, shift = autoencoder_scale_shift(module)
         return (encoder_output(out, generator).float() - shift) * scale
 
@@ -201,4 +254,5 @@ class LatentCodec:
         module = self.decoder
         scale, shift = autoencoder_scale_shift(module)
         z = latent.float() / scale + shift
-        return module.decode(z.to(device=execution_device(module), dtype=module.dtype)).sample.float()
+        device, dtype = execution_placement(module)
+        return module.decode(z.to(device=device, dtype=dtype)).sample.float()

@@ -211,6 +211,20 @@ class ChromaModel(PipelineFlowModel):
         return ChromaCondition(pos, pos_mask, w, neg, neg_mask)
 
     # -- velocity ---------------------------------------------------------------------------------------
+    def _text_inputs(self, cond: ChromaCondition, batch: int, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, joint attention mask) for ``batch`` latents of ``image_tokens`` tokens, on the model's device
+        and dtype: [positive; negative] under CFG (made once per condition, batch and size, :meth:`text_batch`)."""
+        device, dtype = self.device, self.dtype
+        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        text_mask = repeat_for_batch(cond.prompt_attention_mask, batch)
+        if cond.do_cfg:
+            embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch)])
+            text_mask = torch.cat([text_mask, repeat_for_batch(cond.negative_prompt_attention_mask, batch)])
+        text_mask = text_mask.to(device=device, dtype=dtype)
+        # [text, image] order of the joint sequence; every image token is kept (weight 1, as in the pipeline)
+        mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], image_tokens)], dim=1)
+        return embeds.to(device=device, dtype=dtype), mask
+
     def velocity(self, x: torch.Tensor, sigma, cond: ChromaCondition | None = None, grad: bool = False
                  ) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1, on unpacked latents
@@ -221,22 +235,17 @@ class ChromaModel(PipelineFlowModel):
         tokens = pack_latents(x.to(device=device, dtype=dtype))
         img_ids = latent_image_ids(h // 2, w // 2, device=device, dtype=torch.float32)
         timestep = sigma_batch(sigma, batch, device)
-        embeds = repeat_for_batch(cond.prompt_embeds, batch)
-        text_mask = repeat_for_batch(cond.prompt_attention_mask, batch)
+        image_tokens = tokens.shape[1]
+        embeds, mask = self.text_batch(cond, batch, lambda: self._text_inputs(cond, batch, image_tokens), image_tokens)
         with torch.set_grad_enabled(grad):
             if cond.do_cfg:  # one batched call on [positive, negative]
-                embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch)])
-                text_mask = torch.cat([text_mask, repeat_for_batch(cond.negative_prompt_attention_mask, batch)])
                 tokens, timestep = torch.cat([tokens, tokens]), torch.cat([timestep, timestep])
-            text_mask = text_mask.to(device=device, dtype=dtype)
-            # [text, image] order of the joint sequence; every image token is kept (weight 1, as in the pipeline)
-            mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], tokens.shape[1])], dim=1)
             txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=img_ids.dtype)
             with _mask_through_checkpointing(self.transformer, mask):
                 v = self.transformer(
                     hidden_states=tokens,
                     timestep=timestep,
-                    encoder_hidden_states=embeds.to(device=device, dtype=dtype),
+                    encoder_hidden_states=embeds,
                     txt_ids=txt_ids,
                     img_ids=img_ids,
                     attention_mask=mask,

@@ -192,15 +192,25 @@ class FluxModel(PipelineFlowModel):
         return cond
 
     # -- velocity ---------------------------------------------------------------------------------------
+    def _text_inputs(self, cond: FluxCondition, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, pooled) for ``batch`` latents on the model's device and dtype: [positive; negative] under
+        true CFG (made once per condition and batch, :meth:`text_batch`)."""
+        device, dtype = self.device, self.dtype
+        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        pooled = repeat_for_batch(cond.pooled_prompt_embeds, batch)
+        if cond.do_true_cfg:
+            embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch)])
+            pooled = torch.cat([pooled, repeat_for_batch(cond.negative_pooled_prompt_embeds, batch)])
+        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
     def _call(self, tokens, timestep, guidance, embeds, pooled, img_ids):
-        dtype, device = self.dtype, self.device
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=img_ids.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=img_ids.dtype)
         return self.transformer(
             hidden_states=tokens,
             timestep=timestep,
             guidance=guidance,
-            pooled_projections=pooled.to(device=device, dtype=dtype),
-            encoder_hidden_states=embeds.to(device=device, dtype=dtype),
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,
@@ -218,12 +228,9 @@ class FluxModel(PipelineFlowModel):
         if self.has_guidance_embedding:
             value = 3.5 if cond.guidance_scale is None else cond.guidance_scale
             guidance = torch.full((batch,), value, device=device, dtype=torch.float32)
-        embeds = repeat_for_batch(cond.prompt_embeds, batch)
-        pooled = repeat_for_batch(cond.pooled_prompt_embeds, batch)
+        embeds, pooled = self.text_batch(cond, batch, lambda: self._text_inputs(cond, batch))
         with torch.set_grad_enabled(grad):
             if cond.do_true_cfg:  # one batched call on [positive, negative]
-                embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch)])
-                pooled = torch.cat([pooled, repeat_for_batch(cond.negative_pooled_prompt_embeds, batch)])
                 tokens, timestep = torch.cat([tokens, tokens]), torch.cat([timestep, timestep])
                 guidance = None if guidance is None else torch.cat([guidance, guidance])
             v = self._call(tokens, timestep, guidance, embeds, pooled, img_ids)

@@ -319,6 +319,14 @@ class Flux2Model(PipelineFlowModel):
                              f"got {shape}")
 
     # -- velocity ---------------------------------------------------------------------------------------
+    def _text_inputs(self, cond: Flux2Condition, batch: int) -> tuple[torch.Tensor]:
+        """(embeddings,) for ``batch`` latents on the model's device and dtype: [positive; negative] under CFG (made
+        once per condition and batch, :meth:`text_batch`)."""
+        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        if cond.do_cfg:
+            embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch)])
+        return (embeds.to(device=self.device, dtype=self.dtype),)
+
     def velocity(self, x: torch.Tensor, sigma, cond: Flux2Condition | None = None, grad: bool = False) -> torch.Tensor:
         """v_theta(x, s, c) on (B, 128, h, w) latents; v_u + w (v_c - v_u) in one batched call under klein's CFG;
         float32."""
@@ -333,14 +341,13 @@ class Flux2Model(PipelineFlowModel):
         if self.has_guidance_embedding:
             value = 4.0 if cond.guidance is None else cond.guidance
             guidance = torch.full((batch,), value, device=device, dtype=torch.float32)
-        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        embeds = self.text_batch(cond, batch, lambda: self._text_inputs(cond, batch))[0]
         if cond.do_cfg:  # one batched call on [positive, negative]
-            embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch)])
             tokens, timestep = torch.cat([tokens, tokens]), torch.cat([timestep, timestep])
         with torch.set_grad_enabled(grad):
             v = self.transformer(
                 hidden_states=tokens,
-                encoder_hidden_states=embeds.to(device=device, dtype=dtype),
+                encoder_hidden_states=embeds,
                 timestep=timestep,
                 img_ids=latent_ids(h, w, device),
                 txt_ids=text_ids(embeds.shape[1], device),

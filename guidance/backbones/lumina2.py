@@ -214,6 +214,17 @@ class Lumina2Model(PipelineFlowModel):
             return_dict=False,
         )[0].float()
 
+    def _text_inputs(self, cond: Lumina2Condition, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, attention mask) for ``batch`` latents on the model's device, the embeddings in its dtype:
+        [positive; negative] under CFG, whose first ``batch`` rows serve the steps CFG skips (made once per condition
+        and batch, :meth:`text_batch`)."""
+        embeds = repeat_for_batch(cond.prompt_embeds, batch, "prompt")
+        mask = repeat_for_batch(cond.prompt_attention_mask, batch, "prompt")
+        if cond.do_cfg:
+            embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch, "prompt")])
+            mask = torch.cat([mask, repeat_for_batch(cond.negative_prompt_attention_mask, batch, "prompt")])
+        return embeds.to(device=self.device, dtype=self.dtype), mask.to(self.device)
+
     def velocity(self, x: torch.Tensor, sigma, cond: Lumina2Condition | None = None, grad: bool = False
                  ) -> torch.Tensor:
         """v_theta(x, s, c) = -transformer(x, 1 - (1000 s) / 1000, c) on latents (B, C, h, w); float32."""
@@ -223,21 +234,18 @@ class Lumina2Model(PipelineFlowModel):
         s = sigma_batch(sigma, batch, device)
         steps = float(self.scheduler.config.num_train_timesteps)
         timestep = 1 - (s * steps) / steps  # the pipeline's arithmetic
-        guided = torch.full((batch,), cond.do_cfg, device=device)
-        if cond.do_cfg and cond.cfg_sigma_floor is not None:
-            guided = s >= cond.cfg_sigma_floor
-        embeds = repeat_for_batch(cond.prompt_embeds, batch, "prompt")
-        mask = repeat_for_batch(cond.prompt_attention_mask, batch, "prompt")
+        # per sample, where CFG is truncated (one host read per step); without truncation no test is read
+        guided = s >= cond.cfg_sigma_floor if cond.do_cfg and cond.cfg_sigma_floor is not None else None
+        embeds, mask = self.text_batch(cond, batch, lambda: self._text_inputs(cond, batch))
         with torch.set_grad_enabled(grad):
-            if not bool(guided.any()):
-                v = -self._call(x, timestep, embeds, mask)
+            if not cond.do_cfg or (guided is not None and not bool(guided.any())):
+                v = -self._call(x, timestep, embeds[:batch], mask[:batch])
             else:  # one batched call on [positive, negative]
-                embeds = torch.cat([embeds, repeat_for_batch(cond.negative_prompt_embeds, batch, "prompt")])
-                mask = torch.cat([mask, repeat_for_batch(cond.negative_prompt_attention_mask, batch, "prompt")])
                 out = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), embeds, mask)
                 v_pos, v_neg = (-out).chunk(2)
                 v = classifier_free(v_pos, v_neg, cond.guidance_scale)
                 if cond.cfg_normalization:
                     v = rescale_to_norm(v, v_pos, dim=-1)
-                v = torch.where(guided[:, None, None, None], v, v_pos)
+                if guided is not None:
+                    v = torch.where(guided[:, None, None, None], v, v_pos)
         return v.to(x.device)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .autoencoder import LatentCodec
+from .autoencoder import LatentCodec, placement_stamp
 from .base import FlowModel, casting, to_arguments
 
 
@@ -35,6 +35,15 @@ def prompt_list(prompt, n: int | None, name: str) -> list[str] | None:
     if n is not None and len(prompt) != n:
         raise ValueError(f"{name} has {len(prompt)} entries but the prompt has {n}; give one per prompt")
     return prompt
+
+
+def _requires_grad(cond: Any) -> bool:
+    """True when a tensor of the condition (a dataclass of tensors, or tuples of them) requires a gradient."""
+    for value in vars(cond).values() if hasattr(cond, "__dict__") else ():
+        for tensor in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                return True
+    return False
 
 
 class PipelineFlowModel(FlowModel):
@@ -65,6 +74,11 @@ class PipelineFlowModel(FlowModel):
         self.spatial_factor = self.codec.spatial_factor
         self.image_channels = self.codec.image_channels
         self._conditions: OrderedDict = OrderedDict()
+        self._text_batches: OrderedDict = OrderedDict()
+        #: the pipeline's components that are modules, by name (fixed by the pipeline's class)
+        self._module_names = tuple(name for name, component in pipeline.components.items()
+                                   if isinstance(component, torch.nn.Module))
+        self._placement: tuple | None = None  # (stamp, (device, dtype)) of :meth:`_placed`
 
     @classmethod
     def from_components(cls, decoder=None, encoder=None, **components) -> "PipelineFlowModel":
@@ -119,11 +133,37 @@ class PipelineFlowModel(FlowModel):
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline._execution_device
+        """Where :meth:`velocity`, :meth:`encode` and :meth:`decode` put their inputs: the pipeline's
+        ``_execution_device`` (an offload hook's execution device, else the device of its components).
+
+        diffusers computes it, and the transformer's ``dtype``, by walking every submodule of every component, so
+        both are read once and kept until the placement of a component changes. That is checked on every read
+        without a walk (:func:`~guidance.backbones.autoencoder.placement_stamp`): the device and dtype of each
+        component's first parameter and the offload hooks on each component. Moving or casting the pipeline, one of
+        its components or the wrapper (``model.to``, ``model.pipeline.to``, ``model.pipeline.vae.to``), offloading
+        through the wrapper or the pipeline, or replacing a component is seen; moving one submodule of a component
+        by itself (``model.transformer.proj_out.to(...)``) is not: move whole components."""
+        return self._placed()[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The transformer's dtype (read as :attr:`device` is)."""
+        return self._placed()[1]
+
+    def _placed(self) -> tuple[torch.device, torch.dtype]:
+        stamp = tuple((module, placement_stamp(module)) for module in
+                      (getattr(self.pipeline, name, None) for name in self._module_names)
+                      if isinstance(module, torch.nn.Module))
+        if self._placement is None or self._placement[0] != stamp:
+            self._placement = (stamp, (self.pipeline._execution_device, self.transformer.dtype))
+        return self._placement[1]
+
+    def clear_conditions(self) -> None:
+        """Drop the cached text conditions and their batched forms (:meth:`text_batch`), e.g. after a move, and
+        read :attr:`device` and :attr:`dtype` again."""
+        self._conditions.clear()
+        self._text_batches.clear()
+        self._placement = None
 
     def to(self, *args, **kwargs) -> "PipelineFlowModel":
         """Move / cast the whole pipeline (``pipeline.to``) and a separate decoder, in place; returns self.
@@ -135,7 +175,7 @@ class PipelineFlowModel(FlowModel):
             with casting():
                 self.pipeline.to(**moves)
                 self.codec.to(**moves)
-            self._conditions.clear()
+            self.clear_conditions()
         return self
 
     # -- the pipeline's own switches, under their diffusers names ------------------------------------------
@@ -166,7 +206,7 @@ class PipelineFlowModel(FlowModel):
         ``device="cpu"`` runs the offloading machinery on the CPU itself (no memory saved)."""
         self._check_offload("enable_model_cpu_offload", device)
         self.pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
-        self._conditions.clear()
+        self.clear_conditions()
         return self
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None
@@ -175,7 +215,7 @@ class PipelineFlowModel(FlowModel):
         it runs, the least memory and the slowest; otherwise as :meth:`enable_model_cpu_offload`."""
         self._check_offload("enable_sequential_cpu_offload", device)
         self.pipeline.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
-        self._conditions.clear()
+        self.clear_conditions()
         return self
 
     @staticmethod
@@ -233,6 +273,33 @@ class PipelineFlowModel(FlowModel):
         if len(self._conditions) > self.condition_cache_size:
             self._conditions.popitem(last=False)
         return cond
+
+    def text_batch(self, cond: Any, batch: int, make: Callable[[], tuple], shape: Hashable = None) -> tuple:
+        """The transformer's text inputs for ``cond`` and ``batch`` latents (the prompts' embeddings repeated for
+        the batch and, under CFG, stacked with their negatives, on the model's device and dtype), made once by
+        ``make()`` per condition, batch, device, dtype and ``shape`` (what else they depend on, e.g. the number of
+        image tokens of a joint attention mask) and reused at every step, so that a step concatenates only the
+        latents. The condition itself is kept with its inputs (its identity cannot be taken by another
+        object while they are stored), and with its fields (the tensors by identity, the rest by value: a run's
+        own condition whose embeddings or guidance scale a diffusers callback replaces gets new inputs); least
+        recently used ones are dropped, and all with the cached conditions (:meth:`clear_conditions`). A
+        condition with a tensor that requires a gradient (embeddings being optimised) gets its inputs made anew
+        at every call, so that each step's graph is its own."""
+        if _requires_grad(cond):
+            return make()
+        device, dtype = self._placed()
+        key = (id(cond), batch, device, dtype, shape)
+        fields = tuple(id(v) if isinstance(v, torch.Tensor) else v for v in vars(cond).values()) \
+            if hasattr(cond, "__dict__") else ()
+        kept = self._text_batches.get(key)
+        if kept is not None and kept[0] is cond and kept[1] == fields:
+            self._text_batches.move_to_end(key)
+            return kept[2]
+        inputs = make()
+        self._text_batches[key] = (cond, fields, inputs)
+        if len(self._text_batches) > self.condition_cache_size:
+            self._text_batches.popitem(last=False)
+        return inputs
 
     def _check_embeds(self, embeds, pooled, name: str, pooled_name: str) -> None:
         """Precomputed text embeddings must fit the transformer: (B, tokens, joint_attention_dim) and

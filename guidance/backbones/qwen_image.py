@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .autoencoder import LatentCodec, encoder_output, execution_device
+from .autoencoder import LatentCodec, encoder_output, execution_placement
 from .base import check_num_steps, repeat_for_batch, sigma_batch
 from .flux import pack_latents, unpack_latents
 from .mechanics import classifier_free, rescale_to_norm, scheduler_sigmas, token_shift
@@ -84,7 +84,8 @@ class QwenImageLatentCodec(LatentCodec):
         """z = (E(x) - mean_c) / std_c; a posterior sample drawn with ``generator``, or its mean when it is None."""
         self.check_image(image)
         module = self.encoder
-        frames = image.unsqueeze(2).to(device=execution_device(module), dtype=module.dtype)
+        device, dtype = execution_placement(module)
+        frames = image.unsqueeze(2).to(device=device, dtype=dtype)
         latent = encoder_output(module.encode(frames), generator)[:, :, 0].float()
         mean, inv_std = self.statistics(module, latent.device)
         return (latent - mean) * inv_std
@@ -95,7 +96,8 @@ class QwenImageLatentCodec(LatentCodec):
         module = self.decoder
         mean, inv_std = self.statistics(module, latent.device)
         z = latent.float() / inv_std + mean
-        frames = module.decode(z.unsqueeze(2).to(device=execution_device(module), dtype=module.dtype)).sample
+        device, dtype = execution_placement(module)
+        frames = module.decode(z.unsqueeze(2).to(device=device, dtype=dtype)).sample
         return frames[:, :, 0].float()
 
 
@@ -309,7 +311,8 @@ class QwenImageModel(PipelineFlowModel):
     # -- velocity ---------------------------------------------------------------------------------------
     def _text_batch(self, cond: QwenImageCondition, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text embeddings and mask for ``batch`` latents: the prompts, then (true CFG) their negatives, padded
-        to a common length; the mask is None when no token is padding."""
+        to a common length, on the model's device (the embeddings in its dtype); the mask is None when no token is
+        padding. Made once per condition and batch (:meth:`text_batch`), the mask's test read there."""
         parts = [(cond.prompt_embeds, cond.prompt_embeds_mask)]
         if cond.do_true_cfg:
             parts.append((cond.negative_prompt_embeds, cond.negative_prompt_embeds_mask))
@@ -321,7 +324,7 @@ class QwenImageModel(PipelineFlowModel):
             embeds.append(e)
             masks.append(m)
         embeds, mask = torch.cat(embeds), torch.cat(masks)
-        return embeds, (None if bool(mask.all()) else mask)
+        return embeds.to(device=self.device, dtype=self.dtype), (None if bool(mask.all()) else mask.to(self.device))
 
     def velocity(self, x: torch.Tensor, sigma, cond: QwenImageCondition | None = None,
                  grad: bool = False) -> torch.Tensor:
@@ -330,7 +333,7 @@ class QwenImageModel(PipelineFlowModel):
         batch, _, h, w = x.shape
         device, dtype = self.device, self.dtype
         copies = 2 if cond.do_true_cfg else 1
-        embeds, mask = self._text_batch(cond, batch)
+        embeds, mask = self.text_batch(cond, batch, lambda: self._text_batch(cond, batch))
         tokens = pack_latents(x.to(device=device, dtype=dtype)).repeat(copies, 1, 1)
         timestep = sigma_batch(sigma, batch, device).repeat(copies)
         guidance = None

@@ -235,6 +235,16 @@ class SanaModel(PipelineFlowModel):
             out = out[:, :channels]
         return out
 
+    def _text_inputs(self, cond: SanaCondition, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, attention mask) for ``batch`` latents on the model's device, the embeddings in its dtype:
+        [negative; positive] under CFG (made once per condition and batch, :meth:`text_batch`)."""
+        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        mask = repeat_for_batch(cond.prompt_attention_mask, batch)
+        if cond.do_cfg:
+            embeds = torch.cat([repeat_for_batch(cond.negative_prompt_embeds, batch).to(embeds.device), embeds])
+            mask = torch.cat([repeat_for_batch(cond.negative_prompt_attention_mask, batch).to(mask.device), mask])
+        return embeds.to(device=self.device, dtype=self.dtype), mask.to(self.device)
+
     def velocity(self, x: torch.Tensor, sigma, cond: SanaCondition | None = None, grad: bool = False) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1; float32 like ``x``."""
         cond = self.velocity_inputs(x, cond)
@@ -243,12 +253,9 @@ class SanaModel(PipelineFlowModel):
         config = self.transformer.config
         scale = float(self.scheduler.config.get("num_train_timesteps", 1000))
         timestep = sigma_batch(sigma, batch, device) * scale * float(getattr(config, "timestep_scale", 1.0))
-        embeds = repeat_for_batch(cond.prompt_embeds, batch)
-        mask = repeat_for_batch(cond.prompt_attention_mask, batch)
+        embeds, mask = self.text_batch(cond, batch, lambda: self._text_inputs(cond, batch))
         hidden = x
         if cond.do_cfg:  # one batched call on [negative, positive]
-            embeds = torch.cat([repeat_for_batch(cond.negative_prompt_embeds, batch).to(embeds.device), embeds])
-            mask = torch.cat([repeat_for_batch(cond.negative_prompt_attention_mask, batch).to(mask.device), mask])
             hidden = torch.cat([x, x])
             timestep = torch.cat([timestep, timestep])
         with torch.set_grad_enabled(grad):

@@ -187,6 +187,17 @@ class SD3Model(PipelineFlowModel):
         return SD3Condition(pos, pooled, neg, neg_pooled, w)
 
     # -- velocity ---------------------------------------------------------------------------------------
+    def _text_inputs(self, cond: SD3Condition, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, pooled) for ``batch`` latents on the model's device and dtype: [negative; positive] under
+        CFG (made once per condition and batch, :meth:`text_batch`)."""
+        device, dtype = self.device, self.dtype
+        embeds = repeat_for_batch(cond.prompt_embeds, batch)
+        pooled = repeat_for_batch(cond.pooled_prompt_embeds, batch)
+        if cond.do_cfg:
+            embeds = torch.cat([repeat_for_batch(cond.negative_prompt_embeds, batch), embeds])
+            pooled = torch.cat([repeat_for_batch(cond.negative_pooled_prompt_embeds, batch), pooled])
+        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
     def velocity(self, x: torch.Tensor, sigma, cond: SD3Condition | None = None, grad: bool = False) -> torch.Tensor:
         """v = v_u + w (v_c - v_u) (one batched transformer call) or v_c when w <= 1; float32 like ``x``."""
         cond = self.velocity_inputs(x, cond)
@@ -194,20 +205,17 @@ class SD3Model(PipelineFlowModel):
         device, dtype = self.device, self.dtype
         scale = float(self.scheduler.config.get("num_train_timesteps", 1000))
         timestep = sigma_batch(sigma, batch, device) * scale
-        embeds = repeat_for_batch(cond.prompt_embeds, batch)
-        pooled = repeat_for_batch(cond.pooled_prompt_embeds, batch)
+        embeds, pooled = self.text_batch(cond, batch, lambda: self._text_inputs(cond, batch))
         hidden = x.to(device=device, dtype=dtype)
         if cond.do_cfg:
-            embeds = torch.cat([repeat_for_batch(cond.negative_prompt_embeds, batch), embeds])
-            pooled = torch.cat([repeat_for_batch(cond.negative_pooled_prompt_embeds, batch), pooled])
             hidden = torch.cat([hidden, hidden])
             timestep = torch.cat([timestep, timestep])
         with torch.set_grad_enabled(grad):
             out = self.transformer(
                 hidden_states=hidden,
                 timestep=timestep,
-                encoder_hidden_states=embeds.to(device=device, dtype=dtype),
-                pooled_projections=pooled.to(device=device, dtype=dtype),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
                 return_dict=False,
             )[0].float()
             if cond.do_cfg:

@@ -219,12 +219,13 @@ class ZImageModel(PipelineFlowModel):
         device = self.device
         steps = float(self.scheduler.config.num_train_timesteps)
         timestep = (steps - sigma_batch(sigma, batch, device) * steps) / steps  # the pipeline's arithmetic
-        guided = torch.full((batch,), cond.do_cfg, device=device)
-        if cond.do_cfg and cond.cfg_truncation <= 1:
-            guided = timestep.double() <= cond.cfg_truncation
+        # per sample where CFG is truncated, tau < 1 (one host read per step); tau >= 1 keeps it at every step (the
+        # pipeline's t_norm <= 1 for every s >= 0), with no test to read
+        truncated = cond.do_cfg and cond.cfg_truncation < 1
+        guided = timestep.double() <= cond.cfg_truncation if truncated else None
         features = repeat_list(cond.prompt_embeds, batch, "prompt")
         with torch.set_grad_enabled(grad):
-            if not bool(guided.any()):
+            if not cond.do_cfg or (guided is not None and not bool(guided.any())):
                 v = -self._call(x, timestep, features)
             else:  # one batched call on [positive, negative]
                 negatives = repeat_list(cond.negative_prompt_embeds, batch, "prompt")
@@ -233,5 +234,6 @@ class ZImageModel(PipelineFlowModel):
                 v = classifier_free(v_pos, v_neg, 1.0 + cond.guidance_scale)
                 if cond.cfg_normalization > 0:
                     v = rescale_to_norm(v, v_pos, dim=(1, 2, 3), max_ratio=cond.cfg_normalization)
-                v = torch.where(guided[:, None, None, None], v, v_pos)
+                if guided is not None:
+                    v = torch.where(guided[:, None, None, None], v, v_pos)
         return v.to(x.device)

@@ -390,6 +390,7 @@ def load_model(
     decoder: Any = None,
     encoder: Any = None,
     torch_dtype: torch.dtype | str | None = None,
+    memory: str | None = None,
     **options,
 ) -> FlowModel:
     """Build a :class:`~guidance.backbones.base.FlowModel`.
@@ -410,6 +411,13 @@ def load_model(
             used by ``decode``, e.g. "madebyollin/taesd3" for SD3.
         encoder: the same for ``encode`` (None: the full VAE encodes). FLAIR's official code decodes and encodes
             with TAESD3: ``decoder="madebyollin/taesd3", encoder="madebyollin/taesd3"`` (loaded once).
+        memory: a memory profile of :data:`guidance.memory_profiles.PROFILES` ("none", "balanced", "low", "8bit",
+            "4bit", "minimal"), applied after loading on ``device`` (default: CUDA when available, else the CPU): the
+            offloading profiles keep weights on the CPU and move each part to the device while it runs, the
+            quantising ones store the transformer blocks' linear weights in 8 or 4 bits. ``"auto"``: the lightest
+            profile whose planned peak of unguided sampling at the family's size fits the device's free memory
+            (:mod:`guidance.memory_estimate`), refused in one line when none fits. None: no profile (a pipeline
+            object keeps its own placement).
         options: for pipeline sources (SD3, Flux, ...), passed to the pipeline's ``from_pretrained`` (e.g.
             ``variant="fp16"``, or ``text_encoder_3=None, tokenizer_3=None`` to run SD3 without T5); for generic
             folders, passed to :class:`~guidance.backbones.generic.GenericFlowModel` (``timestep_scale``, ``shift``,
@@ -417,9 +425,11 @@ def load_model(
 
     Raises:
         ModelNotFoundError: the weights are not on this machine (the message says how to get them).
-        ValueError: the source is of an unknown kind or an unsupported pipeline.
+        ValueError: the source is of an unknown kind or an unsupported pipeline, or no memory profile fits.
     """
     from diffusers import DiffusionPipeline
+
+    from ..memory_profiles import AUTO, apply_profile, check_profile
 
     if torch_dtype is not None:
         if dtype is not None and (_is_auto(dtype) != _is_auto(torch_dtype) or not _is_auto(dtype)
@@ -431,19 +441,36 @@ def load_model(
     if isinstance(source, str) and not source.strip():
         raise ValueError("the model source is empty: give a hub id, a local folder or 'default'")
     if isinstance(source, FlowModel):
-        if decoder is not None or encoder is not None or options:
-            raise ValueError("a FlowModel is returned as it is; decoder, encoder and options apply only when loading")
+        if decoder is not None or encoder is not None or options or memory is not None:
+            raise ValueError("a FlowModel is returned as it is; decoder, encoder, memory and options apply only when "
+                             "loading (apply a profile to a loaded model with guidance.memory_profiles.apply_profile)")
         return source
+    if memory is not None:
+        memory = check_profile(memory)
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if memory == AUTO:
+        from ..memory import check_plan
+
+        memory = check_plan(source, "unguided", None, None, 1, AUTO, device=device, dtype=dtype,
+                            local_files_only=local_files_only, what="sampling run") or "none"
+    placed = memory not in (None, "none")  # the profile places the weights, not this function
+
+    def finish(model: FlowModel) -> FlowModel:
+        if placed:
+            return apply_profile(model, memory, device)
+        if memory is not None:
+            model.memory_profile = memory
+        return model
 
     if isinstance(source, DiffusionPipeline):
         if options:
             raise ValueError(f"options {sorted(options)} apply only when loading from an id or folder")
-        if device is not None or dtype is not None:
+        if (device is not None and not placed) or dtype is not None:
             with casting():
-                source = source.to(device=device, dtype=dtype)
+                source = source.to(device=None if placed else device, dtype=dtype)
         decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or source._execution_device,
                                          local_files_only=local_files_only)
-        return _adapter_for_pipeline(source, decoder, encoder)
+        return finish(_adapter_for_pipeline(source, decoder, encoder))
 
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(
@@ -457,7 +484,7 @@ def load_model(
         folder = check_default_model(verify=False)  # the files are there; their manifest is checked on loading
         try:
             model = load_model(str(folder), dtype="auto" if auto else dtype, device=device, local_files_only=True,
-                               decoder=decoder, encoder=encoder, **options)
+                               decoder=decoder, encoder=encoder, memory=memory, **options)
         except DamagedModelError as error:
             raise DefaultModelError(f"the default model: {error}. " + _restore_hint(folder)) from None
         model.name_or_path = "default"
@@ -487,7 +514,7 @@ def load_model(
     if kind == "generic":
         _warn_generic(source, index)
         network, vae, scheduler = _load_generic(source, index, dtype, local_files_only)
-        if device is not None:
+        if device is not None and not placed:
             network = network.to(device)
             vae = vae.to(device) if vae is not None else None
         check_finite_weights({"transformer" if "transformer" in index else "unet": network, "vae": vae}, source)
@@ -501,13 +528,13 @@ def load_model(
         model.name_or_path = source
         if Path(source, "calibration").is_dir():
             model.calibration_dir = Path(source, "calibration")
-        return model
+        return finish(model)
 
     pipe = _from_pretrained(get_backbone(kind).pipeline_class(pipeline_class), source, local_files_only,
                             use_safetensors=True, **_dtype_kwargs(dtype), **options)
-    if device is not None:
+    if device is not None and not placed:
         pipe = pipe.to(device)
     check_finite_weights(pipe.components, source)  # on the device: one cheap pass
     decoder, encoder = _autoencoders(decoder, encoder, dtype=dtype, device=device or pipe._execution_device,
                                      local_files_only=local_files_only)
-    return _adapter_for_pipeline(pipe, decoder, encoder)
+    return finish(_adapter_for_pipeline(pipe, decoder, encoder))

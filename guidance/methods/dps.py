@@ -62,15 +62,15 @@ def activation_checkpointing(model, enabled: bool = True):
             module.disable_gradient_checkpointing()
 
 
-def _residual(objective: Objective, model, x0_hat: torch.Tensor, use_norm: bool) -> torch.Tensor:
+def _residual(objective: Objective, model, x0_hat: torch.Tensor, use_norm: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(r, negative): r = sqrt(L) with ``use_norm`` (L itself without), and with ``use_norm`` a 0-d bool tensor that
+    holds when some loss is negative, where the square root is undefined (None without); no host read."""
     loss = objective(model, x0_hat)
     if not use_norm:
-        return loss
-    if bool((loss < 0).any()):
-        raise ValueError(f"use_norm=True takes the square root of the loss, but {type(objective).__name__} returned a "
-                         f"negative loss; pass use_norm=False to differentiate the loss itself")
+        return loss, None
     # ‖·‖ = sqrt of the squared residual; the clamp keeps the gradient finite at an exact fit
-    return loss.clamp_min(1e-20).sqrt()
+    return loss.clamp_min(1e-20).sqrt(), (loss.detach() < 0).any()
 
 
 @torch.no_grad()
@@ -98,8 +98,9 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
             support it) to cut the activation memory; the previous setting is restored after the run.
         check_divergence: stop with a :class:`DivergenceError` naming the step and the state's scale when the
             residual or the state becomes NaN/inf, or a sample's RMS exceeds ``DIVERGENCE_FACTOR`` (100) times
-            its reference scale, as in :func:`~guidance.methods.flowchef.flowchef`. Checked after every step (one
-            host read, as the residual check already costs).
+            its reference scale, as in :func:`~guidance.methods.flowchef.flowchef`. Recorded on the device and read
+            once, after the loop (a run that diverges finishes its steps first), as is the sign of the loss under
+            ``use_norm``: the loop reads nothing back from the device.
 
     Returns:
         :class:`MethodResult`; ``info["residual"]``: r at the last guided step per sample (None without one),
@@ -120,6 +121,10 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
     residual = None
     hint = f"use a smaller step_size than {step_size}"
     monitor = DivergenceMonitor("dps", hint, check_divergence, reference_scale(model, x))
+    # recorded on the device, read once after the loop: a negative loss under use_norm, and the first step whose
+    # residual is NaN or infinite
+    negative = torch.zeros((), dtype=torch.bool, device=x.device)
+    bad_residual = torch.full((), -1, dtype=torch.long, device=x.device)
     with activation_checkpointing(model, gradient_checkpointing):
         for i in tqdm(range(num_steps), disable=not progress, desc="dps"):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -128,9 +133,14 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
                     x_in = x.detach().requires_grad_(True)
                     v = counted.velocity(x_in, sigma, cond, grad=True)
                     x0_hat = x0_from_velocity(x_in, v, sigma)
-                    r = _residual(objective, model, x0_hat, use_norm)
+                    r, below = _residual(objective, model, x0_hat, use_norm)
                     (grad,) = torch.autograd.grad(r.sum(), x_in)
                 v, x0_hat, residual = v.detach(), x0_hat.detach(), r.detach()
+                if below is not None:
+                    negative = negative | below
+                if check_divergence:
+                    new = ~torch.isfinite(residual).all() & (bad_residual < 0)
+                    bad_residual = torch.where(new, i, bad_residual)
             else:
                 v = counted.velocity(x, sigma, cond)
                 x0_hat, grad = x0_from_velocity(x, v, sigma), None
@@ -140,12 +150,14 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
             if grad is not None:
                 x = x - step_size * grad.to(x.dtype)
             x = step_end(on_step_end, i, sigma, sigma_next, {"x": x})
-            if check_divergence:
-                if residual is not None and i in guided and not bool(torch.isfinite(residual).all()):
-                    raise DivergenceError(f"dps diverged: the residual r became NaN or infinite at step {i}; {hint}")
-                monitor.update(x, i)
-                monitor.check()  # stop at once: every further step would cost a network backward pass
+            monitor.update(x, i)
 
+    if use_norm and bool(negative):
+        raise ValueError(f"use_norm=True takes the square root of the loss, but {type(objective).__name__} returned a "
+                         f"negative loss; pass use_norm=False to differentiate the loss itself")
+    step = int(bad_residual) if check_divergence else -1
+    if step >= 0 and not 0 <= int(monitor.first_bad) < step:  # the earlier of the two, the residual first
+        raise DivergenceError(f"dps diverged: the residual r became NaN or infinite at step {step}; {hint}")
     monitor.finish()
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas,

@@ -110,6 +110,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     state = start_state(counted, cond, num_steps, height, width, generator, batch_size, latents)
     x, cond = state.x, state.cond
     sigmas = state.sigmas[:num_steps] if time_grid == "model" else uniform_grid(num_steps).to(x.device)
+    levels = sigmas.tolist()  # the step sizes' levels on the host, read once: no device read in the loop
     objective.bind(model, state.height, state.width)
     image_shape = (1, model.image_channels, state.height, state.width)
     gain = data_term_gain(objective, image_shape, x.device) if normalize_step else 1.0
@@ -120,7 +121,7 @@ def pnp_flow(model, objective: Objective, *, num_steps: int = 28, cond=None, hei
     monitor = DivergenceMonitor("pnp_flow", hint, check_divergence, reference_scale(model, x))
     for i in tqdm(range(num_steps), disable=not progress, desc="pnp_flow"):
         sigma = sigmas[i]
-        gamma = step_size / gain * float(sigma) ** step_exponent
+        gamma = step_size / gain * levels[i] ** step_exponent
         loss, grad = objective_gradient(objective, model, x)
         z = x - gamma * grad.to(x.dtype)
         estimate = torch.zeros_like(x)

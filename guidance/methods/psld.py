@@ -112,7 +112,8 @@ def psld(model, objective: Objective, *, num_steps: int = 28, cond=None, height=
             support it), as :func:`~guidance.methods.dps.dps`; the previous setting is restored afterwards.
         check_divergence: stop with a :class:`DivergenceError` naming the step and the state's scale when the
             norms or the state become NaN/inf, or a sample's RMS exceeds ``DIVERGENCE_FACTOR`` (100) times its
-            reference scale; checked after every step (one host read, as every step costs a network backward).
+            reference scale; recorded on the device and read once, after the loop (a run that diverges finishes
+            its steps first): the loop reads nothing back from the device.
 
     Returns:
         :class:`MethodResult`; ``info["measurement_residual"]`` and ``info["gluing_residual"]``: r_y and r_g at the
@@ -158,6 +159,7 @@ def psld(model, objective: Objective, *, num_steps: int = 28, cond=None, height=
     r_y = r_g = None
     hint = f"use a smaller step_size than {step_size}"
     monitor = DivergenceMonitor("psld", hint, check_divergence, reference_scale(model, x))
+    bad_norms = torch.full((), -1, dtype=torch.long, device=x.device)  # the first step with NaN / inf norms
     with activation_checkpointing(model, gradient_checkpointing):
         for i in tqdm(range(num_steps), disable=not progress, desc="psld"):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -177,12 +179,13 @@ def psld(model, objective: Objective, *, num_steps: int = 28, cond=None, height=
             x = euler_step(x, v, sigma, sigma_next) - step_size * grad.to(x.dtype)
             x = step_end(on_step_end, i, sigma, sigma_next, {"x": x})
             if check_divergence:
-                if not bool(torch.isfinite(r_y).all() and torch.isfinite(r_g).all()):
-                    raise DivergenceError(f"psld diverged: the residual norms became NaN or infinite at step {i}; "
-                                          f"{hint}")
-                monitor.update(x, i)
-                monitor.check()  # stop at once: every further step would cost a network backward pass
+                new = ~(torch.isfinite(r_y).all() & torch.isfinite(r_g).all()) & (bad_norms < 0)
+                bad_norms = torch.where(new, i, bad_norms)
+            monitor.update(x, i)
 
+    step = int(bad_norms) if check_divergence else -1  # read once, after the loop
+    if step >= 0 and not 0 <= int(monitor.first_bad) < step:  # the earlier of the two, the norms first
+        raise DivergenceError(f"psld diverged: the residual norms became NaN or infinite at step {step}; {hint}")
     monitor.finish()
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas,

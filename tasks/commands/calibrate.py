@@ -65,10 +65,12 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | tuple
                      prompt: str | None = None,
                      guidance_scale: float | None = None, num_points: int = CRW_POINTS,
                      cache_dir: str | os.PathLike | None = None, seed: int = 0, batch_size: int = 8,
-                     progress: bool = True, device: str | None = None, dtype: Any = None) -> CRWTable:
+                     progress: bool = True, device: str | None = None, dtype: Any = None,
+                     memory: str | None = None) -> CRWTable:
     """Measure and cache the CRW table of ``model`` (anything :func:`guidance.load_model` takes) on the images
     of a folder, resized and centre-cropped to ``size``: a side N for N x N or (height, width) (default: the
-    model's native size). Its path is ``table.metadata["path"]``."""
+    model's native size). Its path is ``table.metadata["path"]``. ``memory`` is a memory profile (a batch the planner
+    says does not fit is refused before the model loads)."""
     check_int(num_points, "the calibration points (--points)", 2, MAX_STEPS)
     if size is not None:
         if not isinstance(size, int) and not (isinstance(size, (tuple, list)) and len(size) == 2):
@@ -86,7 +88,11 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | tuple
 
     device = check_device(device)  # before anything loads
     check_writable(crw_cache_dir(cache_dir), "--cache-dir", "the calibration cache folder")  # before any work
-    net = open_model(model, device=device, dtype=dtype, progress=progress)
+    from .memory import preload_profile
+
+    planned = None if size is None else _height_width(size)
+    memory = preload_profile(model, memory, "unguided", planned, batch_size, device, dtype, "calibration batch")
+    net = open_model(model, device=device, dtype=dtype, progress=progress, memory=memory)
     if size is None:
         if not getattr(net, "default_size", None):
             raise ValueError(f"{type(net).__name__} has no native size; pass --size")
@@ -138,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         table = calibrate_folder(args.model, args.images, size=parse_size(args.size), prompt=args.prompt,
                                  guidance_scale=args.guidance_scale, num_points=args.points,
                                  cache_dir=args.cache_dir, seed=args.seed, batch_size=args.batch_size,
-                                 progress=not args.quiet, device=args.device, dtype=args.dtype)
+                                 progress=not args.quiet, device=args.device, dtype=args.dtype,
+                                 memory=args.memory)
     meta, weights = table.metadata, table.weights
     peak = int(weights.argmax())
     print(f"calibrated on {meta['num_images']} images at {meta['height']}x{meta['width']}, {len(table)} points, "
@@ -175,4 +182,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .memory import add_memory_argument
+
+    add_memory_argument(parser)
     parser.set_defaults(run=run)

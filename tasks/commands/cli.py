@@ -23,6 +23,7 @@ COMMANDS = (
     "tasks.commands.generate",
     "tasks.commands.edit",
     "tasks.commands.speed",
+    "tasks.commands.memory",
 )
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130

@@ -154,7 +154,7 @@ def edit(image, mask=None, source_prompt: str | None = None, edit_prompt: str | 
          options: dict | None = None, guidance_scale: float | None = None, strength: float | None = None,
          reward: Any = None, classifier: Any = None, label: Any = None, weight: float = 1.0,
          resize: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
-         device: str | None = None, dtype: Any = None, output_type: str = "pil") -> Edit:
+         device: str | None = None, dtype: Any = None, output_type: str = "pil", memory: str | None = None) -> Edit:
     """Edit ``image`` with one of :data:`METHODS`: toward ``edit_prompt`` (from ``source_prompt``, which describes
     the image), toward a ``classifier``'s ``label`` or a ``reward`` (scaled by ``weight``), inside ``mask`` (white
     = edit) when given.
@@ -165,9 +165,11 @@ def edit(image, mask=None, source_prompt: str | None = None, edit_prompt: str | 
     rf_inversion) is the fraction of the schedule inverted and regenerated. ``options`` are the method's own
     (``flowsteer methods`` lists them). ``guidance_scale`` is the model's guidance of the edit prompt (the
     method's default when None). With ``out``, writes edited.png, grid.png (input, mask, edited) and metrics.json;
-    everything cheap is checked before the model loads."""
+    everything cheap is checked before the model loads. ``memory`` is a memory profile (a run the planner says
+    does not fit is refused before the model loads)."""
     from guidance.methods import method_options
 
+    from .memory import preload_profile
     from .restore import fit_size, open_model, peak_memory, resize_image
 
     check_output_type(output_type)
@@ -220,7 +222,8 @@ def edit(image, mask=None, source_prompt: str | None = None, edit_prompt: str | 
         inputs = [p for p in (image, mask) if isinstance(p, (str, os.PathLike))]
         out = prepare_output_dir(out, OUTPUT_NAMES, overwrite=overwrite, inputs=inputs)
 
-    net = open_model(model, device=device, dtype=dtype, progress=progress)
+    memory = preload_profile(model, memory, method, None if resize else size, 1, device, dtype, "edit", options)
+    net = open_model(model, device=device, dtype=dtype, progress=progress, memory=memory)
     if (source_prompt is not None or edit_prompt is not None) and not getattr(net, "takes_text", False):
         name = getattr(net, "name_or_path", None) or type(net).__name__
         raise ValueError(f"editing follows the edit prompt, but the model {name!r} takes no text: use a "
@@ -350,7 +353,8 @@ def read_prompts(prompts: str | os.PathLike, folder: str | os.PathLike, out: str
 
 
 def edit_folder(folder, prompts, *, out, model: Any = "default", overwrite: bool = False, progress: bool = True,
-                device: str | None = None, dtype: Any = None, **settings) -> list[Path]:
+                device: str | None = None, dtype: Any = None, memory: str | None = None,
+                **settings) -> list[Path]:
     """Run every edit of ``prompts`` on the images of ``folder`` (see :func:`read_prompts`) with one loaded model;
     ``settings`` are :func:`edit`'s (method, num_steps, seed, options, guidance_scale, strength, resize).
     Edits whose outputs exist are skipped (unless ``overwrite``); returns the folders written."""
@@ -362,7 +366,7 @@ def edit_folder(folder, prompts, *, out, model: Any = "default", overwrite: bool
     method = choose_method(settings.get("method"), False)
     for job in jobs:
         _check_prompts(method, job.source_prompt, job.edit_prompt, False)
-    net = open_model(model, device=check_device(device), dtype=dtype, progress=progress)
+    net = open_model(model, device=check_device(device), dtype=dtype, progress=progress, memory=memory)
     written = []
     for job in jobs:
         if not overwrite and all((job.out / name).is_file() for name in OUTPUT_NAMES):
@@ -395,7 +399,8 @@ def run(args) -> int:
         out = args.out or f"{Path(args.input).name}_edited"
         with cli_messages():
             written = edit_folder(args.input, args.prompts, out=out, model=args.model, overwrite=args.overwrite,
-                                  progress=not args.quiet, device=args.device, dtype=args.dtype, **common)
+                                  progress=not args.quiet, device=args.device, dtype=args.dtype,
+                                  memory=args.memory, **common)
         print(f"wrote {len(written)} edit(s) to {out}")
         return 0
     out = args.out or f"{Path(args.input).stem}_edited"
@@ -403,7 +408,7 @@ def run(args) -> int:
         result = edit(args.input, args.mask, args.source_prompt, args.edit_prompt, model=args.model,
                       reward=args.reward, classifier=args.classifier, label=args.label, weight=args.weight,
                       out=out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                      dtype=args.dtype, **common)
+                      dtype=args.dtype, memory=args.memory, **common)
     m = result.metrics
     change = ", ".join(f"{where} {m[f'change_{where}_mask']:.3g}" for where in ("inside", "outside")
                        if m[f"change_{where}_mask"] is not None) or f"{m['change']:.3g}"
@@ -456,4 +461,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .memory import add_memory_argument
+
+    add_memory_argument(parser)
     parser.set_defaults(run=run)

@@ -92,14 +92,16 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
              negative_prompt: str | None = None, guidance_scale: float | None = None, options: dict | None = None,
              compare: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
              progress: bool = True, device: str | None = None, dtype: Any = None, output_type: str = "pil",
-             num_inference_steps: int | None = None) -> Generation:
+             num_inference_steps: int | None = None, memory: str | None = None) -> Generation:
     """Generate ``num`` images guided toward a ``reward`` (``"clip:TEXT"``, ``"module:function"`` or a callable
     images -> (B,)) or toward class ``label`` (an index or a class name) of a ``classifier`` (``"default"`` or
     ``"default:judge"``, the default model's own, a transformers hub id or folder, ``"module:function"`` or a
     callable images -> logits), with ``method`` (flowchef, best_of_n, particles, dps or unguided)
     and its ``options``. ``weight`` scales the objective. With ``out``, writes sample_<i>.png, grid.png and
     metrics.json (and unguided_<i>.png with ``compare``); everything cheap is checked before the model loads.
-    ``output_type`` is the form of the result's ``images``; ``num_inference_steps`` is diffusers' ``num_steps``."""
+    ``output_type`` is the form of the result's ``images``; ``num_inference_steps`` is diffusers' ``num_steps``;
+    ``memory`` a memory profile (a run the planner says does not fit is refused before the model loads)."""
+    from .memory import preload_profile
     from .restore import open_model, peak_memory, steps_argument
 
     check_output_type(output_type)
@@ -121,14 +123,16 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     if out is not None:
         out = prepare_output_dir(out, output_names(num, compare), overwrite=overwrite)
     guide = make_guide(reward=reward, classifier=classifier, label=label, clip=clip, weight=weight, device=device)
-    net = open_model(model, device=device, dtype=dtype, progress=progress)
+    planned = (height, width) if height is not None and width is not None else None
+    memory = preload_profile(model, memory, method, planned, 1, device, dtype, "generation", options)
+    net = open_model(model, device=device, dtype=dtype, progress=progress, memory=memory)
     if (height is None or width is None) and net.default_size is None:
         raise ValueError(f"{type(net).__name__} has no default image size; give one with --size (N or H W)")
     height = net.default_size[0] if height is None else height
     width = net.default_size[1] if width is None else width
     net.check_size(height, width)
     check_work({"num": num, "num_steps": num_steps}, "generate")
-    check_memory(net, height, width, 1, "generation")
+    check_memory(net, height, width, 1, "generation", method, options)
     extra = {k: v for k, v in (("negative_prompt", negative_prompt), ("guidance_scale", guidance_scale))
              if v is not None}
     cond = net.condition(prompt, **extra) if prompt is not None or extra else None
@@ -220,7 +224,7 @@ def run(args) -> int:
             seed=args.seed, height=height, width=width, negative_prompt=args.negative_prompt,
             guidance_scale=args.guidance_scale, options=parse_options(args.option), compare=args.compare,
             out=args.out, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-            dtype=args.dtype)
+            dtype=args.dtype, memory=args.memory)
     m = result.metrics
     versus = f" (unguided {m['unguided_mean_score']:.4g})" if "unguided_mean_score" in m else ""
     print(f"{args.method}: mean {m['score_kind']} {m['mean_score']:.4g}{versus}; {m['nfe']} NFE, "
@@ -269,4 +273,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .memory import add_memory_argument
+
+    add_memory_argument(parser)
     parser.set_defaults(run=run)

@@ -390,10 +390,12 @@ def check_measurement_size(model, measured: tuple[int, int], implied: tuple[int,
                      f"{type(model).__name__} takes {rule}: give {how}, or {resize}")
 
 
-def check_memory(model, height: int, width: int, samples: int = 1) -> float | None:
-    """The estimated peak memory (GiB) of restoring a ``height`` x ``width`` image with ``samples`` seeds; a
-    ValueError before anything runs when it is beyond the memory free here (:func:`guidance.memory.check_memory`)."""
-    return memory.check_memory(model, height, width, samples, "restoration")
+def check_memory(model, height: int, width: int, samples: int = 1, method: str | None = None,
+                 options: dict | None = None) -> float | None:
+    """The estimated peak memory (GiB) of restoring a ``height`` x ``width`` image with ``samples`` seeds by
+    ``method``; a ValueError before anything runs when it is beyond the memory free here
+    (:func:`guidance.memory.check_memory`)."""
+    return memory.check_memory(model, height, width, samples, "restoration", method, options)
 
 
 def operator_multiple(operator) -> int:
@@ -410,10 +412,11 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def open_model(source: Any = "default", device: str | torch.device | None = None, dtype: Any = None,
-               progress: bool = True, decoder: Any = None, encoder: Any = None):
+               progress: bool = True, decoder: Any = None, encoder: Any = None, memory: str | None = None):
     """:func:`guidance.load_model` on ``device`` (default CUDA when available, else CPU) in ``dtype`` (a torch
     dtype or its name; default bfloat16 on CUDA, float32 on CPU), with the autoencoders ``decoder`` / ``encoder``
-    in place of the model's VAE when given; a missing model's error suggests close known names."""
+    in place of the model's VAE when given and the memory profile ``memory``; a missing model's error suggests
+    close known names."""
     from guidance.loading.models import ModelNotFoundError, load_model
     from guidance.backbones.base import FlowModel
 
@@ -421,12 +424,15 @@ def open_model(source: Any = "default", device: str | torch.device | None = None
         if decoder is not None or encoder is not None:
             raise ValueError("a decoder or encoder cannot be swapped into an already-built model; load the model "
                              "by its id or folder, or build it with decoder= / encoder=")
+        if memory is not None:
+            raise ValueError("a memory profile is applied when a model loads; load the model by its id or folder, "
+                             "or apply one to the built model with guidance.memory_profiles.apply_profile")
         return source
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = check_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with quiet_loading(not progress):
         try:
-            return load_model(source, device=device, dtype=dtype, decoder=decoder, encoder=encoder)
+            return load_model(source, device=device, dtype=dtype, decoder=decoder, encoder=encoder, memory=memory)
         except ModelNotFoundError as error:
             from .listings import KNOWN_MODELS
 
@@ -460,11 +466,12 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
                  space: str = "pixel", options: dict | None = None, prompt: str | None = None,
                  guidance_scale: float | None = None, resize: bool = False, overwrite: bool = False,
                  progress: bool = True, device: str | None = None, dtype: Any = None, samples: int = 1,
-                 consistency_steps: int | None = None) -> Restoration:
+                 consistency_steps: int | None = None, memory: str | None = None) -> Restoration:
     """Restore the image file ``input`` (the clean image with ``simulate``, else the measurement) and write
     ``restored.png``, ``measurement.png``, ``grid.png`` and ``metrics.json`` into ``out`` (default
     ``<input stem>_restored``), each atomically. Everything cheap (files, operator, method, output folder) is
-    checked before the model loads. ``model`` is anything :func:`guidance.load_model` takes."""
+    checked before the model loads. ``model`` is anything :func:`guidance.load_model` takes; ``memory`` a memory
+    profile (a run the planner says does not fit is refused before the model loads)."""
     if space not in ("pixel", "latent"):
         raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
     if simulate and reference is not None:
@@ -499,10 +506,14 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
             raise ValueError(f"the reference is {clean.shape[-2]}x{clean.shape[-1]} but the restored image will be "
                              f"{x_shape[-2]}x{x_shape[-1]}; pass the clean image that matches the measurement")
 
-    net = open_model(model, device=device, dtype=dtype, progress=progress)
+    from .memory import preload_profile
+
+    planned = None if resize else original if simulate else tuple(x_shape[-2:])
+    memory = preload_profile(model, memory, method, planned, samples, device, dtype, "restoration", options, space)
+    net = open_model(model, device=device, dtype=dtype, progress=progress, memory=memory)
     if simulate:
         size = fit_size(net, *original, resize, what="input image", operator=op)
-        check_memory(net, *size, samples)
+        check_memory(net, *size, samples, method, options)
         image = resize_image(image, size)
         _operator_output(op, spec, tuple(image.shape))
     else:
@@ -511,7 +522,7 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
             check_measurement_size(net, original, tuple(x_shape[-2:]), resize_flag=True)
         size = fit_size(net, x_shape[-2], x_shape[-1], resize,
                         what=f"restored image (from the {original[0]}x{original[1]} measurement)")
-        check_memory(net, *size, samples)
+        check_memory(net, *size, samples, method, options)
         if size != tuple(x_shape[-2:]):
             image = resize_image(image, _operator_output(op, spec, (1, x_shape[1], *size))[-2:])
         clean = None if clean is None else resize_image(clean, size)
@@ -594,7 +605,7 @@ def run(args) -> int:
             space=args.space, options=parse_options(args.option), prompt=args.prompt,
             guidance_scale=args.guidance_scale, resize=args.resize, overwrite=args.overwrite,
             progress=not args.quiet, device=args.device, dtype=args.dtype, samples=args.samples,
-            consistency_steps=args.consistency_steps)
+            consistency_steps=args.consistency_steps, memory=args.memory)
     metrics = result.metrics
     quality = ", ".join(f"{k.upper()} {_format_metric(metrics[k])}" for k in ("psnr", "ssim", "lpips") if k in metrics)
     print(f"{args.method}: {metrics['nfe']} NFE, {metrics['seconds']:.1f} s" + (f"; {quality}" if quality else ""))
@@ -641,4 +652,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .memory import add_memory_argument
+
+    add_memory_argument(parser)
     parser.set_defaults(run=run)

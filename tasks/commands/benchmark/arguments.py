@@ -30,7 +30,8 @@ def run(args) -> int:
             dtype=args.dtype, progress=not args.quiet, samples=args.samples,
             consistency_steps=args.consistency_steps, preset=args.preset, prompt=args.prompt,
             negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, captions=args.captions,
-            noise_std=args.noise_std, decoder=args.decoder, encoder=args.encoder, official_quirks=args.official_quirks)
+            noise_std=args.noise_std, decoder=args.decoder, encoder=args.encoder, official_quirks=args.official_quirks,
+            memory=args.memory)
     done = f"{result.computed} item(s) computed, {result.skipped} already done"
     if result.summary is None:
         print(f"process {result.rank} of {result.world_size}: {done}; process 0 writes the summary")
@@ -99,4 +100,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    from ..memory import add_memory_argument
+
+    add_memory_argument(parser)
     parser.set_defaults(run=run)

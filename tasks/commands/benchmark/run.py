@@ -98,7 +98,8 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
                   consistency_steps: int | None = None, preset: str | None = None, prompt: str | None = None,
                   negative_prompt: str | None = None, guidance_scale: float | None = None,
                   captions: str | os.PathLike | None = None, noise_std: float | None = None,
-                  decoder: Any = None, encoder: Any = None, official_quirks: bool = False) -> BenchmarkResult:
+                  decoder: Any = None, encoder: Any = None, official_quirks: bool = False,
+                  memory: str | None = None) -> BenchmarkResult:
     """Restore every image in the folder ``images`` with every operator and method, and write the results.
 
     Args:
@@ -125,6 +126,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
         noise_std: the measurement noise of every operator (default: each operator's own).
         decoder, encoder: autoencoders replacing the model's VAE to decode / encode (e.g. "madebyollin/taesd3");
             "none" keeps the model's own.
+        memory: a memory profile of the model; a run the planner says does not fit is refused before it loads.
     """
     started = _process_start()
     rank, world_size = _shard(rank, world_size)
@@ -141,7 +143,7 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
     marker.unlink(missing_ok=True)
     fresh = not (run.out / "benchmark.json").exists()  # nothing of an earlier run here
     try:
-        net = _open_model(run, device, progress)  # 3. the model, and the size and operators it fits
+        net = _open_model(run, device, progress, memory)  # 3. the model, and the size and operators it fits
         _check_out(run.out, run.settings, overwrite, [k for k in run.settings if k != "format"])
         items, fingerprints = _items(run)  # 4. every item, and the fingerprint it resumes by
         _prepare_out(run, items, rank, started, overwrite)  # 5. process 0: stale files out, benchmark.json in
@@ -296,15 +298,20 @@ def _model_label(model: Any) -> str:
 
 
 # -- 3. the model ---------------------------------------------------------------------------------------------
-def _open_model(run: _Run, device: str | None, progress: bool):
+def _open_model(run: _Run, device: str | None, progress: bool, memory: str | None = None):
     """The run's model, on this process's device; the size it restores at (its default size, else 256) checked
     against it and every operator, and the settings completed with the size, dtype and device."""
     from operators import make_operator
 
+    from ..memory import preload_profile
     from ..restore import allowed_size, open_model
 
+    planned = None if run.size is None else (run.size, run.size)
+    for method in run.methods:  # the same profile must fit every method's run
+        memory = preload_profile(run.model, memory, method, planned, run.samples, _default_device(device),
+                                 run.dtype, "benchmark item", run.options.get(method), run.space)
     net = open_model(run.model, device=_default_device(device), dtype=run.dtype, progress=progress,
-                     decoder=run.decoder, encoder=run.encoder)
+                     decoder=run.decoder, encoder=run.encoder, memory=memory)
     if run.conditioned and not getattr(net, "takes_text", True) and run.preset is not None and not run.user_text:
         # the preset's text settings, not the user's: an unconditional model runs the rest of the setting
         settings = run.settings

@@ -66,8 +66,9 @@ def add_parser(commands) -> None:
                         help="on the CPU, measure every cell in this process (default: a fresh process per cell, "
                              "so that each cell's peak memory is its own)")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="leave the cells that would start later than this unmeasured (results so far are "
-                             "written after every row)")
+                        help="start a cell only if its estimated seconds (rescaled by what the run measured so far) "
+                             "fit in what is left of these; the others stay unmeasured (results so far are written "
+                             "after every row)")
     parser.add_argument("--batch-size", type=int, default=1, help="images (seeds) per call (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell after a warm-up (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
