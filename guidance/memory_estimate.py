@@ -378,7 +378,7 @@ def _role(key: str) -> str | None:
 
 def _config_modules(source: str, index: dict, local_files_only: bool) -> dict[str, tuple[str, torch.nn.Module]]:
     """Each component of a folder or hub repository built on the meta device from its config.json."""
-    from .loading.models import _hub_errors, _not_found, hub_offline
+    from .loading.sources import hub_errors, hub_offline, not_found
 
     offline = local_files_only or hub_offline()
     built = {}
@@ -402,8 +402,8 @@ def _config_modules(source: str, index: dict, local_files_only: bool) -> dict[st
                 config = AutoConfig.from_pretrained(source, subfolder=key, local_files_only=offline)
                 with torch.device("meta"):
                     module = cls._from_config(config)
-        except _hub_errors() as error:
-            raise _not_found(source, error, offline) from None
+        except hub_errors() as error:
+            raise not_found(source, error, offline) from None
         built[key] = (role, module)
     return built
 
@@ -461,7 +461,7 @@ def model_spec(source: Any, *, local_files_only: bool = False, cfg: bool | None 
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"the planner takes a hub id, a local folder, a diffusers pipeline or a flow model, not "
                          f"{type(source).__name__}")
-    from .loading.models import _classify, _read_index
+    from .loading.sources import classify_index, read_index
 
     source = os.fspath(source)
     if source == "default":
@@ -469,8 +469,8 @@ def model_spec(source: Any, *, local_files_only: bool = False, cfg: bool | None 
 
         source = str(check_default_model(verify=False))
     folder = Path(source).expanduser()
-    index = _read_index(str(folder) if folder.is_dir() else source, local_files_only)
-    family, _ = _classify(index)
+    index = read_index(str(folder) if folder.is_dir() else source, local_files_only)
+    family, _ = classify_index(index)
     default = get_backbone(family).default_size if family != "generic" else None
     if cfg is None and family == "flux2":  # klein base runs CFG; dev and the step-distilled klein do not
         cfg = "Klein" in str(index.get("_class_name")) and not index.get("is_distilled", False)
@@ -497,13 +497,13 @@ def with_decoder(spec: ModelSpec, decoder: Any, local_files_only: bool = False) 
     if isinstance(decoder, (str, os.PathLike)):
         import diffusers
 
-        from .loading.models import _hub_errors, _not_found, hub_offline
+        from .loading.sources import hub_errors, hub_offline, not_found
 
         offline = local_files_only or hub_offline()
         try:
             config = diffusers.AutoencoderTiny.load_config(os.fspath(decoder), local_files_only=offline)
-        except _hub_errors() as error:
-            raise _not_found(os.fspath(decoder), error, offline) from None
+        except hub_errors() as error:
+            raise not_found(os.fspath(decoder), error, offline) from None
         cls = getattr(diffusers, str(config.get("_class_name", "AutoencoderTiny")), diffusers.AutoencoderTiny)
         with torch.device("meta"):
             decoder = cls.from_config(config)
@@ -597,12 +597,18 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     return check_dtype(dtype)
 
 
+#: The defaults of the method options that change a run's memory (the methods' own; a test keeps them equal), so
+#: that the planner, below the methods, reads no method
+OPTION_DEFAULTS = {"particles": {"particles": 8}, "best_of_n": {"candidates": 8},
+                   "dps": {"gradient_checkpointing": True}, "psld": {"gradient_checkpointing": True}}
+#: Registered methods that guide simplex flows over sequences, which the planner does not cover
+SEQUENCE_METHODS = ("straight_through",)
+
+
 def _option(options: dict, name: str, method: str, default):
     if name in options:
         return options[name]
-    from .methods import method_options
-
-    return method_options(method).get(name, default)
+    return OPTION_DEFAULTS.get(method, {}).get(name, default)
 
 
 def plan(source: Any, method: str = "unguided", height: int | None = None, width: int | None = None,
@@ -620,9 +626,7 @@ def plan(source: Any, method: str = "unguided", height: int | None = None, width
     from operators.checks import check_int
 
     if method not in METHODS:
-        from .methods import REGISTRY
-
-        if method in REGISTRY:
+        if method in SEQUENCE_METHODS:
             raise ValueError(f"the planner covers image methods; {method!r} guides simplex flows over sequences")
         raise ValueError(f"unknown method {method!r}; the planner knows {', '.join(METHODS)}")
     if space not in ("pixel", "latent"):

@@ -246,7 +246,9 @@ def apply_profile(model, name: str, device: torch.device | str | None = None):
         own = [getattr(m, "tile_sample_min_size", None) or getattr(m, "tile_sample_min_height", None)
                for m in codec.modules()]
         own = [size[0] if isinstance(size, (tuple, list)) else size for size in own if size]
-        codec.enable_tiling(min([TILE_SIZE, *own]))
+        # at least 8 latent pixels a tile, so that the overlap covers one latent pixel (a tiny test autoencoder's own
+        # tile can be smaller)
+        codec.enable_tiling(max(8 * int(getattr(codec, "spatial_factor", 8)), min([TILE_SIZE, *own])))
     if profile.checkpointing and getattr(network, "_supports_gradient_checkpointing", False):
         network.enable_gradient_checkpointing()
     if profile.placement == "device" or (profile.placement == "text_swap" and pipeline is None):

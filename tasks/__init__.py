@@ -7,7 +7,8 @@ family) and ``default_model/`` (training and evaluation of the embedded default 
 
 Every command is a function here: ``tasks.restore(model, image, "sr:factor=4", "flair")``, ``tasks.generate``,
 ``tasks.edit``, ``tasks.design``, ``tasks.benchmark`` (``run_benchmark``), ``tasks.calibrate``
-(``calibrate_folder``) and ``tasks.speed`` (``run_speed``). They and the helpers below load on first use, so
+(``calibrate_folder``), ``tasks.speed`` (``run_speed``) and ``tasks.memory`` (the planner,
+:func:`guidance.memory_estimate.plan`). They and the helpers below load on first use, so
 ``import tasks`` (and the ``flowsteer`` console entry, :mod:`tasks.commands.cli`) imports neither torch nor
 diffusers: Ctrl-C during start-up is met by the command line's own handling.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "benchmark": ("tasks.commands.benchmark", "run_benchmark"),
     "calibrate": ("tasks.commands.calibrate", "calibrate_folder"),
     "speed": ("tasks.commands.speed", "run_speed"),
+    "memory": ("guidance.memory_estimate", "plan"),
 }
 
 #: every name imported on first use: the commands and the helpers the demos use

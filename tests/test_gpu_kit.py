@@ -125,7 +125,9 @@ def test_dry_run_of_part_2_runs_every_run_and_joins_the_tables(tmp_path, capsys)
     compiled = [results["backbones"] for what, results in runs.items() if what.startswith("regional compile")]
     assert len(compiled) == 2 and all("regional" in info["compile"] for backbones in compiled
                                       for info in backbones.values())
-    assert "all 8 runs measured" in stdout
+    assert f"all {sum(part == 2 for part, _, _ in gpu_check.DRY_RUNS)} runs measured" in stdout
+    profiles = [run["results"]["backbones"] for run in report["speed"] if "memory profile" in run["what"]]
+    assert [info["memory"] for backbones in profiles for info in backbones.values()] == ["8bit", "low"]
 
 
 def test_a_run_starts_only_if_its_estimate_fits_what_is_left(monkeypatch, tmp_path, capsys):
@@ -214,12 +216,13 @@ def test_the_gpu_runs_are_the_dry_runs_at_full_size():
     """What the GPU runs measure, part by part. Part 1: SD3.5-medium and FLUX.1-dev at 512, 768 and 1024 pixels
     and 28 steps, every method (FLUX.1-dev's 1024 first). Part 2: today's models (FLUX.2 klein, Qwen-Image) at 1024,
     FlowDPS on SD3.5-medium, OT-ODE and Flower on the pixel-space network of their papers, the editors FlowEdit and
-    RF-Inversion on sd3.5-medium and flux-dev at 1024, then the regional compile of the watched pair. The dry run has
+    RF-Inversion on sd3.5-medium and flux-dev at 1024, the memory profiles 8bit (FLUX.1-dev) and low (SD3.5-medium)
+    at 1024, then the regional compile of the watched pair. The dry run has
     each run in miniature: the same part, methods and switches, each backbone's tiny counterpart."""
     from tasks.commands.speed import BACKBONES, FULL_SIZE
 
     def cells(part: int) -> set:
-        return {(b, m, s, n, a.get("compile", "off")) for p, _, a in gpu_check.GPU_RUNS if p == part
+        return {(b, m, s, n, a.get("compile", a.get("memory", "off"))) for p, _, a in gpu_check.GPU_RUNS if p == part
                 for b in a["backbones"] for m in a["methods"] for s in a["sizes"] for n in a["steps"]}
 
     methods = list(gpu_check.METHODS)
@@ -232,7 +235,8 @@ def test_the_gpu_runs_are_the_dry_runs_at_full_size():
         | {("sd3.5-medium", "flowdps", s, 28, "off") for s in (768, 1024)}
         | {("pnp-flow-unet", m, s, 100, "off") for m in ("ot_ode", "flower") for s in (128, 256)}
         | {(b, m, 1024, 28, "off") for b in ("sd3.5-medium", "flux-dev") for m in ("flowedit", "rf_inversion")}
-        | {(b, "flowchef-latent", 1024, 28, "regional") for b in ("sd3.5-medium", "flux-dev")})
+        | {(b, "flowchef-latent", 1024, 28, "regional") for b in ("sd3.5-medium", "flux-dev")}
+        | {("flux-dev", "flowchef-latent", 1024, 28, "8bit"), ("sd3.5-medium", "flowchef-latent", 1024, 28, "low")})
     assert [a["backbones"][0] for p, _, a in gpu_check.GPU_RUNS if p == 2][:2] == ["flux2-klein-4b", "qwen-image"]
     assert gpu_check.GPU_RUNS[-1][2].get("compile") == "regional"  # the compiled pair comes last
     assert gpu_check.OPTIONS == {"flair": {"data_steps": 5}}

@@ -10,8 +10,8 @@ import torch
 import guidance.memory
 from guidance import load_model
 from guidance.memory import TensorPeak, check_memory, check_plan
-from guidance.memory_estimate import METHODS, model_spec, plan
-from guidance.methods import REGISTRY
+from guidance.memory_estimate import METHODS, OPTION_DEFAULTS, SEQUENCE_METHODS, model_spec, plan
+from guidance.methods import REGISTRY, method_options
 from tasks.random_models import tiny_pipeline
 
 
@@ -70,7 +70,9 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak_on_every_check_ba
 
 
 def test_every_image_method_has_its_needs():
-    assert set(REGISTRY) - set(METHODS) == {"straight_through"}
+    assert set(REGISTRY) - set(METHODS) == set(SEQUENCE_METHODS) == {"straight_through"}
+    for method, defaults in OPTION_DEFAULTS.items():  # the planner's copy of the methods' defaults
+        assert {k: method_options(method)[k] for k in defaults} == defaults
     with pytest.raises(ValueError, match="guides simplex flows over sequences"):
         plan(tiny_pipeline("sd3"), "straight_through", 64, 64)
 

@@ -29,18 +29,15 @@ import torch
 
 from .devices import check_device, check_dtype
 from .manifest import DamagedModelError, verify_manifest
+from .sources import ModelNotFoundError, classify_index, hub_errors, hub_offline, not_found, read_index
 from ..backbones.base import FlowModel, casting
-from ..backbones.registry import (family_for_index, family_for_pipeline, get_backbone, pipeline_families, refusal,
+from ..backbones.registry import (family_for_pipeline, get_backbone, pipeline_families, refusal,
                                  supported_pipelines)
 
 __all__ = ["DamagedModelError", "ModelNotFoundError", "check_finite_weights", "hub_offline", "load_decoder",
            "load_model", "quiet_loading"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ModelNotFoundError(OSError, ValueError):
-    """The requested weights are not on this machine (or not reachable); the message says how to get them."""
 
 
 @contextlib.contextmanager
@@ -83,65 +80,6 @@ def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
     return {"dtype" if renamed else "torch_dtype": dtype}
 
 
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub must not be reached (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
-        pass
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _not_found(name: str, error: BaseException | None, offline: bool) -> ModelNotFoundError:
-    reason = ""
-    if error is not None and not isinstance(error, FileNotFoundError):  # e.g. 404, gated, invalid id
-        first = str(error).strip().splitlines()
-        reason = f" ({type(error).__name__}: {first[0] if first else ''})"
-    where = "in the local Hugging Face cache (offline mode)" if offline else "locally or on the Hugging Face hub"
-    extra = ""
-    if type(error).__name__ == "GatedRepoError":
-        extra = " The repository is gated: accept its licence on the hub and log in with `hf auth login` first."
-    return ModelNotFoundError(
-        f"could not load {name!r}: it was not found {where}{reason}.{extra} Download it with "
-        f"`hf download {name}` (or `huggingface-cli download {name}`) on a machine with network access, "
-        f"or pass the path of a local folder holding the model (written by save_pretrained)."
-    )
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from huggingface_hub.errors import HFValidationError
-
-        errors.append(HFValidationError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
-def _classify(index: dict) -> tuple[str, str | None]:
-    """(backbone family, pipeline class that loads it) of a folder's index (a name in
-    :data:`~guidance.backbones.registry.BACKBONES`; no pipeline class for generic folders)."""
-    found = family_for_index(index)
-    if found is not None:
-        return found[0].name, found[1]
-    name = str(index.get("_class_name", ""))
-    refused = refusal(name)
-    if refused:
-        raise ValueError(refused)
-    has_text = any(key.startswith("text_encoder") for key in index)
-    if not has_text and ("unet" in index or "transformer" in index):
-        return "generic", None
-    raise ValueError(
-        f"unsupported pipeline {name or '(no _class_name)'!r}: flowsteer loads the pipelines "
-        f"{', '.join(supported_pipelines())}, or text-free folders with a 'unet' or 'transformer' (plus optional "
-        "'vae' and 'scheduler'); wrap other networks with GenericFlowModel"
-    )
-
-
 #: ``_class_name``s of text-free folders that flowsteer writes itself (the default model); the generic adapter loads
 #: them without a word, as it does any folder whose index has a ``"flowsteer"`` entry (its adapter settings)
 GENERIC_PIPELINES = ("FlowsteerDefaultPipeline",)
@@ -180,13 +118,13 @@ def _weights_header(source: str, component: str, local_files_only: bool) -> dict
         if file.is_file():
             shards = json.loads(file.read_text()).get("weight_map", {})
             weights = sorted(set(shards.values()))[0]
-    except (*_hub_errors(), ValueError, AttributeError, IndexError):
+    except (*hub_errors(), ValueError, AttributeError, IndexError):
         pass
     try:
         with open(fetch(weights), "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(length))
-    except (*_hub_errors(), ValueError):
+    except (*hub_errors(), ValueError):
         return {}
     return header if isinstance(header, dict) else {}
 
@@ -207,35 +145,6 @@ def _is_auto(dtype) -> bool:
     return isinstance(dtype, str) and dtype.strip().lower() == "auto"
 
 
-def _read_index(source: str, local_files_only: bool) -> dict:
-    """model_index.json of a local folder or hub repository."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        file = path / "model_index.json"
-        if not file.is_file():
-            raise ValueError(
-                f"{str(path)!r} has no model_index.json; it is not a diffusers pipeline folder (save one with "
-                "pipeline.save_pretrained(folder), or wrap a single network with GenericFlowModel)"
-            )
-        try:
-            index = json.loads(file.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise DamagedModelError(f"the model folder {path} is damaged: model_index.json is not valid JSON "
-                                    f"({error})") from None
-        if not isinstance(index, dict):
-            raise DamagedModelError(f"the model folder {path} is damaged: model_index.json holds "
-                                    f"{type(index).__name__}, not an object")
-        return index
-    from huggingface_hub import hf_hub_download
-
-    offline = local_files_only or hub_offline()
-    try:
-        file = hf_hub_download(repo_id=source, filename="model_index.json", local_files_only=offline)
-    except _hub_errors() as error:
-        raise _not_found(source, error, offline) from None
-    return json.loads(Path(file).read_text())
-
-
 def _from_pretrained(cls, source: str, local_files_only: bool, **kwargs):
     """``cls.from_pretrained`` with safetensors only; missing weights become a ModelNotFoundError, and a local
     folder that fails to load a DamagedModelError naming the folder and the part."""
@@ -245,8 +154,8 @@ def _from_pretrained(cls, source: str, local_files_only: bool, **kwargs):
     except Exception as error:
         if Path(source).is_dir():
             raise _damaged(source, kwargs.get("subfolder"), error) from None
-        if isinstance(error, _hub_errors()):
-            raise _not_found(source, error, offline) from None
+        if isinstance(error, hub_errors()):
+            raise not_found(source, error, offline) from None
         raise
 
 
@@ -507,8 +416,8 @@ def load_model(
         source = str(path)
         verify_manifest(path)  # a folder with a manifest.json has its weights checked before they load
 
-    index = _read_index(source, local_files_only)
-    kind, pipeline_class = _classify(index)
+    index = read_index(source, local_files_only)
+    kind, pipeline_class = classify_index(index)
     if auto:
         dtype = _stored_dtype(source, index, local_files_only)
     if kind == "generic":

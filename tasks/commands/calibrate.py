@@ -88,7 +88,7 @@ def calibrate_folder(model: Any, images: str | os.PathLike, *, size: int | tuple
 
     device = check_device(device)  # before anything loads
     check_writable(crw_cache_dir(cache_dir), "--cache-dir", "the calibration cache folder")  # before any work
-    from .memory import preload_profile
+    from .memory_option import preload_profile
 
     planned = None if size is None else _height_width(size)
     memory = preload_profile(model, memory, "unguided", planned, batch_size, device, dtype, "calibration batch")
@@ -182,7 +182,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .memory import add_memory_argument
+    from .memory_option import add_memory_argument
 
     add_memory_argument(parser)
     parser.set_defaults(run=run)

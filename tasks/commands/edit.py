@@ -169,7 +169,7 @@ def edit(image, mask=None, source_prompt: str | None = None, edit_prompt: str | 
     does not fit is refused before the model loads)."""
     from guidance.methods import method_options
 
-    from .memory import preload_profile
+    from .memory_option import preload_profile
     from .restore import fit_size, open_model, peak_memory, resize_image
 
     check_output_type(output_type)
@@ -461,7 +461,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .memory import add_memory_argument
+    from .memory_option import add_memory_argument
 
     add_memory_argument(parser)
     parser.set_defaults(run=run)

@@ -101,7 +101,7 @@ def generate(prompt: str | None = None, *, model: Any = "default", method: str =
     metrics.json (and unguided_<i>.png with ``compare``); everything cheap is checked before the model loads.
     ``output_type`` is the form of the result's ``images``; ``num_inference_steps`` is diffusers' ``num_steps``;
     ``memory`` a memory profile (a run the planner says does not fit is refused before the model loads)."""
-    from .memory import preload_profile
+    from .memory_option import preload_profile
     from .restore import open_model, peak_memory, steps_argument
 
     check_output_type(output_type)
@@ -273,7 +273,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .memory import add_memory_argument
+    from .memory_option import add_memory_argument
 
     add_memory_argument(parser)
     parser.set_defaults(run=run)

@@ -506,7 +506,7 @@ def restore_file(input: str | os.PathLike, operator: str, method: str = "flair",
             raise ValueError(f"the reference is {clean.shape[-2]}x{clean.shape[-1]} but the restored image will be "
                              f"{x_shape[-2]}x{x_shape[-1]}; pass the clean image that matches the measurement")
 
-    from .memory import preload_profile
+    from .memory_option import preload_profile
 
     planned = None if resize else original if simulate else tuple(x_shape[-2:])
     memory = preload_profile(model, memory, method, planned, samples, device, dtype, "restoration", options, space)
@@ -652,7 +652,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .memory import add_memory_argument
+    from .memory_option import add_memory_argument
 
     add_memory_argument(parser)
     parser.set_defaults(run=run)

@@ -100,7 +100,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="model weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    from ..memory import add_memory_argument
+    from ..memory_option import add_memory_argument
 
     add_memory_argument(parser)
     parser.set_defaults(run=run)

@@ -303,7 +303,7 @@ def _open_model(run: _Run, device: str | None, progress: bool, memory: str | Non
     against it and every operator, and the settings completed with the size, dtype and device."""
     from operators import make_operator
 
-    from ..memory import preload_profile
+    from ..memory_option import preload_profile
     from ..restore import allowed_size, open_model
 
     planned = None if run.size is None else (run.size, run.size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..memory_option import add_memory_argument
 from .backbones import BACKBONES
 from .cells import METHODS
 from .report import markdown
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling,
         batch_size=args.batch_size, repeats=args.repeats, seed=args.seed, out=args.out, overwrite=args.overwrite,
         progress=not args.quiet, options=parse_method_options(args.option), isolate=not args.same_process,
-        compile_backend=args.compile_backend, time_budget=args.time_budget)
+        compile_backend=args.compile_backend, time_budget=args.time_budget, memory=args.memory)
     print(markdown(results))
     print(f"wrote table.md and results.json to {args.out}")
     return 0
@@ -60,6 +61,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--compile-backend", metavar="NAME",
                         help="torch.compile backend (default inductor; eager checks the compiled path quickly)")
     parser.add_argument("--vae-tiling", action="store_true", help="encode and decode on tiles")
+    add_memory_argument(parser)
     parser.add_argument("--option", action="append", metavar="ROW.KEY=VALUE",
                         help="a method option for one row, e.g. --option flair.data_steps=5 (repeatable)")
     parser.add_argument("--same-process", action="store_true",

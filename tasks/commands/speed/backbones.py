@@ -157,6 +157,10 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         condition = "no text (unconditional)"
     else:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    if settings.memory is not None:  # the profile places (offloads, quantises) the weights before compiling
+        from guidance.memory_profiles import apply_profile
+
+        model = apply_profile(model, settings.memory, device)
     compiled = _compile(model, settings.compile, settings.compile_backend)
     if settings.vae_tiling:
         if not hasattr(model, "enable_vae_tiling"):
@@ -170,7 +174,7 @@ def open_backbone(name: str, settings: Settings) -> tuple[Any, Any, dict]:
         f"{type(codec.decoder).__name__} ({'tiny' if codec.decoder is not codec.autoencoder else 'full VAE'})")
     info = {"backbone": name, "adapter": type(model).__name__, "network_parameters": parameters,
             "dtype": settings.dtype, "device": str(device), "decoder": decoder_name, "compile": compiled,
-            "vae_tiling": settings.vae_tiling, "condition": condition, "description": BACKBONES[name]}
+            "vae_tiling": settings.vae_tiling, "memory": settings.memory, "condition": condition, "description": BACKBONES[name]}
     return model, cond, info
 
 

@@ -212,7 +212,7 @@ def _notes(settings: Settings) -> list[str]:
         "their images are not, so they run without the methods' divergence checks. Solver state is float32 "
         "whatever the backbone's dtype.",
         f"Fast paths: compile {settings.compile}"
-        f"{'' if settings.compile_backend is None else f' (backend {settings.compile_backend})'}, VAE tiling {'on' if settings.vae_tiling else 'off'}, batch "
+        f"{'' if settings.compile_backend is None else f' (backend {settings.compile_backend})'}, VAE tiling {'on' if settings.vae_tiling else 'off'}, memory profile {settings.memory or 'none'}, batch "
         f"{settings.batch_size}; ratios compare runs made in this one process tree on one machine.",
         *cpu,
     ]

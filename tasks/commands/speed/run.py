@@ -69,7 +69,7 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
               batch_size: int = 1, repeats: int = 3, seed: int = 0, out: str | os.PathLike = "speed",
               overwrite: bool = False, progress: bool = True, options: dict[str, dict] | None = None,
               isolate: bool = True, compile_backend: str | None = None, time_budget: float | None = None,
-              on_row: Callable[[dict], None] | None = None) -> dict:
+              on_row: Callable[[dict], None] | None = None, memory: str | None = None) -> dict:
     """Measure every backbone x size x steps x method cell and write ``table.md`` and ``results.json`` into
     ``out`` (again after every row); returns the contents of results.json.
 
@@ -91,9 +91,11 @@ def run_speed(backbones=None, methods=None, sizes=(512, 768, 1024), steps=(10, 2
             seconds, rescaled by the measured-to-estimated ratio of what the run did so far, fit in what is left of
             them; the others are "not measured" and say so.
         on_row: called with the results so far (the contents results.json then has) after every row.
+        memory: a memory profile (:data:`guidance.memory_profiles.PROFILES`) applied to every backbone once it is
+            built (before compiling); its peak memory is then the profile's.
     """
     settings = _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate,
-                         compile_backend, options)
+                         compile_backend, options, memory)
     backbones, methods, sizes, steps = _check(settings, backbones, methods, sizes, steps, time_budget)  # first
     from tasks.outputs.folders import prepare_output_dir
 

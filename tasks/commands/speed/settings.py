@@ -34,6 +34,7 @@ class Settings:
     isolate: bool = True
     compile_backend: str | None = None
     options: dict = field(default_factory=dict)
+    memory: str | None = None
 
     @property
     def cuda(self) -> bool:
@@ -54,7 +55,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, seed, isolate=True,
-              compile_backend=None, options=None) -> Settings:
+              compile_backend=None, options=None, memory=None) -> Settings:
     from guidance.loading.devices import check_device
 
     device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -72,8 +73,12 @@ def _settings(device, dtype, decoder, compile, vae_tiling, batch_size, repeats, 
         raise ValueError(f"--compile-backend takes a torch.compile backend name (e.g. inductor, eager), "
                          f"got {compile_backend!r}")
     options = {str(row): dict(values) for row, values in (options or {}).items()}
+    if memory is not None:
+        from guidance.memory_profiles import check_profile
+
+        memory = check_profile(memory, allow_auto=False)
     return Settings(device, dtype, decoder, compile, bool(vae_tiling), batch_size, repeats, int(seed),
-                    torch.get_num_threads(), bool(isolate), compile_backend, options)
+                    torch.get_num_threads(), bool(isolate), compile_backend, options, memory)
 
 
 def _positive_ints(values, option: str, maximum: int) -> list[int]:
