@@ -203,6 +203,7 @@ class ModelSpec:
     vae_class: str = ""
     decoder_channels: int = 0
     decoder_depth: float = 1.0
+    decoder_peak: float = 1.0
     decoder_class: str = ""
     default_size: int | None = None
     text_tokens: int = 0
@@ -318,6 +319,16 @@ def _first_channels(config) -> int:
     return int(_first(config, "base_dim") or 128)
 
 
+def _decode_peak(config) -> float:
+    """An AutoencoderKL-style decoder's full-resolution peak relative to the SD3 / FLUX VAE's, for which the decode
+    constants were measured: its last up block holds the second level's channels and the first level's at full
+    resolution, (c₁ + c₀) / (3 c₀), 1 for channels (128, 256, ...); 1 where the config names no levels."""
+    levels = _first(config, "block_out_channels") or _first(config, "decoder_block_out_channels")
+    if not levels or len(levels) < 2:
+        return 1.0
+    return (int(levels[1]) + int(levels[0])) / (3 * int(levels[0]))
+
+
 def _network_shape(config) -> tuple[int, float, bool]:
     """(width, blocks, is_unet) of a denoiser config; a UNet's "blocks" are its level-weighted channels over its
     first level's (see :data:`UNET`)."""
@@ -364,6 +375,7 @@ def spec_from_configs(name: str, family: str, modules: dict[str, tuple[str, torc
         vae_channels=_first_channels(configs[vae]) if vae else 0, vae_class=components[vae].class_name if vae else "",
         decoder_channels=_first_channels(configs[decoder]) if decoder else 0,
         decoder_depth=_depth(configs[decoder]) if decoder else 1.0,
+        decoder_peak=_decode_peak(configs[decoder]) if decoder else 1.0,
         decoder_class=components[decoder].class_name if decoder else "", default_size=default_size,
         text_tokens=constants.text_tokens if any(c.role == "text_encoder" for c in components.values()) else 0,
         cfg=constants.cfg if cfg is None else bool(cfg), unet=unet)
@@ -511,7 +523,7 @@ def with_decoder(spec: ModelSpec, decoder: Any, local_files_only: bool = False) 
     return replace(spec, components={**{k: c for k, c in spec.components.items() if c.role != "decoder"},
                                      "decoder": _count(decoder, "decoder")},
                    decoder_channels=_first_channels(config), decoder_class=type(decoder).__name__,
-                   decoder_depth=_depth(config))
+                   decoder_depth=_depth(config), decoder_peak=_decode_peak(config))
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------
@@ -724,7 +736,7 @@ def _plan(spec: ModelSpec, method: str, height: int, width: int, batch: int, pro
     if spec.vae_class:
         decode_images = 1 if profile.vae_slicing else images
         area = tile * tile if tile else height * width
-        add("decode", decoder.decode * area * spec.decoder_channels * e * decode_images
+        add("decode", decoder.decode * spec.decoder_peak * area * spec.decoder_channels * e * decode_images
             + (2 * 3 * per_image * images if tile else 0), "decode")
     sample_options = {"denoiser forward": forward}
     if needs.network_graph:
@@ -734,7 +746,7 @@ def _plan(spec: ModelSpec, method: str, height: int, width: int, batch: int, pro
             steps = int(_option(options, "num_steps", method, 5))
             add("trajectory states and L-BFGS history", 4 * images * latent * (steps + 2 * LBFGS_HISTORY), "sample")
     if needs.scores and space == "pixel" and spec.vae_class:
-        sample_options["scoring decode"] = decoder.decode * (tile * tile if tile else height * width) \
+        sample_options["scoring decode"] = decoder.decode * spec.decoder_peak * (tile * tile if tile else height * width) \
             * spec.decoder_channels * e * (1 if profile.vae_slicing else images)
     if pixel_loss:
         sample_options["decoder graph"] = decoder.decode_graph * spec.decoder_depth * per_image \
@@ -750,7 +762,13 @@ def _plan(spec: ModelSpec, method: str, height: int, width: int, batch: int, pro
     for name, size in sample_options.items():
         add(name, size, "sample")
     alone = max([sample_options[k] for k in sample_options if k not in together], default=0.0)
-    sample_total = max(alone, sum(sample_options[k] for k in together))
+    coexisting = sum(sample_options[k] for k in together)
+    if checkpointed and needs.network_graph == "graph" and len(together) > 1:
+        # checkpointed: the block inputs stay while the decoder's (and encoder's) graph is walked back; a block's
+        # recomputed graph comes after those are freed
+        others = coexisting - sample_options["network graph"]
+        coexisting = max(stored + others, stored + one_block)
+    sample_total = max(alone, coexisting)
 
     # weights on the device in each phase
     placement = profile.placement if device.type != "cpu" else "device"
