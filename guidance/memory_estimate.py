@@ -722,8 +722,12 @@ def _plan(spec: ModelSpec, method: str, height: int, width: int, batch: int, pro
             for phase in phases:
                 phase_terms[phase].append(name)
 
-    add("latents and images", 4 * images * (LATENT_COPIES * latent + IMAGE_COPIES * 3 * height * width),
-        "sample", "decode")
+    # the solver's latents in every phase; float32 images while sampling only where the loop decodes (a pixel-space
+    # loss, scored populations) or holds a source image, and at the final decode
+    holds_images = pixel_loss or needs.scores or needs.encoder is not None
+    add("latents", 4 * images * LATENT_COPIES * latent, "sample", "decode")
+    add("images", 4 * images * IMAGE_COPIES * 3 * height * width, *(("sample", "decode") if holds_images
+                                                                     else ("decode",)))
     if texts:
         widest = max(spec.components[k].width for k in texts) or 4096
         add("text encoding", 16 * spec.text_tokens * widest * e * (2 if spec.cfg else 1), "encode")
