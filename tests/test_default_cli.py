@@ -65,6 +65,11 @@ def test_benchmark_and_calibrate_on_the_default_model(crops, tmp_path, cli):
     assert code == 0, err
     item = json.loads(next((tmp_path / "mean" / "items").glob("*.json")).read_text())
     assert item["settings"]["consistency_steps"] == 0 and item["settings"]["samples"] == 2
+    # the same folder under another memory profile is another benchmark: refused, not mixed
+    code, out, err = cli("benchmark", "--images", crops, "--operators", "inpaint_box:fraction=0.25", "--methods",
+                         "pnp_flow", "--steps", 2, "--limit", 1, "--samples", 2, "--consistency-steps", 0,
+                         "--memory", "balanced", "--out", tmp_path / "mean", "--quiet")
+    assert code != 0 and "memory" in err and "--overwrite" in err, err
     code, out, err = cli("benchmark", "--images", crops, "--operators", "jpeg:quality=30", "--methods", "pnp_flow",
                          "--consistency-steps", 3, "--out", tmp_path / "jpeg", "--quiet")
     assert code != 0 and "linear operator" in err and not (tmp_path / "jpeg").exists()

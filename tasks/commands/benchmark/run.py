@@ -144,6 +144,9 @@ def run_benchmark(images: str | os.PathLike, operators: str | Sequence[str] | No
     fresh = not (run.out / "benchmark.json").exists()  # nothing of an earlier run here
     try:
         net = _open_model(run, device, progress, memory)  # 3. the model, and the size and operators it fits
+        profile = getattr(net, "memory_profile", None)
+        if profile not in (None, "none"):  # quantised or offloaded results resume only under the same profile
+            run.settings["memory"] = profile
         _check_out(run.out, run.settings, overwrite, [k for k in run.settings if k != "format"])
         items, fingerprints = _items(run)  # 4. every item, and the fingerprint it resumes by
         _prepare_out(run, items, rank, started, overwrite)  # 5. process 0: stale files out, benchmark.json in
