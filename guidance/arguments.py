@@ -34,7 +34,7 @@ import torch
 
 from operators.checks import MAX_BATCH, check_flag, check_int
 
-from .callbacks import DiffusersCallback, Interrupted
+from .callbacks import DiffusersCallback, Interrupted, tensor_inputs_of
 from .loading.images import check_output_type
 
 __all__ = ["DIFFUSERS_NAMES", "pipeline_arguments"]
@@ -121,16 +121,15 @@ def pipeline_arguments(model, arguments: dict[str, Any], takes: Mapping[str, ins
     if "progress" in takes and not getattr(model, "progress_bar", True):
         call["progress"] = False  # model.set_progress_bar_config(disable=True)
     if diffusers_callback is not None:
-        wants_condition = [n for n in (getattr(diffusers_callback, "tensor_inputs", None) or tensor_inputs or [])
-                           if n != "latents"]
-        if call.get("cond") is None and wants_condition and callable(getattr(model, "condition", None)):
+        names = tensor_inputs_of(model, diffusers_callback, tensor_inputs)
+        if call.get("cond") is None and set(names) - {"latents"} and callable(getattr(model, "condition", None)):
             with torch.no_grad():
                 call["cond"] = model.condition()
         if call.get("cond") is not None:  # the run's own copy: the callback may change its embeddings and scale
             call["cond"] = copy.copy(call["cond"])
         num_steps = call.get("num_steps", takes["num_steps"].default if "num_steps" in takes else None)
-        call["on_step_end"] = DiffusersCallback(model, diffusers_callback, tensor_inputs, call.get("cond"),
-                                                num_steps, then=call.get("on_step_end"))
+        call["on_step_end"] = DiffusersCallback(model, diffusers_callback, names, call.get("cond"), num_steps,
+                                                then=call.get("on_step_end"))
 
     def finish(run: Callable[[], Any], interrupted: Callable[[Interrupted], Any] | None):
         """Run ``run()``; a run a diffusers callback interrupts gives ``interrupted(stop)``, as diffusers decodes

@@ -118,10 +118,11 @@ class DiffusersCallback:
     """A diffusers ``callback_on_step_end`` run after each step of a flowsteer loop (see the module doc), after
     flowsteer's own ``on_step_end`` when both are given.
 
-    ``cond`` is the run's own condition (a copy made for the run): when the callback returns new embeddings or
-    changes ``pipeline._guidance_scale``, its fields change for the remaining steps."""
+    ``names`` are the tensors it gets (:func:`tensor_inputs_of`). ``cond`` is the run's own condition (a copy made
+    for the run): when the callback returns new embeddings or changes ``pipeline._guidance_scale``, its fields
+    change for the remaining steps."""
 
-    def __init__(self, model, callback: Callable, tensor_inputs: list[str] | None, cond: Any, num_steps: int,
+    def __init__(self, model, callback: Callable, names: list[str], cond: Any, num_steps: int,
                  then: Callable | None = None):
         if not callable(callback):
             raise ValueError(f"callback_on_step_end must be callable as callback(pipeline, step, timestep, "
@@ -135,7 +136,7 @@ class DiffusersCallback:
         except ValueError:  # a builtin without a signature: called as given
             pass
         self.model, self.callback, self.cond, self.num_steps, self.then = model, callback, cond, num_steps, then
-        self.names = tensor_inputs_of(model, callback, tensor_inputs)
+        self.names = names
         embeddings = [n for n in self.names if n != "latents"]
         if embeddings and cond is None:
             raise ValueError(f"callback_on_step_end_tensor_inputs {embeddings} need a condition: pass a prompt "
@@ -168,7 +169,7 @@ class DiffusersCallback:
             kwargs[name] = value if negative is None else torch.cat([negative, value])
         return kwargs
 
-    def _take(self, returned: dict[str, Any], x: torch.Tensor, scale_before: float) -> torch.Tensor:
+    def _take(self, returned: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         for name in self.names:
             if name == "latents" or name not in returned:
                 continue
@@ -178,7 +179,7 @@ class DiffusersCallback:
                 negative, value = value.chunk(2)
                 object.__setattr__(self.cond, f"negative_{name}", negative)
             object.__setattr__(self.cond, name, value)
-        if self.view._guidance_scale != scale_before and hasattr(self.cond, "guidance_scale"):
+        if hasattr(self.cond, "guidance_scale") and self.view._guidance_scale != self._guidance_scale():
             object.__setattr__(self.cond, "guidance_scale", float(self.view._guidance_scale))
         if "latents" not in returned:
             return x
@@ -193,13 +194,12 @@ class DiffusersCallback:
             self.levels.append(torch.as_tensor(sigma, dtype=torch.float32).reshape(()))
         self.levels.append(torch.as_tensor(sigma_next, dtype=torch.float32).reshape(()))
         x = state["x"]
-        scale_before = self.view._guidance_scale
         timestep = self.model.pipeline_timestep(sigma)
         returned = self.callback(self.view, step - self.first, timestep, self._kwargs(x))
         if not isinstance(returned, dict):
             raise ValueError(f"callback_on_step_end must return the callback_kwargs dict, changed or not; it "
                              f"returned {type(returned).__name__}")
-        x = self._take(returned, x, scale_before)
+        x = self._take(returned, x)
         if self.view._interrupt:
             raise Interrupted(x, step, torch.stack([s.to(self.levels[0].device) for s in self.levels]))
         return {**state, "x": x}

@@ -319,13 +319,11 @@ class LinearOperator(Operator):
     def A_dagger_discrepancy(self, y: torch.Tensor, max_iters: int = 300) -> torch.Tensor:
         """The regularised pseudo-inverse of a noisy measurement: conjugate gradients on AᵀA x = Aᵀy from 0 (CGLS,
         :func:`~operators.conjugate_gradient.cgls`) stopped per sample once ‖A x − y‖² ≤ σ² · (the measured entries,
-        :meth:`measured_for`; an inpainting hole is noiseless), the discrepancy principle, σ² =
+        :func:`measured_entries`; an inpainting hole is noiseless), the discrepancy principle, σ² =
         :meth:`noise_variance`. It needs no weight: where A is well conditioned (masks, SR) it reaches A⁺y within
         the noise in a few iterations (one for a 0/1 mask or the identity), where A is not (blur) it stops before
         fitting the noise (deepinv ``Blur`` σ 1-2 px, σ₀₁ 0.01-0.05, 64 px: 23.7-29.9 dB, above the blurred y)."""
-        image = torch.zeros(self.input_shape(tuple(y.shape)), dtype=y.dtype, device=y.device)
-        measured = self.measured_for(image[:1])
-        entries = y[0].numel() if measured is None else torch.broadcast_to(measured, y[:1].shape).sum()
+        entries = measured_entries(self, self.input_shape(tuple(y.shape)), y.device)
         threshold = torch.full((y.shape[0],), self.noise_variance(), dtype=y.dtype, device=y.device) * entries
         x, _ = cgls(self.A, self.A_adjoint, y, threshold, max_iters=max_iters)
         return x
@@ -550,13 +548,17 @@ def operator_gain(operator, image_shape: tuple[int, ...], device: torch.device |
     return gain
 
 
-def measured_entries(operator, image_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
-    """How many entries of one measurement y = A(x) the operator measures, for images of ``image_shape``: the
-    entries that A(1) leaves nonzero (a mask's kept pixels times the channels, every entry of a blur or of an
-    SR), the count a noise level σ turns into an expected misfit σ² · count. Inpainting operators keep the image
-    shape and leave zeros in the holes, which ``y.numel()`` would count as measured; FLAIR's official code
-    measures y = x[mask], the kept entries only (prs-eth/FLAIR c4f55f7, src/flair/degradations.py ``Inpainting``)."""
-    shape = (1, *tuple(image_shape)[1:])
+
+def measured_entries(operator, image_shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """How many entries of one measurement y = A(x) of an image of ``image_shape`` depend on x (0-d tensor on
+    ``device``, no host read): those :meth:`Operator.measured_for` marks (an inpainting hole, a structural zero, is
+    not measured), every entry without structural zeros. A noise level σ gives the expected misfit σ² · count (the
+    discrepancy principle); ``y.numel()`` would count an inpainting's holes, which FLAIR's official code leaves out
+    by measuring y = x[mask] (prs-eth/FLAIR c4f55f7, src/flair/degradations.py ``Inpainting``)."""
     with torch.no_grad():
-        ones = torch.ones(shape, device=device, dtype=_gain_dtype(operator))
-        return int(torch.count_nonzero(operator(ones)))
+        probe = torch.zeros((1, *tuple(image_shape)[1:]), device=device, dtype=_gain_dtype(operator))
+        shape = operator(probe).shape
+        measured = getattr(operator, "measured_for", lambda _: None)(probe)
+    if measured is None:
+        return torch.tensor(math.prod(shape), device=device)
+    return torch.broadcast_to(measured, shape).sum()

@@ -169,10 +169,8 @@ class FlowModel:
     def pipeline_timestep(self, sigma) -> torch.Tensor:
         """The timestep a diffusers pipeline gives its callbacks at noise level ``sigma``: the flow-matching
         scheduler's ``num_train_timesteps * sigma`` (1000 s), float32, as its ``scheduler.timesteps`` hold it."""
-        scheduler = getattr(self, "scheduler", None)
-        scale = float(getattr(getattr(scheduler, "config", None), "get", lambda *_: 1000)("num_train_timesteps",
-                                                                                          1000))
-        return torch.as_tensor(sigma, dtype=torch.float32) * scale
+        config = getattr(getattr(self, "scheduler", None), "config", {})
+        return torch.as_tensor(sigma, dtype=torch.float32) * float(config.get("num_train_timesteps", 1000))
 
     def velocity(
         self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Any = None, grad: bool = False

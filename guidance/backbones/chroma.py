@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import repeat_for_batch, sigma_batch
-from .flux import FluxModel, latent_image_ids, pack_latents, unpack_latents
+from .flux import FluxModel, PackedLatents, latent_image_ids, pack_latents, unpack_latents
 from .mechanics import classifier_free
 from .pipeline import PipelineFlowModel, prompt_list
 
@@ -93,7 +93,7 @@ def _mask_through_checkpointing(transformer, mask: torch.Tensor):
         transformer._gradient_checkpointing_func = func
 
 
-class ChromaModel(PipelineFlowModel):
+class ChromaModel(PackedLatents, PipelineFlowModel):
     """Flow-model adapter around a diffusers ``ChromaPipeline`` (or ``ChromaImg2ImgPipeline`` /
     ``ChromaInpaintPipeline``, which hold the same components), its components used as they are.
 
@@ -106,13 +106,6 @@ class ChromaModel(PipelineFlowModel):
     pipeline_class = "ChromaPipeline"
     condition_type = ChromaCondition
     latent_multiple = 2
-
-    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """The state as the pipeline's loop keeps it: packed 2x2 tokens (B, hw/4, 4C), :func:`pack_latents`."""
-        return pack_latents(x)
-
-    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return unpack_latents(latents, like.shape[-2], like.shape[-1])
 
     def __init__(self, pipeline, decoder=None, encoder=None):
         super().__init__(pipeline, decoder, encoder)

@@ -27,7 +27,7 @@ from .base import check_num_steps, repeat_for_batch, sigma_batch
 from .mechanics import classifier_free, scheduler_sigmas, token_shift
 from .pipeline import PipelineFlowModel, prompt_list
 
-__all__ = ["FluxCondition", "FluxModel", "pack_latents", "unpack_latents", "latent_image_ids"]
+__all__ = ["FluxCondition", "FluxModel", "PackedLatents", "pack_latents", "unpack_latents", "latent_image_ids"]
 
 def pack_latents(latent: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, (h/2)(w/2), 4C): token (i, j) holds channels c of pixels (2i + a, 2j + b), c-major."""
@@ -70,7 +70,19 @@ class FluxCondition:
         return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
 
 
-class FluxModel(PipelineFlowModel):
+class PackedLatents:
+    """For models whose pipeline keeps its latents as packed 2x2 tokens (FLUX.1, Chroma, Qwen-Image): what a
+    diffusers callback gets as ``latents`` (:meth:`~guidance.backbones.base.FlowModel.pipeline_latents`)."""
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The state as the pipeline's loop keeps it: packed 2x2 tokens (B, hw/4, 4C), :func:`pack_latents`."""
+        return pack_latents(x)
+
+    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return unpack_latents(latents, like.shape[-2], like.shape[-1])
+
+
+class FluxModel(PackedLatents, PipelineFlowModel):
     """Flow-model adapter around a diffusers ``FluxPipeline`` (components used as they are).
 
     Args:
@@ -96,13 +108,6 @@ class FluxModel(PipelineFlowModel):
         return bool(self.transformer.config.guidance_embeds)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """The state as the pipeline's loop keeps it: packed 2x2 tokens (B, hw/4, 4C), :func:`pack_latents`."""
-        return pack_latents(x)
-
-    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return unpack_latents(latents, like.shape[-2], like.shape[-1])
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N), shifted by the scheduler with mu = calculate_shift(tokens), then a final 0."""
         check_num_steps(num_steps)

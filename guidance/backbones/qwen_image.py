@@ -44,7 +44,7 @@ import torch
 
 from .autoencoder import LatentCodec, encoder_output, execution_placement
 from .base import check_num_steps, repeat_for_batch, sigma_batch
-from .flux import pack_latents, unpack_latents
+from .flux import PackedLatents, pack_latents, unpack_latents
 from .mechanics import classifier_free, rescale_to_norm, scheduler_sigmas, token_shift
 from .pipeline import PipelineFlowModel, prompt_list
 
@@ -138,7 +138,7 @@ def _pad_text(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[to
             torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1))
 
 
-class QwenImageModel(PipelineFlowModel):
+class QwenImageModel(PackedLatents, PipelineFlowModel):
     """Flow-model adapter around a diffusers ``QwenImagePipeline`` (components used as they are).
 
     Args:
@@ -183,13 +183,6 @@ class QwenImageModel(PipelineFlowModel):
         return bool(self.transformer.config.guidance_embeds)
 
     # -- geometry and schedule --------------------------------------------------------------------------
-    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """The state as the pipeline's loop keeps it: packed 2x2 tokens (B, hw/4, 4C), :func:`pack_latents`."""
-        return pack_latents(x)
-
-    def from_pipeline_latents(self, latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return unpack_latents(latents, like.shape[-2], like.shape[-1])
-
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """linspace(1, 1/N, N) through the scheduler with mu = token_shift(tokens) (the released config shifts
         exponentially and stretches the end to ``shift_terminal``), then a final 0. N = 1 is refused with a

@@ -232,7 +232,7 @@ def flair(model, objective: MeasurementFidelity, *, num_steps: int = 50, cond=No
     weights = [table(s) for s in grid.tolist()]
     if data_lr is None:
         data_lr = default_data_lr(operator, image_shape, is_pixel_model(model), max(weights), device)
-    threshold = objective.noise_std ** 2 * measured_entries(operator, image_shape, device)
+    threshold = objective.noise_std ** 2 * float(measured_entries(operator, image_shape, device))
 
     counted = CountingModel(model)
     mu = model.encode(init.contiguous()).float()
