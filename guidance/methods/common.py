@@ -103,6 +103,19 @@ class DivergenceMonitor:
         self.rms_at_bad: torch.Tensor | None = None
         self.peak: torch.Tensor | None = None  # the largest RMS / reference so far, and its step
         self.peak_step: torch.Tensor | None = None
+        self.watched: dict[str, torch.Tensor] = {}  # what -> the first step it was NaN or infinite (-1: none)
+
+    def watch(self, what: str, step: int, *values: torch.Tensor) -> None:
+        """Record, on the device, the first step at which one of ``values`` (what the update depends on, e.g. a
+        residual) is NaN or infinite; :meth:`check` names ``what`` when that came no later than the state's own
+        divergence."""
+        if not self.enabled:
+            return
+        bad = ~torch.stack([torch.isfinite(v).all() for v in values]).all()
+        first = self.watched.get(what)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=bad.device)
+        self.watched[what] = torch.where(bad & (first < 0), step, first)
 
     def update(self, x: torch.Tensor, step: int) -> None:
         if not self.enabled:
@@ -123,11 +136,14 @@ class DivergenceMonitor:
         self.peak_step = torch.where(higher, step, self.peak_step)
 
     def check(self) -> None:
-        if self.first_bad is None:
-            return
-        step = int(self.first_bad)  # the one host-device synchronisation
-        if step >= 0:
-            raise self._error(step)
+        state = -1 if self.first_bad is None else int(self.first_bad)  # the host-device synchronisation
+        for what, first in self.watched.items():  # a watched quantity first, at the same step
+            step = int(first)
+            if step >= 0 and not 0 <= state < step:
+                raise DivergenceError(f"{self.method} diverged: {what} became NaN or infinite at step {step}; "
+                                      f"{self.hint}")
+        if state >= 0:
+            raise self._error(state)
 
     def finish(self) -> None:
         """After the loop: :meth:`check`, then a warning when the state's scale went above

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..flow import euler_step, x0_from_velocity
 from ..objectives import MeasurementFidelity, Objective
 from ..sampler import start_state, step_end
-from .common import (CountingModel, DivergenceError, DivergenceMonitor, MethodResult, check_nonnegative,
+from .common import (CountingModel, DivergenceMonitor, MethodResult, check_nonnegative,
                      guided_steps, measurement_batch_size, reference_scale)
 
 __all__ = ["dps", "activation_checkpointing"]
@@ -121,10 +121,8 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
     residual = None
     hint = f"use a smaller step_size than {step_size}"
     monitor = DivergenceMonitor("dps", hint, check_divergence, reference_scale(model, x))
-    # recorded on the device, read once after the loop: a negative loss under use_norm, and the first step whose
-    # residual is NaN or infinite
+    # recorded on the device, read once after the loop: a negative loss under use_norm
     negative = torch.zeros((), dtype=torch.bool, device=x.device)
-    bad_residual = torch.full((), -1, dtype=torch.long, device=x.device)
     with activation_checkpointing(model, gradient_checkpointing):
         for i in tqdm(range(num_steps), disable=not progress, desc="dps"):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -138,9 +136,7 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
                 v, x0_hat, residual = v.detach(), x0_hat.detach(), r.detach()
                 if below is not None:
                     negative = negative | below
-                if check_divergence:
-                    new = ~torch.isfinite(residual).all() & (bad_residual < 0)
-                    bad_residual = torch.where(new, i, bad_residual)
+                monitor.watch("the residual r", i, residual)
             else:
                 v = counted.velocity(x, sigma, cond)
                 x0_hat, grad = x0_from_velocity(x, v, sigma), None
@@ -155,9 +151,6 @@ def dps(model, objective: Objective, *, num_steps: int = 28, cond=None, height=N
     if use_norm and bool(negative):
         raise ValueError(f"use_norm=True takes the square root of the loss, but {type(objective).__name__} returned a "
                          f"negative loss; pass use_norm=False to differentiate the loss itself")
-    step = int(bad_residual) if check_divergence else -1
-    if step >= 0 and not 0 <= int(monitor.first_bad) < step:  # the earlier of the two, the residual first
-        raise DivergenceError(f"dps diverged: the residual r became NaN or infinite at step {step}; {hint}")
     monitor.finish()
     image = model.decode(x) if decode else None
     return MethodResult(x=x, image=image, nfe=counted.nfe, sigmas=sigmas,
